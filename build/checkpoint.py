@@ -1,0 +1,195 @@
+"""Generate a complete HF-native InternVL checkpoint with seeded random weights and a trained tokenizer.
+
+    python -m build.checkpoint --preset tiny --llm qwen3 --out artifacts/checkpoints/tiny-qwen3
+
+Real InternVL shapes (448 tiles, patch 14, downsample 0.5 → Q = 256) even for `tiny`, so every code
+path is the real one. Speed depends on shapes, not weight values: `internvl3_5-1b` (InternViT-300M
++ Qwen3-0.6B shapes) is valid for benchmarks.
+
+Freshly initialised models ignore their input (near-uniform attention, tiny image features) and
+repeat one token, which would let a broken feature hand-off still "match" a reference. So the
+weights are scaled to make the output depend on the image and the prompt: sharper attention,
+larger projector output, and special or padding tokens that can never win the argmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
+
+CORPUS = Path(__file__).with_name("corpus.txt")
+# (token, special): special tokens are dropped when decoding; <think> tags stay visible (Qwen3 style).
+ADDED_TOKENS = (
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<img>", True),
+    ("</img>", True),
+    ("<IMG_CONTEXT>", True),
+    ("<think>", False),
+    ("</think>", False),
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLM_VARIANTS = {
+    "qwen3": dict(model_type="qwen3", rope_theta=1_000_000.0),
+    "qwen2": dict(model_type="qwen2", rope_theta=1_000_000.0),
+    "llama": dict(model_type="llama", rope_theta=500_000.0, attention_bias=False, mlp_bias=False),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    vision: dict
+    text: dict
+    vocab_size: int | None  # None: the tokenizer's size rounded up to a multiple of 64
+    tokenizer_vocab: int
+    dtype: torch.dtype
+    tie_word_embeddings: bool
+    sharpen: dict = field(default_factory=dict)  # weight-scale knobs, see _make_input_sensitive
+
+
+PRESETS = {
+    "tiny": Preset(
+        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+        text=dict(
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=384,
+            max_position_embeddings=32768,
+        ),
+        vocab_size=None,
+        tokenizer_vocab=1024,
+        dtype=torch.float32,
+        tie_word_embeddings=False,
+        sharpen=dict(qk=4.0, projector=8.0, embed=4.0, lm_head=25.0),
+    ),
+    # InternVL3.5-1B: InternViT-300M-448px-V2.5 + Qwen3-0.6B.
+    "internvl3_5-1b": Preset(
+        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+        text=dict(
+            hidden_size=1024,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            intermediate_size=3072,
+            max_position_embeddings=40960,
+        ),
+        vocab_size=151936,
+        tokenizer_vocab=1024,
+        dtype=torch.bfloat16,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the shipped corpus, with the InternVL special tokens appended."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS.read_text().splitlines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.add_tokens([t for t, special in ADDED_TOKENS if not special])
+    fast.add_special_tokens({"additional_special_tokens": [t for t, special in ADDED_TOKENS if special]})
+    return fast
+
+
+def build_config(preset: Preset, llm: str, tokenizer: PreTrainedTokenizerFast) -> InternVLConfig:
+    vocab_size = preset.vocab_size or -(-len(tokenizer) // 64) * 64
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {vocab_size} < tokenizer size {len(tokenizer)}")
+    text = dict(preset.text, **LLM_VARIANTS[llm], vocab_size=vocab_size, tie_word_embeddings=preset.tie_word_embeddings)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
+    vision = dict(
+        preset.vision,
+        image_size=448,
+        patch_size=14,
+        attention_bias=True,
+        norm_type="layer_norm",
+        layer_norm_eps=1e-6,
+        use_qk_norm=False,
+    )
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=256,
+        downsample_ratio=0.5,
+        tie_word_embeddings=preset.tie_word_embeddings,
+        template="internvl2_5",
+        max_dynamic_patch=12,
+        min_dynamic_patch=1,
+        use_thumbnail=True,
+    )
+
+
+@torch.no_grad()
+def _make_input_sensitive(model: InternVLForConditionalGeneration, tokenizer, knobs: dict) -> None:
+    lm = model.model.language_model
+    for layer in lm.layers:
+        layer.self_attn.q_proj.weight.mul_(knobs.get("qk", 1.0))
+        layer.self_attn.k_proj.weight.mul_(knobs.get("qk", 1.0))
+    model.model.multi_modal_projector.linear_2.weight.mul_(knobs.get("projector", 1.0))
+    lm.embed_tokens.weight.mul_(knobs.get("embed", 1.0))
+    model.lm_head.weight.mul_(knobs.get("lm_head", 1.0))  # wide logit spread: clear top-1/top-2 margins
+    # Zero logits for special and padding ids: ordinary tokens always outscore them.
+    never_win = [tokenizer.convert_tokens_to_ids(t) for t, special in ADDED_TOKENS if special]
+    model.lm_head.weight[never_win] = 0.0
+    model.lm_head.weight[len(tokenizer) :] = 0.0
+
+
+def generate(preset_name: str, llm: str, out: Path, seed: int = 0) -> Path:
+    """Write the checkpoint to `out` (skipped when `out` already holds this exact one)."""
+    stamp = {"preset": preset_name, "llm": llm, "seed": seed, "corpus_bytes": CORPUS.stat().st_size}
+    stamp_file = out / "generated_by.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return out
+    preset = PRESETS[preset_name]
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(preset.tokenizer_vocab)
+    config = build_config(preset, llm, tokenizer)
+    model = InternVLForConditionalGeneration(config).eval()
+    _make_input_sensitive(model, tokenizer, preset.sharpen)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(preset.dtype).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    stamp_file.write_text(json.dumps(stamp))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--llm", choices=sorted(LLM_VARIANTS), default="qwen3")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    print(generate(args.preset, args.llm, args.out, args.seed))
+
+
+if __name__ == "__main__":
+    main()

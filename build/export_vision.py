@@ -1,0 +1,59 @@
+"""Export the vision encoder (ViT → pixel shuffle → projector) to ONNX with a dynamic tiles axis.
+
+    python -m build.export_vision --model <checkpoint> [--out <file.onnx>]
+
+Output `prompt_embedding_table` [T·Q, H] for input `pixel_values` [T, 3, S, S], T dynamic. The
+same file is what the GPU path compiles to a TensorRT plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from engine.config import ModelConfig
+from engine.vision import ONNX_INPUT, ONNX_OUTPUT, VisionEncoderModule, default_onnx_path
+
+OPSET = 18
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
+
+
+def export_vision_onnx(checkpoint: str | Path, out: str | Path | None = None) -> Path:
+    config = ModelConfig.from_pretrained(checkpoint)
+    out = Path(out) if out else default_onnx_path(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    module = VisionEncoderModule.from_pretrained(config)
+    size = config.vision.image_size
+    example = torch.zeros(2, 3, size, size)
+    tiles = torch.export.Dim("tiles", min=1, max=4096)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            input_names=[ONNX_INPUT],
+            output_names=[ONNX_OUTPUT],
+            dynamic_shapes={"pixel_values": {0: tiles}},
+            opset_version=OPSET,
+            verbose=False,
+        )
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    program.save(str(out), external_data=weight_bytes > 1.8e9)  # protobuf's 2 GB limit
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    parser.add_argument("--out", type=Path, help="ONNX file (default <model>/onnx/vision_encoder.onnx)")
+    args = parser.parse_args()
+    print(export_vision_onnx(args.model, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The single source of every shape and limit: a validated config read once from the checkpoint.
+
+Reads HF-native InternVL checkpoints (`InternVLForConditionalGeneration`: config.json with
+`vision_config`, `text_config`, `image_token_id`, `downsample_ratio`, `vision_feature_layer`) plus
+the tokenizer's special tokens. Every other module copies the fields it needs from here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.templates import TEMPLATES, ChatTemplate, Template
+
+SUPPORTED_TEXT_MODELS = ("qwen2", "qwen3", "llama")
+SUPPORTED_ROPE_TYPES = ("default",)
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+
+
+class ConfigError(ValueError):
+    """The checkpoint cannot be served: names the field and what is wrong with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class VisionConfig:
+    image_size: int  # S: tiles are S×S
+    patch_size: int
+    hidden_size: int  # C
+    num_layers: int  # layers actually run (vision_feature_layer applied)
+    final_layernorm: bool  # last_hidden_state carries the tower's final LayerNorm
+    downsample_ratio: float
+    tokens_per_tile: int  # Q = (S / patch)² · ratio²
+
+    @property
+    def projector_in_size(self) -> int:  # C · (1/ratio)²
+        return self.hidden_size * int(round(1 / self.downsample_ratio)) ** 2
+
+
+@dataclass(frozen=True, slots=True)
+class TextConfig:
+    model_type: str  # qwen2 | qwen3 | llama
+    hidden_size: int  # H
+    vocab_size: int  # rows of the embedding matrix; ids ≥ this index the prompt table
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    attention_bias: bool  # q/k/v biases (qwen2)
+    qk_norm: bool  # per-head RMSNorm on q and k (qwen3)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    path: Path
+    vision: VisionConfig
+    text: TextConfig
+    template: Template | ChatTemplate  # the checkpoint's named template, else the tokenizer's
+    system_message: str | None
+    image_token_id: int  # <IMG_CONTEXT>
+    img_start_id: int
+    img_end_id: int
+    stop_token_id: int
+    max_num: int  # grid tiles per image (max_dynamic_patch); the thumbnail adds one
+    min_num: int
+    use_thumbnail: bool
+
+    @property
+    def max_tiles_per_image(self) -> int:
+        return self.max_num + (self.use_thumbnail and self.max_num > 1)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        raw = _read_json(path / "config.json")
+        vocab = _tokenizer_vocab(path)
+        text = _text_config(_field(raw, "text_config", dict))
+        vision = _vision_config(raw)
+
+        template_name = raw.get("template")
+        if template_name is None:
+            template = _chat_template(path, vocab)
+        elif template_name in TEMPLATES:
+            template = TEMPLATES[template_name]
+        else:
+            raise ConfigError(
+                f"config.json template {template_name!r} is unknown; known: {sorted(TEMPLATES)}"
+            )
+        system_message = raw.get("system_message")
+        if system_message is None and isinstance(template, Template):
+            system_message = template.system_message
+
+        def token_id(token: str) -> int:
+            if token not in vocab:
+                raise ConfigError(f"tokenizer in {path} has no {token!r} token")
+            return vocab[token]
+
+        image_token_id = int(raw.get("image_token_id", token_id(IMG_CONTEXT)))
+        if image_token_id != token_id(IMG_CONTEXT):
+            raise ConfigError(
+                f"config.json image_token_id {image_token_id} is not the tokenizer's {IMG_CONTEXT} "
+                f"id {token_id(IMG_CONTEXT)}"
+            )
+        max_num = int(raw.get("max_dynamic_patch", 12))
+        min_num = int(raw.get("min_dynamic_patch", 1))
+        if not 1 <= min_num <= max_num:
+            raise ConfigError(f"need 1 ≤ min_dynamic_patch ≤ max_dynamic_patch, got {min_num}, {max_num}")
+        return cls(
+            path=path,
+            vision=vision,
+            text=text,
+            template=template,
+            system_message=system_message,
+            image_token_id=image_token_id,
+            img_start_id=token_id(IMG_START),
+            img_end_id=token_id(IMG_END),
+            stop_token_id=token_id(template.stop_token),
+            max_num=max_num,
+            min_num=min_num,
+            use_thumbnail=bool(raw.get("use_thumbnail", True)),
+        )
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        raise ConfigError(f"{file} not found: expected an HF-format InternVL checkpoint directory")
+    return json.loads(file.read_text())
+
+
+def _field(raw: dict, name: str, kind: type, where: str = "config.json"):
+    if name not in raw:
+        raise ConfigError(f"{where} has no {name!r}")
+    value = raw[name]
+    if kind is float and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{where} {name!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _pair(value, name: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConfigError(f"vision_config {name!r} must be square, got {value!r}")
+        value = value[0]
+    return int(value)
+
+
+def _vision_config(raw: dict) -> VisionConfig:
+    vc = _field(raw, "vision_config", dict)
+    where = "vision_config"
+    image_size = _pair(vc.get("image_size", 448), "image_size")
+    patch_size = _pair(vc.get("patch_size", 14), "patch_size")
+    ratio = float(raw.get("downsample_ratio", 0.5))
+    if image_size % patch_size:
+        raise ConfigError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    side = image_size // patch_size
+    scale = round(1 / ratio)
+    if abs(scale * ratio - 1) > 1e-9 or side % scale:
+        raise ConfigError(f"downsample_ratio {ratio} does not divide the {side}×{side} patch grid")
+    num_layers = _field(vc, "num_hidden_layers", int, where)
+    layer = raw.get("vision_feature_layer", -1)
+    if not isinstance(layer, int) or not -num_layers - 1 <= layer <= num_layers:
+        raise ConfigError(f"vision_feature_layer must be one int in [-{num_layers + 1}, {num_layers}], got {layer!r}")
+    if raw.get("vision_feature_select_strategy", "default") != "default":
+        raise ConfigError("only vision_feature_select_strategy 'default' (drop CLS) is supported")
+    return VisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=_field(vc, "hidden_size", int, where),
+        num_layers=layer % (num_layers + 1),  # hidden_states[k] = output of the first k layers
+        final_layernorm=layer == -1 and not vc.get("use_mean_pooling", True),
+        downsample_ratio=ratio,
+        tokens_per_tile=(side // scale) ** 2,
+    )
+
+
+def _text_config(tc: dict) -> TextConfig:
+    where = "text_config"
+    model_type = tc.get("model_type")
+    if model_type not in SUPPORTED_TEXT_MODELS:
+        raise ConfigError(f"text_config model_type {model_type!r} is not supported; supported: {SUPPORTED_TEXT_MODELS}")
+    hidden = _field(tc, "hidden_size", int, where)
+    heads = _field(tc, "num_attention_heads", int, where)
+    kv_heads = int(tc.get("num_key_value_heads") or heads)
+    head_dim = int(tc.get("head_dim") or hidden // heads)
+    if heads % kv_heads:
+        raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    rope = dict(tc.get("rope_parameters") or tc.get("rope_scaling") or {})
+    rope_theta = float(rope.pop("rope_theta", tc.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+    if tc.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"text_config hidden_act must be 'silu', got {tc.get('hidden_act')!r}")
+    if tc.get("use_sliding_window"):
+        raise ConfigError("sliding-window attention is not supported")
+    return TextConfig(
+        model_type=model_type,
+        hidden_size=hidden,
+        vocab_size=_field(tc, "vocab_size", int, where),
+        num_layers=_field(tc, "num_hidden_layers", int, where),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=_field(tc, "intermediate_size", int, where),
+        rms_norm_eps=float(tc.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        max_position_embeddings=_field(tc, "max_position_embeddings", int, where),
+        attention_bias=bool(tc.get("attention_bias", model_type == "qwen2")),
+        qk_norm=model_type == "qwen3",
+    )
+
+
+def _tokenizer_vocab(path: Path) -> dict[str, int]:
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise ConfigError(f"{file} not found: a fast (tokenizers) tokenizer is required")
+    data = json.loads(file.read_text())
+    vocab = dict(data["model"]["vocab"]) if isinstance(data["model"].get("vocab"), dict) else {}
+    vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    return vocab
+
+
+def _chat_template(path: Path, vocab: dict[str, int]) -> ChatTemplate:
+    file = path / "tokenizer_config.json"
+    tc = json.loads(file.read_text()) if file.is_file() else {}
+    special = {
+        key: value.get("content") if isinstance(value, dict) else value
+        for key, value in tc.items()
+        if key.endswith("_token") and isinstance(value, (str, dict))
+    }
+    jinja_file = path / "chat_template.jinja"  # where transformers ≥ 5 saves it
+    source = jinja_file.read_text() if jinja_file.is_file() else tc.get("chat_template")
+    if not isinstance(source, str) or special.get("eos_token") not in vocab:
+        raise ConfigError(
+            "config.json names no conversation template and tokenizer_config.json has no "
+            "chat_template with an eos_token to stop on"
+        )
+    return ChatTemplate(source=source, stop_token=special["eos_token"], special_tokens=special)

@@ -1,0 +1,73 @@
+"""Incremental, UTF-8-safe detokenization: text deltas that join to exactly `decode(all ids)`.
+
+Byte-level tokens can end in the middle of a character. A delta is released only when the decoded
+window does not end in U+FFFD (an incomplete character); each window re-decodes a few tokens
+before the new ones so merges and spaces come out as the full decode has them.
+"""
+
+from __future__ import annotations
+
+from engine.tokenizer import TextTokenizer
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: TextTokenizer):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the context window
+        self._read_offset = 0  # ids up to here have been released as text
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
+        text = self._tokenizer.decode(self._ids[self._prefix_offset :])
+        if len(text) <= len(prefix) or text.endswith("\ufffd"):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return text[len(prefix) :]
+
+    def flush(self) -> str:
+        """What is still held back (a final incomplete character decodes to U+FFFD, as in the full decode)."""
+        prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
+        text = self._tokenizer.decode(self._ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return text[len(prefix) :]
+
+
+class TextStream:
+    """Turns raw text deltas into deltas of the final reply: stripped, and cut at a stop string.
+
+    Leading whitespace is dropped, trailing whitespace is held until more text follows, and the last
+    `max(len(stop)) - 1` characters are held until they cannot start a stop string.
+    """
+
+    def __init__(self, stop_strings: tuple[str, ...] = ()):
+        self._stops = tuple(s for s in stop_strings if s)
+        self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self._text = ""  # the reply so far (left-stripped, not yet cut)
+        self._sent = 0
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        self._text = (self._text + delta).lstrip() if not self._text else self._text + delta
+        for stop in self._stops:
+            cut = self._text.find(stop, max(self._sent - len(stop) + 1, 0))
+            if cut >= 0:
+                self._text, self.stopped = self._text[:cut], True
+        ready = self._text if self.stopped else self._text[: len(self._text) - self._hold]
+        return self._release(ready.rstrip())
+
+    def finish(self) -> str:
+        return self._release(self._text.rstrip())
+
+    def _release(self, upto: str) -> str:
+        if len(upto) <= self._sent:
+            return ""
+        delta, self._sent = upto[self._sent :], len(upto)
+        return delta
+
+    @property
+    def text(self) -> str:
+        return self._text.strip()

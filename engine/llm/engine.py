@@ -1,0 +1,169 @@
+"""The LLM engine: requests join and leave a running batch between steps (in-flight batching).
+
+One `step()` = the scheduler picks work (one token for every decoding sequence, then prompt chunks
+of newly admitted sequences within a token budget), the model runs it as one batch, and each
+sequence that reached the end of its input samples a token. `add_request` and `abort` are safe to
+call from other threads while a loop thread calls `step()`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.llm.model import DecoderLM, KVCache, SequenceInput
+from engine.llm.sampling import Sampler, SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    request_id: str
+    token_id: int | None  # None when the step produced no visible token (stop token, abort)
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+
+
+@dataclass(slots=True, eq=False)
+class _Sequence:
+    request_id: str
+    token_ids: torch.Tensor  # int64 [L]: the prompt
+    prompt_table: torch.Tensor | None  # [P, H]
+    params: SamplingParams
+    sampler: Sampler
+    stop_ids: frozenset[int]
+    max_new_tokens: int  # params.max_new_tokens clamped to the context length
+    cache: KVCache | None = None
+    num_cached: int = 0  # prompt tokens already run through the model
+    generated: list[int] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, model: DecoderLM, stop_token_id: int, max_batch_size: int = 8, max_num_tokens: int = 2048):
+        self.model = model
+        self.vocab_size = model.config.vocab_size
+        self.max_seq_len = model.config.max_position_embeddings
+        self.stop_token_id = stop_token_id
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max_num_tokens  # tokens per step: bounds how long a prefill stalls decodes
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._aborted: set[str] = set()
+        self._lock = threading.Lock()
+        self.last_batch_size = 0  # sequences in the most recent step (observability)
+
+    def add_request(
+        self,
+        request_id: str,
+        input_ids: np.ndarray,  # int32 [L]; ids ≥ vocab_size index prompt_table rows
+        prompt_table: np.ndarray | None,  # float32 [P, H]
+        params: SamplingParams,
+    ) -> None:
+        ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.int64)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise ValueError("input_ids must be a non-empty 1-D sequence")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_seq_len}")
+        if int(ids.min()) < 0:
+            raise ValueError("input_ids must be ≥ 0")
+        table = None
+        if prompt_table is not None and len(prompt_table):
+            table = torch.as_tensor(np.asarray(prompt_table))
+            if table.ndim != 2 or table.shape[1] != self.model.config.hidden_size:
+                raise ValueError(
+                    f"prompt_table must be [P, {self.model.config.hidden_size}], got {list(table.shape)}"
+                )
+        fake_rows = ids[ids >= self.vocab_size] - self.vocab_size
+        if len(fake_rows) and (table is None or int(fake_rows.max()) >= len(table)):
+            rows = 0 if table is None else len(table)
+            raise ValueError(
+                f"input_ids reference prompt-table row {int(fake_rows.max())} but the prompt table has {rows} rows"
+            )
+        seq = _Sequence(
+            request_id=request_id,
+            token_ids=ids,
+            prompt_table=table,
+            params=params,
+            sampler=Sampler(params, ids, self.vocab_size),
+            stop_ids=frozenset((self.stop_token_id, *params.stop_token_ids)),
+            max_new_tokens=min(params.max_new_tokens, self.max_seq_len - len(ids)),
+        )
+        with self._lock:
+            self._waiting.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running)
+
+    def step(self) -> list[TokenEvent]:
+        events = self._retire_aborted()
+        batch = self._schedule()
+        self.last_batch_size = len(batch)
+        if not batch:
+            return events
+        inputs = []
+        for seq, n in batch:
+            if seq.num_cached < len(seq.token_ids):  # prefill chunk
+                tokens = seq.token_ids[seq.num_cached : seq.num_cached + n]
+                inputs.append(SequenceInput(tokens, seq.num_cached, seq.cache, seq.prompt_table))
+            else:  # decode: feed the last sampled token
+                tokens = torch.tensor([seq.generated[-1]])
+                inputs.append(SequenceInput(tokens, len(seq.token_ids) + len(seq.generated) - 1, seq.cache, None))
+        logits = self.model.forward(inputs)
+        for (seq, n), row in zip(batch, logits):
+            if seq.num_cached < len(seq.token_ids):
+                seq.num_cached += n
+                if seq.num_cached < len(seq.token_ids):
+                    continue  # more prompt chunks to go
+            events.append(self._sample(seq, row))
+        return events
+
+    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> TokenEvent:
+        token = seq.sampler(logits)
+        if token in seq.stop_ids:
+            self._finish(seq)
+            return TokenEvent(seq.request_id, None, "stop")
+        seq.generated.append(token)
+        if len(seq.generated) >= seq.max_new_tokens:
+            self._finish(seq)
+            return TokenEvent(seq.request_id, token, "length")
+        return TokenEvent(seq.request_id, token, None)
+
+    def _finish(self, seq: _Sequence) -> None:
+        with self._lock:
+            self._running.remove(seq)
+        seq.cache = None
+
+    def _retire_aborted(self) -> list[TokenEvent]:
+        with self._lock:
+            if not self._aborted:
+                return []
+            gone = [s for s in (*self._waiting, *self._running) if s.request_id in self._aborted]
+            self._waiting = deque(s for s in self._waiting if s.request_id not in self._aborted)
+            self._running = [s for s in self._running if s.request_id not in self._aborted]
+            self._aborted.clear()
+        return [TokenEvent(s.request_id, None, "abort") for s in gone]
+
+    def _schedule(self) -> list[tuple[_Sequence, int]]:
+        """Decodes first (one token each), then prompt chunks, oldest first, within the token budget."""
+        with self._lock:
+            while self._waiting and len(self._running) < self.max_batch_size:
+                seq = self._waiting.popleft()
+                seq.cache = self.model.new_cache(len(seq.token_ids) + seq.max_new_tokens)
+                self._running.append(seq)
+            running = list(self._running)
+        batch = [(s, 1) for s in running if s.num_cached == len(s.token_ids)]
+        budget = max(self.max_num_tokens - len(batch), 1)
+        for seq in running:
+            remaining = len(seq.token_ids) - seq.num_cached
+            if remaining and budget > 0:
+                n = min(remaining, budget)
+                batch.append((seq, n))
+                budget -= n
+        return batch

@@ -1,0 +1,162 @@
+"""A lean Qwen2 / Qwen3 / Llama decoder that runs several sequences per step (in-flight batching).
+
+All new tokens of a step — whole prompts of sequences being prefilled and one token of each
+sequence being decoded — go through the projections and the MLP as one flat batch [N, H], so the
+weights are read once per step. Attention runs per sequence against that sequence's own
+preallocated KV cache. Token ids ≥ vocab_size read their embedding from the sequence's prompt
+table (TensorRT-LLM's prompt-table convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import TextConfig
+from engine.weights import load_weights
+
+
+class KVCache:
+    """One sequence's keys and values for every layer, sized for its whole life at admission."""
+
+    def __init__(self, config: TextConfig, capacity: int, dtype: torch.dtype):
+        shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)
+        self.k = torch.empty(shape, dtype=dtype)
+        self.v = torch.empty(shape, dtype=dtype)
+
+
+@dataclass(slots=True)
+class SequenceInput:
+    token_ids: torch.Tensor  # int64 [n]: new tokens (a prompt, or the last sampled token)
+    start: int  # position of token_ids[0]; tokens before it are in the cache
+    cache: KVCache
+    prompt_table: torch.Tensor | None  # [P, H] rows for ids vocab_size..vocab_size+P-1
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as transformers' Qwen/Llama RMSNorm (float32 statistics).
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class DecoderLM:
+    def __init__(
+        self,
+        config: TextConfig,
+        weights: dict[str, torch.Tensor],  # decoder weights, names without "language_model."
+        lm_head: torch.Tensor | None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.config = config
+        self.dtype = dtype
+        c = config
+        self.embed = weights["embed_tokens.weight"]
+        self.lm_head = lm_head if lm_head is not None else self.embed  # tied embeddings
+        self.final_norm = weights["norm.weight"]
+        self.layers = []
+        for i in range(c.num_layers):
+            w = lambda name: weights[f"layers.{i}.{name}"]  # noqa: E731
+            layer = {
+                "in_norm": w("input_layernorm.weight"),
+                "post_norm": w("post_attention_layernorm.weight"),
+                # Fused projections: one matmul for q|k|v and one for gate|up.
+                "qkv": torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")]),
+                "o": w("self_attn.o_proj.weight"),
+                "gate_up": torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]),
+                "down": w("mlp.down_proj.weight"),
+                "qkv_bias": None,
+                "q_norm": None,
+                "k_norm": None,
+            }
+            if c.attention_bias:
+                layer["qkv_bias"] = torch.cat([w("self_attn.q_proj.bias"), w("self_attn.k_proj.bias"), w("self_attn.v_proj.bias")])
+            if c.qk_norm:
+                layer["q_norm"], layer["k_norm"] = w("self_attn.q_norm.weight"), w("self_attn.k_norm.weight")
+            self.layers.append(layer)
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
+        freqs = torch.outer(torch.arange(c.max_position_embeddings, dtype=torch.float32), inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)  # [max_pos, head_dim]
+        self._cos, self._sin = angles.cos().to(dtype), angles.sin().to(dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, config: TextConfig, dtype: torch.dtype = torch.float32) -> DecoderLM:
+        weights = load_weights(path, "language_model.", dtype)
+        lm_head = load_weights(path, "lm_head.", dtype, required=False).get("weight")
+        return cls(config, weights, lm_head, dtype)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.config, capacity, self.dtype)
+
+    def _embed(self, seq: SequenceInput) -> torch.Tensor:
+        # token_ids: [n] -> [n, H]; ids ≥ vocab_size index the prompt table
+        ids = seq.token_ids
+        fake = ids >= self.config.vocab_size
+        if not bool(fake.any()):
+            return self.embed[ids]
+        if seq.prompt_table is None:
+            raise ValueError("input_ids hold prompt-table ids but the request has no prompt table")
+        rows = ids[fake] - self.config.vocab_size
+        if int(rows.max()) >= seq.prompt_table.shape[0]:
+            raise ValueError(
+                f"input_ids index prompt-table row {int(rows.max())} but the table has {seq.prompt_table.shape[0]} rows"
+            )
+        x = self.embed[ids.masked_fill(fake, 0)]
+        x[fake] = seq.prompt_table[rows].to(self.dtype)
+        return x
+
+    @torch.inference_mode()
+    def forward(self, seqs: list[SequenceInput]) -> torch.Tensor:
+        """Runs the new tokens of every sequence; -> logits [B, vocab] at each sequence's last token."""
+        c = self.config
+        lengths = [len(s.token_ids) for s in seqs]
+        x = torch.cat([self._embed(s) for s in seqs])  # [N, H]
+        positions = torch.cat([torch.arange(s.start, s.start + n) for s, n in zip(seqs, lengths)])
+        cos, sin = self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)  # [N, 1, d]
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        for li, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer["in_norm"], c.rms_norm_eps)
+            qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])
+            q = qkv[:, :q_size].view(-1, c.num_heads, c.head_dim)
+            k = qkv[:, q_size : q_size + kv_size].view(-1, c.num_kv_heads, c.head_dim)
+            v = qkv[:, q_size + kv_size :].view(-1, c.num_kv_heads, c.head_dim)
+            if layer["q_norm"] is not None:
+                q = _rms_norm(q, layer["q_norm"], c.rms_norm_eps)
+                k = _rms_norm(k, layer["k_norm"], c.rms_norm_eps)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            attn = torch.empty_like(q)
+            offset = 0
+            for s, n in zip(seqs, lengths):
+                end = s.start + n
+                s.cache.k[li, :, s.start : end] = k[offset : offset + n].transpose(0, 1)
+                s.cache.v[li, :, s.start : end] = v[offset : offset + n].transpose(0, 1)
+                attn[offset : offset + n] = self._attend(q[offset : offset + n], s.cache, li, s.start, end)
+                offset += n
+            x = x + F.linear(attn.view(-1, q_size), layer["o"])
+            h = _rms_norm(x, layer["post_norm"], c.rms_norm_eps)
+            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer["down"])
+        last = torch.tensor(lengths).cumsum(0) - 1
+        return F.linear(_rms_norm(x[last], self.final_norm, c.rms_norm_eps), self.lm_head)
+
+    @staticmethod
+    def _attend(q: torch.Tensor, cache: KVCache, layer: int, start: int, end: int) -> torch.Tensor:
+        # q: [n, heads, d] at positions start..end-1 -> [n, heads, d]
+        n = q.shape[0]
+        k, v = cache.k[layer, :, :end], cache.v[layer, :, :end]  # [kv_heads, end, d]
+        if n == 1 or start == 0:
+            mask, causal = None, n > 1
+        else:  # a chunk after cached tokens: causal within the chunk, full view of the past
+            mask, causal = torch.ones(n, end, dtype=torch.bool).tril(start), False
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+        )
+        return out.transpose(0, 1)
+

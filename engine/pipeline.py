@@ -1,0 +1,163 @@
+"""The in-process pipeline: preprocess → vision encoder → prompt-table LLM → detokenize.
+
+`generate` is the one path; `stream` yields its text deltas as they come and `chat` returns its
+text like the InternVL cards' `model.chat`. The Triton models wrap the same stages one per model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import ModelConfig
+from engine.detokenize import IncrementalDetokenizer, TextStream
+from engine.llm.engine import LLMEngine
+from engine.llm.model import DecoderLM
+from engine.llm.sampling import SamplingParams
+from engine.preprocess import load_images
+from engine.prompt import Prompt, PromptBuilder
+from engine.templates import Turn
+from engine.tokenizer import TextTokenizer
+from engine.vision import load_vision_encoder
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    text: str  # the reply, cut at the stop token or a stop string, stripped
+    token_ids: list[int]  # generated ids, stop token excluded
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    question: str  # as it enters the history (model.chat may prepend "<image>\n")
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    prompt: Prompt
+    pixel_values: np.ndarray  # float32 [T, 3, S, S]
+    num_tiles: list[int]  # [N] tiles per image
+
+
+class Pipeline:
+    def __init__(self, config: ModelConfig, vision_encoder, llm: LLMEngine, tokenizer: TextTokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.prompts = PromptBuilder(config, tokenizer)
+        self.vision = vision_encoder
+        self.llm = llm
+        self._request_ids = itertools.count()
+        self._lock = threading.Lock()  # one generation drives the engine at a time in-process
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        vision_backend: str = "onnxruntime",
+        vision_onnx: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Pipeline:
+        config = ModelConfig.from_pretrained(path)
+        tokenizer = TextTokenizer(path)
+        vision = load_vision_encoder(config, vision_backend, vision_onnx)
+        llm = LLMEngine(DecoderLM.from_pretrained(path, config.text, dtype), config.stop_token_id)
+        return cls(config, vision, llm, tokenizer)
+
+    def prepare(
+        self, question: str, images: Sequence = (), history: Sequence[Turn] | None = None, max_tiles: int | None = None
+    ) -> PreparedRequest:
+        c = self.config
+        size = c.vision.image_size
+        if images:
+            pixel_values, num_tiles = load_images(
+                list(images), input_size=size, max_num=max_tiles or c.max_num, min_num=c.min_num, use_thumbnail=c.use_thumbnail
+            )
+        else:
+            pixel_values, num_tiles = np.zeros((0, 3, size, size), np.float32), []
+        prompt = self.prompts.build(question, num_tiles, history)
+        return PreparedRequest(prompt, pixel_values, num_tiles)
+
+    def generate(self, question: str, images: Sequence = (), history: Sequence[Turn] | None = None, **kwargs) -> GenerationResult:
+        run = self._run(question, images, history, **kwargs)
+        while True:
+            try:
+                next(run)
+            except StopIteration as done:
+                return done.value
+
+    def stream(self, question: str, images: Sequence = (), history: Sequence[Turn] | None = None, **kwargs) -> Iterator[str]:
+        yield from self._run(question, images, history, **kwargs)
+
+    def chat(
+        self,
+        question: str,
+        images: Sequence = (),
+        history: Sequence[Turn] | None = None,
+        return_history: bool = False,
+        **kwargs,
+    ) -> str | tuple[str, list[Turn]]:
+        result = self.generate(question, images, history, **kwargs)
+        if return_history:
+            return result.text, [*(history or ()), (result.question, result.text)]
+        return result.text
+
+    def _run(
+        self,
+        question: str,
+        images: Sequence,
+        history: Sequence[Turn] | None,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 50,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        max_tiles: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> Generator[str, None, GenerationResult]:
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
+        request = self.prepare(question, images, history, max_tiles)
+        table = self.vision.encode(request.pixel_values) if request.num_tiles else None
+        request_id = str(next(self._request_ids))
+        detok = IncrementalDetokenizer(self.tokenizer)
+        text = TextStream(tuple(stop))
+        token_ids: list[int] = []
+        finish_reason = None
+        with self._lock:
+            self.llm.add_request(request_id, request.prompt.input_ids, table, params)
+            try:
+                while finish_reason is None:
+                    for event in self.llm.step():
+                        if event.token_id is not None:
+                            token_ids.append(event.token_id)
+                            delta = text.push(detok.add(event.token_id))
+                            if delta:
+                                yield delta
+                        finish_reason = "stop" if text.stopped else event.finish_reason
+            finally:
+                if finish_reason is None or text.stopped:  # closed early, or cut at a stop string
+                    self.llm.abort(request_id)
+                    self.llm.step()  # retires it: the engine is left idle for the next caller
+        tail = text.push(detok.flush()) + text.finish()
+        if tail:
+            yield tail
+        return GenerationResult(
+            text=text.text,
+            token_ids=token_ids,
+            finish_reason=finish_reason,
+            prompt_tokens=len(request.prompt.input_ids),
+            question=request.prompt.question,
+        )

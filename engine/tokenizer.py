@@ -1,0 +1,31 @@
+"""Text ↔ ids with the checkpoint's fast tokenizer (tokenizer.json), as `tokenizer(query)` would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+
+class TextTokenizer:
+    def __init__(self, path: str | Path):
+        self._tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        # What the post-processor adds around a text (e.g. a Llama BOS): added once per prompt,
+        # however many pieces the prompt is encoded in.
+        bare = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        start = next(i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare)
+        self.prefix_ids, self.suffix_ids = full[:start], full[start + len(bare) :]
+        self._specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def is_special(self, token_id: int) -> bool:
+        return self._tok.id_to_token(token_id) in self._specials

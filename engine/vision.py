@@ -1,0 +1,101 @@
+"""Vision encoder: InternViT → drop CLS → pixel shuffle → MLP projector, as one module and two runtimes.
+
+Both runtimes map `pixel_values` [T, 3, S, S] float32 to the prompt table [T·Q, H] float32:
+`TorchVisionEncoder` runs the module eagerly, `OnnxVisionEncoder` runs its ONNX export
+(build/export_vision.py) with ONNX Runtime on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import InternVLConfig, InternVLVisionModel
+from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
+
+from engine.config import ModelConfig, VisionConfig
+from engine.weights import load_weights
+
+ONNX_INPUT, ONNX_OUTPUT = "pixel_values", "prompt_embedding_table"
+
+
+def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
+    # x: [T, side, side, C] -> [T, side/scale, side/scale, C·scale²]; tokens row-major ("v2")
+    t, rows, cols, c = x.shape
+    x = x.reshape(t, rows, cols // scale, c * scale).transpose(1, 2)
+    x = x.reshape(t, cols // scale, rows // scale, c * scale * scale).transpose(1, 2)
+    return x.contiguous()
+
+
+class VisionEncoderModule(nn.Module):
+    def __init__(self, tower: InternVLVisionModel, projector: nn.Module, config: VisionConfig):
+        super().__init__()
+        self.embeddings = tower.embeddings
+        self.layers = nn.ModuleList(tower.encoder.layer[: config.num_layers])
+        self.final_norm = tower.layernorm if config.final_layernorm else nn.Identity()
+        self.projector = projector
+        self.side = config.image_size // config.patch_size
+        self.scale = round(1 / config.downsample_ratio)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: [T, 3, S, S] -> features: [T·Q, H]
+        x = self.embeddings(pixel_values)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.final_norm(x)[:, 1:]  # drop CLS
+        x = pixel_shuffle(x.reshape(x.shape[0], self.side, self.side, -1), self.scale)
+        return self.projector(x.reshape(-1, x.shape[-1]))
+
+    @classmethod
+    def from_pretrained(cls, config: ModelConfig) -> VisionEncoderModule:
+        hf_config = InternVLConfig.from_dict(json.loads((config.path / "config.json").read_text()))
+        hf_config.vision_config._attn_implementation = "sdpa"
+        tower = InternVLVisionModel(hf_config.vision_config)
+        tower.load_state_dict(load_weights(config.path, "vision_tower."))
+        projector = InternVLMultiModalProjector(hf_config)
+        projector.load_state_dict(load_weights(config.path, "multi_modal_projector."))
+        return cls(tower, projector, config.vision).eval()
+
+
+class TorchVisionEncoder:
+    def __init__(self, config: ModelConfig):
+        self.module = VisionEncoderModule.from_pretrained(config)
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        # pixel_values: [T, 3, S, S] float32 -> [T·Q, H] float32
+        return self.module(torch.from_numpy(pixel_values)).numpy()
+
+
+class OnnxVisionEncoder:
+    def __init__(self, onnx_file: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        if not Path(onnx_file).is_file():
+            raise FileNotFoundError(
+                f"{onnx_file} not found: export it with `python -m build.export_vision --model <checkpoint>`"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        # pixel_values: [T, 3, S, S] float32 -> [T·Q, H] float32
+        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: pixel_values})[0]
+
+
+def default_onnx_path(checkpoint: str | Path) -> Path:
+    return Path(checkpoint) / "onnx" / "vision_encoder.onnx"
+
+
+def load_vision_encoder(config: ModelConfig, backend: str, onnx_file: str | Path | None = None):
+    if backend == "torch":
+        return TorchVisionEncoder(config)
+    if backend == "onnxruntime":
+        return OnnxVisionEncoder(onnx_file or default_onnx_path(config.path))
+    raise ValueError(f"vision_backend must be 'onnxruntime' or 'torch', got {backend!r}")
