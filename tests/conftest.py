@@ -1,0 +1,45 @@
+"""Session fixtures: tiny generated checkpoints (qwen2, qwen3, llama) with their vision ONNX."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from build.checkpoint import generate
+from build.export_vision import export_vision_onnx
+from engine.vision import default_onnx_path
+
+LLM_FAMILIES = ("qwen2", "qwen3", "llama")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Lazily generated tiny checkpoints, keyed by LLM family; each with its vision ONNX."""
+    root = tmp_path_factory.mktemp("checkpoints")
+
+    def make(family: str) -> Path:
+        path = generate("tiny", family, root / f"tiny-{family}", seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_vision_onnx(path)
+        assert default_onnx_path(path).is_file()
+        return path
+
+    return _LazyDict(make)
+
+
+class _LazyDict(dict):
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key):
+        self[key] = self._make(key)
+        return self[key]
+
+
+@pytest.fixture(scope="session")
+def tiny(checkpoints) -> Path:
+    return checkpoints["qwen3"]
