@@ -68,7 +68,12 @@ class Pipeline:
         return cls(config, vision, llm, tokenizer)
 
     def prepare(
-        self, question: str, images: Sequence = (), history: Sequence[Turn] | None = None, max_tiles: int | None = None
+        self,
+        question: str,
+        images: Sequence = (),
+        history: Sequence[Turn] | None = None,
+        max_tiles: int | None = None,
+        system_message: str | None = None,
     ) -> PreparedRequest:
         c = self.config
         size = c.vision.image_size
@@ -78,7 +83,7 @@ class Pipeline:
             )
         else:
             pixel_values, num_tiles = np.zeros((0, 3, size, size), np.float32), []
-        prompt = self.prompts.build(question, num_tiles, history)
+        prompt = self.prompts.build(question, num_tiles, history, system_message)
         return PreparedRequest(prompt, pixel_values, num_tiles)
 
     def generate(self, question: str, images: Sequence = (), history: Sequence[Turn] | None = None, **kwargs) -> GenerationResult:
@@ -118,6 +123,7 @@ class Pipeline:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         max_tiles: int | None = None,
+        system_message: str | None = None,
         stop: Sequence[str] = (),
     ) -> Generator[str, None, GenerationResult]:
         params = SamplingParams(
@@ -129,7 +135,7 @@ class Pipeline:
             repetition_penalty=repetition_penalty,
             seed=seed,
         )
-        request = self.prepare(question, images, history, max_tiles)
+        request = self.prepare(question, images, history, max_tiles, system_message)
         table = self.vision.encode(request.pixel_values) if request.num_tiles else None
         request_id = str(next(self._request_ids))
         detok = IncrementalDetokenizer(self.tokenizer)

@@ -39,16 +39,28 @@ class PromptBuilder:
         self._img_start, self._img_end = config.img_start_id, config.img_end_id
         self._tokenizer = tokenizer
 
-    def render(self, question: str, num_images: int, history: Sequence[Turn] | None) -> tuple[str, str]:
-        """-> (query text with `<image>` placeholders, question as it enters the history)."""
+    def render(
+        self, question: str, num_images: int, history: Sequence[Turn] | None, system_message: str | None = None
+    ) -> tuple[str, str]:
+        """-> (query text with `<image>` placeholders, question as it enters the history).
+
+        system_message None means the checkpoint's (e.g. R1_SYSTEM_PROMPT switches on thinking mode).
+        """
         if history is None and num_images and IMAGE_PLACEHOLDER not in question:
             question = f"{IMAGE_PLACEHOLDER}\n{question}"
-        query = self._template.render(self._system_message, list(history or ()), question)
+        system = self._system_message if system_message is None else system_message
+        query = self._template.render(system, list(history or ()), question)
         return query, question
 
-    def build(self, question: str, num_tiles: Sequence[int], history: Sequence[Turn] | None = None) -> Prompt:
+    def build(
+        self,
+        question: str,
+        num_tiles: Sequence[int],
+        history: Sequence[Turn] | None = None,
+        system_message: str | None = None,
+    ) -> Prompt:
         # num_tiles: [N] tiles per image, in the order their `<image>` tags appear
-        query, question = self.render(question, len(num_tiles), history)
+        query, question = self.render(question, len(num_tiles), history, system_message)
         pieces = query.split(IMAGE_PLACEHOLDER)
         if len(pieces) - 1 != len(num_tiles):
             raise PromptError(

@@ -1,0 +1,191 @@
+"""InternVL image preprocessing: dynamic tiling into S x S tiles plus ImageNet normalization.
+
+Bit-exact with the model card's `load_image` (PIL bicubic resize of the whole grid, crops, a thumbnail,
+torchvision ToTensor + Normalize per tile), but without per-tile tensors: every tile is normalized
+straight from the resized grid image into one preallocated float32 array, and the independent PIL
+work (which releases the GIL) runs on a thread pool.
+"""
+
+import io
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
+from functools import lru_cache, partial
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)[:, None, None]  # [3, 1, 1]
+_STD = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None]  # [3, 1, 1]
+
+_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="preprocess")
+
+# What PIL raises for corrupt, truncated or unrecognised data.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+class ImageError(ValueError):
+    """The image input is empty, unreadable or cannot be decoded."""
+
+
+def _check_params(input_size, max_num, min_num):
+    for name, value in (("input_size", input_size), ("max_num", max_num), ("min_num", min_num)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if min_num > max_num:
+        raise ValueError(f"min_num ({min_num}) must not exceed max_num ({max_num})")
+
+
+@lru_cache(maxsize=None)
+def _candidate_grids(min_num, max_num):
+    # -> (cols, rows) grids by tile count. The very expression of the reference: sorted() is stable,
+    # so the order of equal-area grids (which decides ties) is the set's iteration order.
+    target_ratios = set(
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if i * j <= max_num and i * j >= min_num
+    )
+    return tuple(sorted(target_ratios, key=lambda x: x[0] * x[1]))
+
+
+def tile_grid(width, height, input_size=448, max_num=12, min_num=1, use_thumbnail=True):
+    # -> (cols, rows, num_tiles); num_tiles counts the thumbnail, which only multi-tile grids get
+    _check_params(input_size, max_num, min_num)
+    if not isinstance(width, int) or not isinstance(height, int) or width < 1 or height < 1:
+        raise ValueError(f"image size must be positive integers, got {width!r} x {height!r}")
+    aspect_ratio = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in _candidate_grids(min_num, max_num):
+        diff = abs(aspect_ratio - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * input_size * input_size * cols * rows:
+            best = (cols, rows)
+    cols, rows = best
+    has_thumbnail = bool(use_thumbnail) and cols * rows != 1
+    return cols, rows, cols * rows + has_thumbnail
+
+
+@contextmanager
+def _opened(image):
+    # -> PIL image with its header read (pixels not decoded yet); closes any file opened here
+    if isinstance(image, Image.Image):
+        yield image
+        return
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        if memoryview(image).nbytes == 0:
+            raise ImageError("image is empty (0 bytes)")
+        fp = io.BytesIO(image)
+    elif isinstance(image, (str, os.PathLike)):
+        try:
+            fp = open(image, "rb")
+        except OSError as e:
+            raise ImageError(f"cannot open image file {os.fspath(image)!r}: {e.strerror or e}") from e
+        if os.fstat(fp.fileno()).st_size == 0:
+            fp.close()
+            raise ImageError(f"image is empty (0 bytes): {os.fspath(image)!r}")
+    else:
+        raise TypeError(f"image must be a path, encoded bytes or a PIL.Image.Image, not {type(image).__name__}")
+    with fp:
+        try:
+            im = Image.open(fp)
+        except _DECODE_ERRORS as e:
+            raise ImageError(f"cannot decode image: {e}") from e
+        yield im
+
+
+def _decode(im):
+    # -> RGB PIL image with its pixels in memory (raises on truncated data: LOAD_TRUNCATED_IMAGES is off)
+    try:
+        im.load()
+        return im if im.mode == "RGB" else im.convert("RGB")
+    except _DECODE_ERRORS as e:
+        raise ImageError(f"cannot decode image: {e}") from e
+
+
+def _normalize_into(out, tiles):
+    # tiles: RGB PIL image [rows*S, k*S] -> out: [rows, k, 3, S, S] float32 view, written in place
+    rows, k, _, s, _ = out.shape
+    pixels = np.asarray(tiles).reshape(rows, s, k, s, 3).transpose(0, 2, 4, 1, 3)  # [rows, k, 3, S, S] uint8
+    # Exactly torchvision's float32 ops in its order (x / 255, - mean, / std): bit-identical results.
+    np.divide(pixels, np.float32(255), out=out, dtype=np.float32, casting="unsafe")
+    out -= _MEAN
+    out /= _STD
+
+
+def _thumbnail_into(out, im):
+    # im: RGB PIL image -> out: [1, 1, 3, S, S]
+    s = out.shape[-1]
+    _normalize_into(out, im.resize((s, s)))
+
+
+def _fill(out, im, cols, rows, overlap):
+    # im: RGB PIL image -> out: [T, 3, S, S]: grid tiles row-major, then the thumbnail if T > cols*rows
+    s = out.shape[-1]
+    thumbnail = partial(_thumbnail_into, out[-1:, None], im) if len(out) > cols * rows else None
+    # Both resizes only read the image and release the GIL, so the pool can do the thumbnail meanwhile.
+    future = _POOL.submit(thumbnail) if overlap and thumbnail else None
+    _normalize_into(out[: cols * rows].reshape(rows, cols, 3, s, s), im.resize((cols * s, rows * s)))
+    if future is None or future.cancel():  # cancelled: still queued behind others' jobs, quicker here
+        if thumbnail:
+            thumbnail()
+    else:
+        future.result()
+
+
+def _load_into(out, im, cols, rows):
+    _fill(out, _decode(im), cols, rows, overlap=False)
+
+
+def load_image(image, input_size=448, max_num=12, use_thumbnail=True, min_num=1):
+    # image: path, encoded bytes or PIL image -> pixel_values: [T, 3, S, S] float32, S = input_size
+    _check_params(input_size, max_num, min_num)
+    with _opened(image) as im:
+        im = _decode(im)
+    cols, rows, num_tiles = tile_grid(*im.size, input_size, max_num, min_num, use_thumbnail)
+    out = np.empty((num_tiles, 3, input_size, input_size), dtype=np.float32)
+    _fill(out, im, cols, rows, overlap=True)
+    return out
+
+
+def load_images(images, input_size=448, max_num=12, use_thumbnail=True, min_num=1):
+    # images: sequence of what load_image takes
+    # -> (pixel_values: [sum T_i, 3, S, S] float32, tile counts [T_i]), image i's tiles in order
+    _check_params(input_size, max_num, min_num)
+    images = list(images)
+    if len(images) == 1:
+        try:
+            pixel_values = load_image(images[0], input_size, max_num, use_thumbnail, min_num)
+        except (ImageError, TypeError) as e:
+            raise type(e)(f"image 0: {e}") from e
+        return pixel_values, [len(pixel_values)]
+    with ExitStack() as stack:
+        opened = []
+        for i, image in enumerate(images):
+            try:
+                opened.append(stack.enter_context(_opened(image)))
+            except (ImageError, TypeError) as e:
+                raise type(e)(f"image {i}: {e}") from e
+        # Headers give the sizes, hence the tile counts, before anything is decoded.
+        grids = [tile_grid(*im.size, input_size, max_num, min_num, use_thumbnail) for im in opened]
+        counts = [num_tiles for _, _, num_tiles in grids]
+        out = np.empty((sum(counts), 3, input_size, input_size), dtype=np.float32)
+        starts = np.cumsum([0, *counts]).tolist()
+        futures = {}
+        # Biggest images first, so that no large one is left running alone at the end.
+        for i in sorted(range(len(opened)), key=lambda i: -opened[i].width * opened[i].height):
+            cols, rows, _ = grids[i]
+            futures[i] = _POOL.submit(_load_into, out[starts[i] : starts[i + 1]], opened[i], cols, rows)
+        wait(futures.values())
+    for i in range(len(opened)):
+        try:
+            futures[i].result()
+        except ImageError as e:
+            raise ImageError(f"image {i}: {e}") from e
+    return out, counts

@@ -1,0 +1,69 @@
+"""A port of the InternVL `model.chat` prompt construction, written from the model cards for the tests.
+
+Independent of engine/: the conversation is spelled out per template (conversation.py's MPT
+style), images are expanded by string replacement and the whole query is tokenized with
+transformers' AutoTokenizer, exactly as `model.chat` does.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+# name: (system template, roles, sep)
+TEMPLATES = {
+    "internvl2_5": ("<|im_start|>system\n{}", ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>\n"),
+    "Hermes-2": ("<|im_start|>system\n{}", ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>"),
+    "internlm2-chat": ("<|im_start|>system\n{}", ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>"),
+    "phi3-chat": ("<|system|>\n{}", ("<|user|>\n", "<|assistant|>\n"), "<|end|>"),
+}
+
+
+def chat_query(template, system, question, num_patches_list, history=None, tokens_per_tile=256):
+    """-> (query with images expanded, question as it enters the history)."""
+    if history is None and num_patches_list and "<image>" not in question:
+        question = "<image>\n" + question
+    system_template, (user, assistant), sep = TEMPLATES[template]
+    query = system_template.format(system) + sep
+    for old_question, old_answer in history or []:
+        query += user + old_question + sep + assistant + old_answer + sep
+    query += user + question + sep + assistant
+    for num_patches in num_patches_list:
+        query = query.replace("<image>", "<img>" + "<IMG_CONTEXT>" * tokens_per_tile * num_patches + "</img>", 1)
+    return query, question
+
+
+@cache
+def tokenizer(path):
+    return AutoTokenizer.from_pretrained(path)
+
+
+@cache
+def model(path):
+    return InternVLForConditionalGeneration.from_pretrained(path).eval()
+
+
+@torch.no_grad()
+def generate(path, query, pixel_values, stop_token_id, max_new_tokens):
+    """Greedy transformers generate -> (new token ids without the stop token, min top-1/top-2 logit margin)."""
+    ids = tokenizer(path)(query, return_tensors="pt").input_ids
+    extra = {"pixel_values": torch.from_numpy(pixel_values)} if pixel_values is not None else {}
+    out = model(path).generate(
+        input_ids=ids,
+        **extra,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop_token_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    new = out.sequences[0, ids.shape[1] :].tolist()
+    top2 = [scores[0].topk(2).values for scores in out.scores]
+    margin = min(float(v[0] - v[1]) for v in top2)
+    return [t for t in new if t != stop_token_id], margin
+
+
+def reply(path, token_ids, sep):
+    return tokenizer(path).decode(token_ids, skip_special_tokens=True).split(sep.strip())[0].strip()
