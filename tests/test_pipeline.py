@@ -1,0 +1,119 @@
+"""The in-process pipeline: streaming, sampling, stop strings, bad input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.pipeline import Pipeline
+from engine.preprocess import ImageError
+from engine.prompt import PromptError
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny) -> Pipeline:
+    return Pipeline.from_pretrained(tiny, vision_backend="onnxruntime")
+
+
+def _jpeg(seed: int, size=(640, 360)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "question, seeds",
+    [("Describe the image.", (1,)), ("Image-1: <image>\nImage-2: <image>\nCompare.", (2, 3)), ("Tell me a story.", ())],
+)
+def test_stream_deltas_join_to_the_chat_reply(pipe, question, seeds):
+    images = [_jpeg(s) for s in seeds]
+    reply = pipe.chat(question, images, max_new_tokens=40)
+    deltas = list(pipe.stream(question, images, max_new_tokens=40))
+    assert len(deltas) > 1
+    assert "".join(deltas) == reply
+    assert reply == reply.strip() and reply
+
+
+def test_generate_reports_tokens_and_finish_reason(pipe):
+    result = pipe.generate("Describe the image.", [_jpeg(4)], max_new_tokens=9)
+    assert result.finish_reason == "length" and len(result.token_ids) == 9
+    assert result.text == pipe.tokenizer.decode(result.token_ids).strip()
+    assert result.prompt_tokens == len(pipe.prepare("Describe the image.", [_jpeg(4)]).prompt.input_ids)
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(pipe):
+    kwargs = dict(max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.95, top_k=0)
+    a = pipe.generate("Tell me a story.", seed=11, **kwargs).token_ids
+    b = pipe.generate("Tell me a story.", seed=11, **kwargs).token_ids
+    c = pipe.generate("Tell me a story.", seed=12, **kwargs).token_ids
+    assert a == b
+    assert a != c
+
+
+def test_stop_string_cuts_the_reply_and_ends_generation(pipe):
+    full = pipe.generate("Tell me a story.", max_new_tokens=30)
+    words = full.text.split()
+    stop = next(w for w in words[len(words) // 2 :] if len(w) >= 2)[:2]
+    result = pipe.generate("Tell me a story.", max_new_tokens=30, stop=[stop])
+    assert result.finish_reason == "stop"
+    assert result.text == full.text[: full.text.index(stop)].strip()
+    assert len(result.token_ids) < len(full.token_ids)
+    assert "".join(pipe.stream("Tell me a story.", max_new_tokens=30, stop=[stop])) == result.text
+
+
+def test_chat_returns_history_without_mutating_the_callers(pipe):
+    history = [("Hi", "Hello")]
+    reply, new_history = pipe.chat("Describe.", [], history, return_history=True, max_new_tokens=5)
+    assert history == [("Hi", "Hello")]
+    assert new_history == [("Hi", "Hello"), ("Describe.", reply)]
+
+
+def test_closing_a_stream_early_leaves_the_engine_idle(pipe):
+    stream = pipe.stream("Tell me a story.", max_new_tokens=50)
+    next(stream)
+    stream.close()
+    assert not pipe.llm.has_work()
+    assert pipe.chat("Tell me a story.", max_new_tokens=5)  # the engine still serves
+
+
+@pytest.mark.parametrize(
+    "image, error, message",
+    [
+        (b"", ImageError, "empty"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, ImageError, "cannot decode"),
+        (b"this is plain text, not an image", ImageError, "cannot decode"),
+        (_jpeg(5)[:600], ImageError, "cannot decode"),  # truncated JPEG
+    ],
+    ids=["empty", "corrupt-png", "not-an-image", "truncated-jpeg"],
+)
+def test_bad_images_raise_a_clear_error(pipe, image, error, message):
+    with pytest.raises(error, match=message):
+        pipe.chat("Describe.", [image], max_new_tokens=4)
+    assert not pipe.llm.has_work()
+
+
+def test_empty_file_and_non_image_file_raise_a_clear_error(pipe, tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(ImageError, match="empty"):
+        pipe.chat("Describe.", [empty])
+    with pytest.raises(ImageError, match="cannot decode"):
+        pipe.chat("Describe.", [text])
+
+
+def test_more_image_tags_than_images_is_a_clear_error(pipe):
+    with pytest.raises(PromptError, match=r"2 <image> tag\(s\) but the request has 1 image"):
+        pipe.chat("<image>\n<image>\nCompare.", [_jpeg(6)])
+
+
+def test_invalid_sampling_parameters_are_rejected(pipe):
+    with pytest.raises(ValueError, match="top_p"):
+        pipe.chat("Hi", top_p=0.0, do_sample=True)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        pipe.chat("Hi", max_new_tokens=0)

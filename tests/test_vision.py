@@ -1,0 +1,60 @@
+"""Vision encoder: our module equals transformers' get_image_features; ONNX Runtime equals PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import ModelConfig
+from engine.vision import OnnxVisionEncoder, TorchVisionEncoder, default_onnx_path, load_vision_encoder
+from tests import reference_chat
+
+
+@pytest.fixture(scope="module")
+def encoders(tiny):
+    config = ModelConfig.from_pretrained(tiny)
+    return config, TorchVisionEncoder(config), OnnxVisionEncoder(default_onnx_path(tiny))
+
+
+def _pixels(num_tiles: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((num_tiles, 3, 448, 448), dtype=np.float32)
+
+
+@pytest.mark.parametrize("num_tiles", [1, 5, 13])
+def test_onnx_matches_torch_for_dynamic_tile_counts(encoders, num_tiles):
+    config, torch_encoder, onnx_encoder = encoders
+    pixels = _pixels(num_tiles, seed=num_tiles)
+    expected = torch_encoder.encode(pixels)
+    got = onnx_encoder.encode(pixels)
+    q, h = config.vision.tokens_per_tile, config.text.hidden_size
+    assert got.shape == expected.shape == (num_tiles * q, h)
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_torch_encoder_matches_transformers_image_features(encoders, tiny):
+    _, torch_encoder, _ = encoders
+    pixels = _pixels(3, seed=7)
+    with torch.no_grad():
+        reference = reference_chat.model(tiny).model.get_image_features(pixel_values=torch.from_numpy(pixels))
+    expected = reference.pooler_output.reshape(-1, reference.pooler_output.shape[-1]).numpy()
+    np.testing.assert_allclose(torch_encoder.encode(pixels), expected, atol=1e-5, rtol=0)
+
+
+def test_features_follow_tile_order(encoders):
+    """Row block k of the table belongs to tile k: swapping tiles swaps the blocks."""
+    config, _, onnx_encoder = encoders
+    q = config.vision.tokens_per_tile
+    pixels = _pixels(2, seed=3)
+    a = onnx_encoder.encode(pixels)
+    b = onnx_encoder.encode(pixels[::-1].copy())
+    np.testing.assert_allclose(a[:q], b[q:], atol=1e-5)
+    assert np.abs(a[:q] - a[q:]).max() > 1e-2
+
+
+def test_unknown_backend_and_missing_onnx_are_clear_errors(tiny, tmp_path):
+    config = ModelConfig.from_pretrained(tiny)
+    with pytest.raises(ValueError, match="vision_backend"):
+        load_vision_encoder(config, "tensorrt")
+    with pytest.raises(FileNotFoundError, match="build.export_vision"):
+        load_vision_encoder(config, "onnxruntime", tmp_path / "missing.onnx")
