@@ -52,11 +52,10 @@ class TextStream:
         if self.stopped:
             return ""
         self._text = (self._text + delta).lstrip() if not self._text else self._text + delta
-        for stop in self._stops:
-            cut = self._text.find(stop, max(self._sent - len(stop) + 1, 0))
-            if cut >= 0:
-                self._text, self.stopped = self._text[:cut], True
-        ready = self._text if self.stopped else self._text[: len(self._text) - self._hold]
+        found = [i for stop in self._stops if (i := self._text.find(stop, self._sent)) >= 0]
+        if found:  # the earliest occurrence of any stop string
+            self._text, self.stopped = self._text[: min(found)], True
+        ready = self._text if self.stopped else self._text[: max(len(self._text) - self._hold, 0)]
         return self._release(ready.rstrip())
 
     def finish(self) -> str:
