@@ -149,14 +149,19 @@ class DecoderLM:
     @staticmethod
     def _attend(q: torch.Tensor, cache: KVCache, layer: int, start: int, end: int) -> torch.Tensor:
         # q: [n, heads, d] at positions start..end-1 -> [n, heads, d]
-        n = q.shape[0]
-        k, v = cache.k[layer, :, :end], cache.v[layer, :, :end]  # [kv_heads, end, d]
-        if n == 1 or start == 0:
-            mask, causal = None, n > 1
+        n, heads, d = q.shape
+        k, v = cache.k[layer, :, :end], cache.v[layer, :, :end]  # [kv_heads, end, d] views
+        if n == 1:
+            # Decode: two small grouped matmuls. CPU SDPA on cache views takes a slow path (~100× slower).
+            kv_heads = k.shape[0]
+            scores = torch.matmul(q.view(kv_heads, heads // kv_heads, d), k.transpose(1, 2)) * d**-0.5
+            return torch.matmul(scores.softmax(-1), v).view(1, heads, d)
+        # 4-D inputs reach the fused (flash) CPU kernel; 3-D ones fall back to the math path.
+        if start == 0:
+            mask, causal = None, True
         else:  # a chunk after cached tokens: causal within the chunk, full view of the past
             mask, causal = torch.ones(n, end, dtype=torch.bool).tril(start), False
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+            q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, is_causal=causal, enable_gqa=True
         )
-        return out.transpose(0, 1)
-
+        return out[0].transpose(0, 1)
