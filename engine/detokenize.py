@@ -38,7 +38,9 @@ class TextStream:
     """Turns raw text deltas into deltas of the final reply: stripped, and cut at a stop string.
 
     Leading whitespace is dropped, trailing whitespace is held until more text follows, and the last
-    `max(len(stop)) - 1` characters are held until they cannot start a stop string.
+    `max(len(stop)) - 1` characters are held until they cannot start a stop string. Generation
+    stops at the first delta after which the text holds a stop string (as servers do: later text
+    is never generated); the reply is cut at the earliest occurrence at that moment.
     """
 
     def __init__(self, stop_strings: tuple[str, ...] = ()):

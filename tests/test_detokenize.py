@@ -183,11 +183,17 @@ def test_special_tokens_produce_no_text_and_do_not_split_characters(tok, byte_id
 # ---------------------------------------------------------------- TextStream
 
 
-def ref_stream(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """Left-strip, cut at the earliest occurrence of any stop string, strip."""
-    t = text.lstrip()
-    cuts = [t.find(s) for s in stops if s and s in t]
-    return (t[: min(cuts)] if cuts else t).strip(), bool(cuts)
+def ref_stream(deltas: list[str], stops: tuple[str, ...]) -> tuple[str, bool]:
+    """Streaming stop semantics, as a server applies them: generation ends at the first delta after
+    which the left-stripped text contains a stop string (later text is never generated); the reply
+    is cut at the earliest occurrence in the text at that moment, then stripped."""
+    t = ""
+    for delta in deltas:
+        t = (t + delta).lstrip()
+        cuts = [t.find(s) for s in stops if s and s in t]
+        if cuts:
+            return t[: min(cuts)].strip(), True
+    return t.strip(), False
 
 
 def _split(rng: random.Random, text: str) -> list[str]:
@@ -229,8 +235,8 @@ def _random_stream_text(rng: random.Random, stops: tuple[str, ...], min_stop_pos
 
 
 def _check_stream(rng, stops, text):
-    expected, stopped = ref_stream(text, stops)
     deltas = _split(rng, text)
+    expected, stopped = ref_stream(deltas, stops)
     out, stream = _run_stream(stops, deltas)
     assert out == expected, (stops, deltas)
     assert stream.text == expected, (stops, deltas)
@@ -249,12 +255,6 @@ def test_stream_equals_reference_for_random_texts_and_splits(stops):
         assert 50 < n_stopped < 300  # both outcomes exercised
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/detokenize.py TextStream.push: releases held characters while the text is shorter "
-    "than the hold window, and cuts at stops in list order instead of at the earliest occurrence "
-    "(see the two targeted xfail tests below)",
-)
 def test_stream_equals_reference_for_any_stops_and_positions():
     # Texts and stops over a tiny alphabet: stops at the very start, overlapping, nested, repeated.
     rng = random.Random("stream-any")
@@ -264,29 +264,26 @@ def test_stream_equals_reference_for_any_stops_and_positions():
         _check_stream(rng, stops, rng.choice(["", " ", "\n "]) + body + rng.choice(["", " ", "\n"]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/detokenize.py TextStream.push: `self._text[: len(self._text) - self._hold]` goes "
-    "negative while the text is shorter than the hold, so leading characters of a stop string are released",
-)
 def test_stop_string_at_start_split_over_deltas_is_not_released():
     out, stream = _run_stream(("abcde",), ["abc", "de tail"])
     assert stream.stopped and stream.text == ""
     assert out == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/detokenize.py TextStream.push cuts at each stop in list order on the already-cut text, "
-    "so a stop that starts earlier but overlaps the match of an earlier-listed stop is missed "
-    "(stops ('cd', 'bc'), 'abcd' in one delta gives 'ab', not 'a'); the result depends on the split",
-)
 def test_overlapping_stop_strings_cut_at_earliest_occurrence_whatever_the_split():
     stops = ("cd", "bc")
     whole, _ = _run_stream(stops, ["abcd"])
     by_char, _ = _run_stream(stops, list("abcd"))
     assert by_char == "a"  # "bc" completes first
     assert whole == "a"  # "bc" starts first
+
+
+def test_stream_stops_at_the_first_delta_that_completes_a_stop_string():
+    stops = ("bcd", "c")
+    whole, _ = _run_stream(stops, ["abcd"])  # both complete in one delta: the earliest occurrence wins
+    split, stream = _run_stream(stops, ["abc", "d"])  # "c" completes first: "d" is never generated
+    assert whole == "a"
+    assert split == stream.text == "ab"
 
 
 def test_stream_strips_leading_and_holds_trailing_whitespace():

@@ -3,6 +3,7 @@ and in-flight batching / chunked prefill / abort against the same request run al
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -12,7 +13,7 @@ from transformers import InternVLForConditionalGeneration
 
 from engine.config import ModelConfig
 from engine.llm.engine import LLMEngine, TokenEvent
-from engine.llm.model import DecoderLM
+from engine.llm.model import DecoderLM, SequenceInput
 from engine.llm.sampling import SamplingParams
 from engine.weights import load_weights
 
@@ -47,6 +48,37 @@ def setups(checkpoints):
             model = DecoderLM.from_pretrained(path, cfg.text)
             ref = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
             cache[family] = Setup(path, cfg, model, ref)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def perturbed(setups, tmp_path_factory):
+    """The tiny checkpoints are saved with zero q/k/v biases and all-ones norm weights, which hides
+    a decoder that ignores them. These copies have random biases and norm weights (the reference
+    model is the perturbed transformers model itself; ours loads what it saved)."""
+    cache = {}
+
+    def get(family: str) -> Setup:
+        if family not in cache:
+            base = setups(family)
+            ref = copy.deepcopy(base.ref)
+            gen = torch.Generator().manual_seed(100 + FAMILIES.index(family))
+            changed = 0
+            with torch.no_grad():
+                for name, param in ref.model.language_model.named_parameters():
+                    if name.endswith(".bias"):
+                        param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+                    elif name.endswith("norm.weight"):
+                        param.copy_(1 + torch.randn(param.shape, generator=gen) * 0.3)
+                    else:
+                        continue
+                    changed += 1
+            assert changed
+            out = tmp_path_factory.mktemp(f"perturbed-{family}")
+            ref.save_pretrained(out)
+            cache[family] = Setup(out, base.cfg, DecoderLM.from_pretrained(out, base.cfg.text), ref)
         return cache[family]
 
     return get
@@ -159,6 +191,42 @@ def test_prompt_table_rows_match_reference_fed_inputs_embeds(family, setups):
     # The table really matters: other rows, other tokens.
     other = random_table(setup, rng, 8)
     assert tokens_of(run_alone(setup, ids, SamplingParams(max_new_tokens=n), other)) != expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_equal_transformers_with_random_biases_and_norm_weights(family, perturbed):
+    setup = perturbed(family)
+    ids = text_ids(np.random.default_rng(40), 19)
+    assert tokens_of(run_alone(setup, ids, SamplingParams(max_new_tokens=10))) == reference_generate(setup, ids, 10)
+
+
+@pytest.mark.parametrize("weights", ["stock", "perturbed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_batched_forward_logits_match_reference_logits(family, weights, setups, perturbed):
+    """Token parity hides small attention errors behind wide logit margins: compare logits too.
+
+    Two prompts run through DecoderLM.forward in uneven chunks, sharing every call (one's prefill
+    chunk beside the other's), must give the reference's logits at each chunk's last position.
+    """
+    setup = setups(family) if weights == "stock" else perturbed(family)
+    rng = np.random.default_rng(30 + FAMILIES.index(family))
+    prompts = [torch.as_tensor(text_ids(rng, 41), dtype=torch.long), torch.as_tensor(text_ids(rng, 23), dtype=torch.long)]
+    chunks = [[7, 1, 5, 12, 1, 1, 14], [1, 9, 2, 6, 1, 3, 1]]
+    with torch.no_grad():
+        expected = [setup.ref(input_ids=p[None]).logits[0] for p in prompts]
+    caches = [setup.model.new_cache(len(p)) for p in prompts]
+    starts = [0, 0]
+    for step in range(len(chunks[0])):
+        inputs = []
+        for i, p in enumerate(prompts):
+            n = chunks[i][step]
+            inputs.append(SequenceInput(p[starts[i] : starts[i] + n], starts[i], caches[i], None))
+            starts[i] += n
+        logits = setup.model.forward(inputs)
+        assert logits.shape == (2, setup.vocab)
+        for i in range(2):
+            torch.testing.assert_close(logits[i], expected[i][starts[i] - 1], rtol=0, atol=2e-3)
+    assert starts == [len(p) for p in prompts]
 
 
 # ------------------------------------------------------------------ in-flight batching

@@ -91,6 +91,27 @@ def test_sampled_distribution_equals_transformers_processor_chain(case, seed, mo
         history.append(token)
 
 
+@pytest.mark.parametrize(
+    "top_k,top_p,kept",
+    [(3, 1.0, 4), (5, 1.0, 6), (7, 1.0, 7), (0, 0.5, 2), (0, 0.75, 3), (0, 0.25, 1), (3, 0.5, 2), (5, 0.3, 2)],
+)
+def test_ties_and_exact_boundaries_are_filtered_like_transformers(top_k, top_p, kept, monkeypatch):
+    # Four equal top logits share the k-th value, and without top-k their probabilities are
+    # exactly 1/4 each, so the cumulative sums land exactly on the top-p thresholds.
+    logits = torch.full((VOCAB,), -1e4)
+    logits[[10, 200, 300, 999]] = 2.0
+    if top_k:
+        logits[[5, 6]] = 1.0
+        logits[7] = 0.5
+    params = SamplingParams(do_sample=True, top_k=top_k, top_p=top_p, seed=0)
+    expected = reference_logits(params, [], logits).softmax(-1)
+    spy = MultinomialSpy(monkeypatch)
+    Sampler(params, torch.tensor([], dtype=torch.long), VOCAB)(logits)
+    assert int((expected > 0).sum()) == kept  # the case really sits on a boundary
+    assert torch.equal(spy.calls[-1] > 0, expected > 0)
+    torch.testing.assert_close(spy.calls[-1], expected, rtol=1e-6, atol=0)
+
+
 def test_samples_follow_reference_probabilities_without_interception():
     gen = torch.Generator().manual_seed(7)
     logits = random_logits(gen, scale=1.0)
