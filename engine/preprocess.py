@@ -54,6 +54,7 @@ def _candidate_grids(min_num, max_num):
 
 
 def tile_grid(width, height, input_size=448, max_num=12, min_num=1, use_thumbnail=True):
+    """The tiling load_image uses for a width x height image, without touching any pixels."""
     # -> (cols, rows, num_tiles); num_tiles counts the thumbnail, which only multi-tile grids get
     _check_params(input_size, max_num, min_num)
     if not isinstance(width, int) or not isinstance(height, int) or width < 1 or height < 1:
@@ -114,7 +115,7 @@ def _normalize_into(out, tiles):
     rows, k, _, s, _ = out.shape
     pixels = np.asarray(tiles).reshape(rows, s, k, s, 3).transpose(0, 2, 4, 1, 3)  # [rows, k, 3, S, S] uint8
     # Exactly torchvision's float32 ops in its order (x / 255, - mean, / std): bit-identical results.
-    np.divide(pixels, np.float32(255), out=out, dtype=np.float32, casting="unsafe")
+    np.divide(pixels, np.float32(255), out=out, dtype=np.float32)
     out -= _MEAN
     out /= _STD
 
@@ -144,6 +145,10 @@ def _load_into(out, im, cols, rows):
 
 
 def load_image(image, input_size=448, max_num=12, use_thumbnail=True, min_num=1):
+    """Decode, tile and normalize one image exactly like the InternVL model card's load_image.
+
+    Raises ImageError for empty, unreadable or undecodable input, TypeError for an unsupported argument.
+    """
     # image: path, encoded bytes or PIL image -> pixel_values: [T, 3, S, S] float32, S = input_size
     _check_params(input_size, max_num, min_num)
     with _opened(image) as im:
@@ -155,6 +160,7 @@ def load_image(image, input_size=448, max_num=12, use_thumbnail=True, min_num=1)
 
 
 def load_images(images, input_size=448, max_num=12, use_thumbnail=True, min_num=1):
+    """load_image for several images at once, decoded in parallel; errors name the failing image's index."""
     # images: sequence of what load_image takes
     # -> (pixel_values: [sum T_i, 3, S, S] float32, tile counts [T_i]), image i's tiles in order
     _check_params(input_size, max_num, min_num)
