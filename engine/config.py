@@ -135,8 +135,6 @@ def _field(raw: dict, name: str, kind: type, where: str = "config.json"):
     if name not in raw:
         raise ConfigError(f"{where} has no {name!r}")
     value = raw[name]
-    if kind is float and isinstance(value, int):
-        value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise ConfigError(f"{where} {name!r} must be {kind.__name__}, got {value!r}")
     return value

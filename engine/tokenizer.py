@@ -16,16 +16,9 @@ class TextTokenizer:
         full = self._tok.encode("a", add_special_tokens=True).ids
         start = next(i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare)
         self.prefix_ids, self.suffix_ids = full[:start], full[start + len(bare) :]
-        self._specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(token_id)
-
-    def is_special(self, token_id: int) -> bool:
-        return self._tok.id_to_token(token_id) in self._specials
