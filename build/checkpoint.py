@@ -105,7 +105,7 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS.read_text().splitlines(), trainer=trainer)
+    tok.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -166,7 +166,7 @@ def generate(preset_name: str, llm: str, out: Path, seed: int = 0) -> Path:
     """Write the checkpoint to `out` (skipped when `out` already holds this exact one)."""
     stamp = {"preset": preset_name, "llm": llm, "seed": seed, "corpus_bytes": CORPUS.stat().st_size}
     stamp_file = out / "generated_by.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+    if stamp_file.is_file() and json.loads(stamp_file.read_text(encoding="utf-8")) == stamp:
         return out
     preset = PRESETS[preset_name]
     torch.manual_seed(seed)
@@ -177,7 +177,7 @@ def generate(preset_name: str, llm: str, out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.to(preset.dtype).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    stamp_file.write_text(json.dumps(stamp))
+    stamp_file.write_text(json.dumps(stamp), encoding="utf-8")
     return out
 
 

@@ -128,7 +128,7 @@ class ModelConfig:
 def _read_json(file: Path) -> dict:
     if not file.is_file():
         raise ConfigError(f"{file} not found: expected an HF-format InternVL checkpoint directory")
-    return json.loads(file.read_text())
+    return json.loads(file.read_text(encoding="utf-8"))
 
 
 def _field(raw: dict, name: str, kind: type, where: str = "config.json"):
@@ -218,7 +218,7 @@ def _tokenizer_vocab(path: Path) -> dict[str, int]:
     file = path / "tokenizer.json"
     if not file.is_file():
         raise ConfigError(f"{file} not found: a fast (tokenizers) tokenizer is required")
-    data = json.loads(file.read_text())
+    data = json.loads(file.read_text(encoding="utf-8"))
     vocab = dict(data["model"]["vocab"]) if isinstance(data["model"].get("vocab"), dict) else {}
     vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
     return vocab
@@ -226,14 +226,14 @@ def _tokenizer_vocab(path: Path) -> dict[str, int]:
 
 def _chat_template(path: Path, vocab: dict[str, int]) -> ChatTemplate:
     file = path / "tokenizer_config.json"
-    tc = json.loads(file.read_text()) if file.is_file() else {}
+    tc = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
     special = {
         key: value.get("content") if isinstance(value, dict) else value
         for key, value in tc.items()
         if key.endswith("_token") and isinstance(value, (str, dict))
     }
     jinja_file = path / "chat_template.jinja"  # where transformers ≥ 5 saves it
-    source = jinja_file.read_text() if jinja_file.is_file() else tc.get("chat_template")
+    source = jinja_file.read_text(encoding="utf-8") if jinja_file.is_file() else tc.get("chat_template")
     if not isinstance(source, str) or special.get("eos_token") not in vocab:
         raise ConfigError(
             "config.json names no conversation template and tokenizer_config.json has no "

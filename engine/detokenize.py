@@ -72,3 +72,25 @@ class TextStream:
     @property
     def text(self) -> str:
         return self._text.strip()
+
+
+class ReplyStream:
+    """Token ids in, reply-text deltas out: incremental detokenization + strip + stop strings."""
+
+    def __init__(self, tokenizer: TextTokenizer, stop_strings: tuple[str, ...] = ()):
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._text = TextStream(stop_strings)
+
+    def add(self, token_ids) -> str:
+        return "".join(self._text.push(self._detok.add(t)) for t in token_ids)
+
+    def finish(self) -> str:
+        return self._text.push(self._detok.flush()) + self._text.finish()
+
+    @property
+    def stopped(self) -> bool:
+        return self._text.stopped
+
+    @property
+    def text(self) -> str:
+        return self._text.text

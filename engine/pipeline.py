@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
-from engine.detokenize import IncrementalDetokenizer, TextStream
+from engine.detokenize import ReplyStream
 from engine.llm.engine import LLMEngine
 from engine.llm.model import DecoderLM
 from engine.llm.sampling import SamplingParams
@@ -138,8 +138,7 @@ class Pipeline:
         request = self.prepare(question, images, history, max_tiles, system_message)
         table = self.vision.encode(request.pixel_values) if request.num_tiles else None
         request_id = str(next(self._request_ids))
-        detok = IncrementalDetokenizer(self.tokenizer)
-        text = TextStream(tuple(stop))
+        reply = ReplyStream(self.tokenizer, tuple(stop))
         token_ids: list[int] = []
         finish_reason = None
         with self._lock:
@@ -149,19 +148,19 @@ class Pipeline:
                     for event in self.llm.step():
                         if event.token_id is not None:
                             token_ids.append(event.token_id)
-                            delta = text.push(detok.add(event.token_id))
+                            delta = reply.add([event.token_id])
                             if delta:
                                 yield delta
-                        finish_reason = "stop" if text.stopped else event.finish_reason
+                        finish_reason = "stop" if reply.stopped else event.finish_reason
             finally:
-                if finish_reason is None or text.stopped:  # closed early, or cut at a stop string
+                if finish_reason is None or reply.stopped:  # closed early, or cut at a stop string
                     self.llm.abort(request_id)
                     self.llm.step()  # retires it: the engine is left idle for the next caller
-        tail = text.push(detok.flush()) + text.finish()
+        tail = reply.finish()
         if tail:
             yield tail
         return GenerationResult(
-            text=text.text,
+            text=reply.text,
             token_ids=token_ids,
             finish_reason=finish_reason,
             prompt_tokens=len(request.prompt.input_ids),

@@ -14,7 +14,7 @@ from contextlib import ExitStack, contextmanager
 from functools import lru_cache, partial
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -96,6 +96,8 @@ def _opened(image):
     with fp:
         try:
             im = Image.open(fp)
+        except UnidentifiedImageError:
+            raise ImageError("cannot decode image: not a recognised image format (JPEG, PNG, WebP, BMP, GIF, ...)") from None
         except _DECODE_ERRORS as e:
             raise ImageError(f"cannot decode image: {e}") from e
         yield im
@@ -159,13 +161,16 @@ def load_image(image, input_size=448, max_num=12, use_thumbnail=True, min_num=1)
     return out
 
 
-def load_images(images, input_size=448, max_num=12, use_thumbnail=True, min_num=1):
-    """load_image for several images at once, decoded in parallel; errors name the failing image's index."""
+def load_images(images, input_size=448, max_num=12, use_thumbnail=True, min_num=1, max_total_tiles=None):
+    """load_image for several images at once, decoded in parallel; errors name the failing image's index.
+
+    max_total_tiles: refuse (ImageError) before decoding when the images need more tiles in all.
+    """
     # images: sequence of what load_image takes
     # -> (pixel_values: [sum T_i, 3, S, S] float32, tile counts [T_i]), image i's tiles in order
     _check_params(input_size, max_num, min_num)
     images = list(images)
-    if len(images) == 1:
+    if len(images) == 1 and max_total_tiles is None:
         try:
             pixel_values = load_image(images[0], input_size, max_num, use_thumbnail, min_num)
         except (ImageError, TypeError) as e:
@@ -181,6 +186,11 @@ def load_images(images, input_size=448, max_num=12, use_thumbnail=True, min_num=
         # Headers give the sizes, hence the tile counts, before anything is decoded.
         grids = [tile_grid(*im.size, input_size, max_num, min_num, use_thumbnail) for im in opened]
         counts = [num_tiles for _, _, num_tiles in grids]
+        if max_total_tiles is not None and sum(counts) > max_total_tiles:
+            raise ImageError(
+                f"the request's {len(counts)} image(s) need {sum(counts)} tiles {counts}; "
+                f"this deployment allows at most {max_total_tiles} per request (lower max_tiles or send fewer images)"
+            )
         out = np.empty((sum(counts), 3, input_size, input_size), dtype=np.float32)
         starts = np.cumsum([0, *counts]).tolist()
         futures = {}

@@ -52,7 +52,7 @@ class VisionEncoderModule(nn.Module):
 
     @classmethod
     def from_pretrained(cls, config: ModelConfig) -> VisionEncoderModule:
-        hf_config = InternVLConfig.from_dict(json.loads((config.path / "config.json").read_text()))
+        hf_config = InternVLConfig.from_dict(json.loads((config.path / "config.json").read_text(encoding="utf-8")))
         hf_config.vision_config._attn_implementation = "sdpa"
         tower = InternVLVisionModel(hf_config.vision_config)
         tower.load_state_dict(load_weights(config.path, "vision_tower."))

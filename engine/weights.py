@@ -33,7 +33,7 @@ def canonical_name(key: str) -> str:
 def _files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        return sorted({path / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
     single = path / "model.safetensors"
     if single.is_file():
         return [single]

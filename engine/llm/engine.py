@@ -130,6 +130,9 @@ class LLMEngine:
             self._finish(seq)
             return TokenEvent(seq.request_id, None, "stop")
         seq.generated.append(token)
+        if any(seq.generated[-len(stop) :] == list(stop) for stop in seq.params.stop_sequences):
+            self._finish(seq)
+            return TokenEvent(seq.request_id, token, "stop")
         if len(seq.generated) >= seq.max_new_tokens:
             self._finish(seq)
             return TokenEvent(seq.request_id, token, "length")

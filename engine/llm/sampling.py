@@ -22,6 +22,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's stop token
+    # Token sequences that end generation once the output ends with one (TensorRT-LLM stop_words);
+    # unlike stop token ids they stay in the output.
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         checks = (
@@ -30,6 +33,7 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be ≥ 0"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (all(self.stop_sequences), "stop_sequences must not contain an empty sequence"),
         )
         for ok, message in checks:
             if not ok:

@@ -1,0 +1,68 @@
+"""Request fields as they arrive over Triton, and TensorRT-LLM's tensor formats.
+
+Image elements are raw encoded bytes or base64 text (so JSON requests can carry images); history
+is a JSON list of [user, assistant] turns; stop words travel as TensorRT-LLM's `stop_words_list`
+[2, N] int32: row 0 the concatenated token ids, row 1 the cumulative end offsets (padded with -1).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+import numpy as np
+
+from engine.templates import Turn
+from engine.tokenizer import TextTokenizer
+
+
+class RequestError(ValueError):
+    """A request field is malformed; the message names the field."""
+
+
+def image_from_element(element: bytes, index: int) -> bytes:
+    """Raw encoded image bytes, or base64 text of them (optionally a `data:...;base64,` URL)."""
+    if element[:5] == b"data:":
+        element = element.partition(b",")[2]
+    elif not element or not element.strip().isascii() or b"\x00" in element:
+        return element  # binary: already raw (empty input is reported by the decoder)
+    try:
+        return base64.b64decode(element, validate=True)
+    except (binascii.Error, ValueError):
+        return element  # text that is not base64 (e.g. an SVG/PPM): let the decoder judge it
+
+
+def parse_history(raw: bytes | str | None) -> list[Turn] | None:
+    if raw is None:
+        return None
+    try:
+        turns = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"history must be a JSON list of [user, assistant] pairs: {e}") from e
+    if not isinstance(turns, list) or not all(
+        isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(m, str) for m in t) for t in turns
+    ):
+        raise RequestError("history must be a JSON list of [user, assistant] string pairs")
+    return [(user, assistant) for user, assistant in turns]
+
+
+def stop_words_list(tokenizer: TextTokenizer, words: list[str]) -> np.ndarray:
+    # -> int32 [2, N] (TensorRT-LLM `stop_words_list` for one request, no batch dim)
+    ids = [tokenizer.encode(w) for w in words if w]
+    flat = [t for seq in ids for t in seq]
+    offsets = np.cumsum([len(seq) for seq in ids]).tolist()
+    out = np.full((2, max(len(flat), 1) if ids else 0), -1, dtype=np.int32)
+    out[0, : len(flat)] = flat
+    out[0, len(flat) :] = 0
+    out[1, : len(offsets)] = offsets
+    return out
+
+
+def stop_sequences(words_list: np.ndarray | None) -> tuple[tuple[int, ...], ...]:
+    # words_list: int32 [2, N] -> the token sequences it holds
+    if words_list is None or words_list.size == 0:
+        return ()
+    flat, offsets = words_list[0].tolist(), [o for o in words_list[1].tolist() if o >= 0]
+    starts = [0, *offsets[:-1]]
+    return tuple(tuple(flat[a:b]) for a, b in zip(starts, offsets) if b > a)

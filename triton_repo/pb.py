@@ -1,0 +1,63 @@
+"""Helpers shared by the python-backend adapters (importable only inside Triton's python stub).
+
+Every model of the repository has max_batch_size > 0 (like tensorrtllm_backend's), so each tensor
+carries a leading request-batch dimension; a request must hold exactly one item in it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def model_parameters(args: dict) -> tuple[dict, dict[str, str]]:
+    """-> (model config, its `parameters` as plain strings)."""
+    config = json.loads(args["model_config"])
+    return config, {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def output_dtypes(config: dict) -> dict[str, np.dtype]:
+    """config.pbtxt is the source of truth for dtypes."""
+    return {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
+
+
+def item(request, name: str, required: bool = True) -> np.ndarray | None:
+    """The request's single batch item of input `name`, or None when an optional input is absent."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        if required:
+            raise ValueError(f"input {name!r} is required")
+        return None
+    array = tensor.as_numpy()
+    if array.shape[0] != 1:
+        raise ValueError(f"input {name!r}: send one request per call (batch size 1), got {array.shape[0]}")
+    return array[0]
+
+
+REQUIRED = object()
+
+
+def scalar(request, name: str, default=REQUIRED):
+    value = item(request, name, required=default is REQUIRED)
+    if value is None:
+        return default
+    if value.size != 1:
+        raise ValueError(f"input {name!r} must hold one value, got shape {list(value.shape)}")
+    value = value.reshape(())[()]
+    return value.decode("utf-8") if isinstance(value, bytes) else value.item()
+
+
+def strings(request, name: str) -> list[bytes]:
+    value = item(request, name, required=False)
+    return [] if value is None else [bytes(v) for v in value.reshape(-1)]
+
+
+def error_response(error: Exception) -> pb_utils.InferenceResponse:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(error).__name__}: {error}"))
+
+
+def tensor(name: str, array: np.ndarray, dtype: np.dtype) -> pb_utils.Tensor:
+    """An output tensor for one request: adds the batch dimension."""
+    return pb_utils.Tensor(name, np.asarray(array, dtype=dtype)[None])

@@ -1,0 +1,65 @@
+"""Triton adapter: image bytes + prompt text → pixel_values, input_ids with fake ids, stop words."""
+
+import uuid
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from engine.config import ModelConfig
+from engine.preprocess import load_images
+from engine.prompt import PromptBuilder
+from engine.protocol import image_from_element, parse_history, stop_words_list
+from engine.tokenizer import TextTokenizer
+from triton_repo import pb
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config, params = pb.model_parameters(args)
+        self.dtypes = pb.output_dtypes(config)
+        self.config = ModelConfig.from_pretrained(params["checkpoint"])
+        self.tokenizer = TextTokenizer(params["checkpoint"])
+        self.prompts = PromptBuilder(self.config, self.tokenizer)
+        self.max_tiles_per_request = int(params["max_tiles_per_request"])
+        self.max_input_len = int(params["max_input_len"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._preprocess(request))
+            except Exception as error:  # noqa: BLE001 — one bad request must not fail the others
+                responses.append(pb.error_response(error))
+        return responses
+
+    def _preprocess(self, request):
+        c = self.config
+        question = pb.scalar(request, "text_input")
+        images = [image_from_element(e, i) for i, e in enumerate(pb.strings(request, "image_bytes"))]
+        max_tiles = int(pb.scalar(request, "max_tiles", c.max_num))
+        if not 1 <= max_tiles <= c.max_num:
+            raise ValueError(f"max_tiles must be in [1, {c.max_num}], got {max_tiles}")
+        history = parse_history(pb.scalar(request, "history", b"") or None)
+        system_prompt = pb.scalar(request, "system_prompt", "") or None
+        size = c.vision.image_size
+        if images:
+            pixel_values, num_tiles = load_images(
+                images, size, max_tiles, c.use_thumbnail, c.min_num, max_total_tiles=self.max_tiles_per_request
+            )
+        else:
+            pixel_values, num_tiles = np.zeros((0, 3, size, size), np.float32), []
+        prompt = self.prompts.build(question, num_tiles, history, system_prompt)
+        if len(prompt.input_ids) > self.max_input_len:
+            raise ValueError(f"the prompt has {len(prompt.input_ids)} tokens; this deployment allows {self.max_input_len}")
+        stops = [w.decode("utf-8") for w in pb.strings(request, "stop_words")]
+        d = self.dtypes
+        return pb_utils.InferenceResponse(
+            [
+                pb.tensor("pixel_values", pixel_values, d["pixel_values"]),
+                pb.tensor("input_ids", prompt.input_ids, d["input_ids"]),
+                pb.tensor("input_lengths", [len(prompt.input_ids)], d["input_lengths"]),
+                pb.tensor("end_id", [c.stop_token_id], d["end_id"]),
+                pb.tensor("stop_words_list", stop_words_list(self.tokenizer, stops), d["stop_words_list"]),
+                pb.tensor("request_key", [uuid.uuid4().hex.encode()], d["request_key"]),
+            ]
+        )
