@@ -97,7 +97,10 @@ def _opened(image):
         try:
             im = Image.open(fp)
         except UnidentifiedImageError:
-            raise ImageError("cannot decode image: not a recognised image format (JPEG, PNG, WebP, BMP, GIF, ...)") from None
+            source = f" {os.fspath(image)!r}" if isinstance(image, (str, os.PathLike)) else ""
+            raise ImageError(
+                f"cannot decode image{source}: not a recognised image format (JPEG, PNG, WebP, BMP, GIF, ...)"
+            ) from None
         except _DECODE_ERRORS as e:
             raise ImageError(f"cannot decode image: {e}") from e
         yield im
