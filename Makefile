@@ -4,7 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+MODEL ?= artifacts/checkpoints/tiny-qwen3
+OUT ?= artifacts/build
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+
+.PHONY: setup test demo build serve clean
 
 setup: $(STAMP)
 
@@ -20,6 +26,14 @@ test: setup
 
 demo: setup
 	$(PY) -m client.demo
+
+# The default MODEL is the generated tiny checkpoint (created on first use).
+build: setup
+	@[ "$(MODEL)" != "artifacts/checkpoints/tiny-qwen3" ] || $(PY) -m build.checkpoint --preset tiny --llm qwen3 --out $(MODEL) >/dev/null
+	$(PY) -m build.repository --model $(MODEL) --out $(OUT)
+
+serve: setup
+	$(PY) -m triton_repo.server --out $(OUT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 clean:
 	rm -rf artifacts .pytest_cache

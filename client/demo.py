@@ -1,45 +1,62 @@
-"""`make demo`: generate the tiny checkpoint (cached), export the vision ONNX, stream a reply.
+"""`make demo`: the whole serving path on a fresh machine, end to end.
 
-The checkpoint has seeded random weights (real InternVL shapes), so the reply is meaningless
-text: the demo shows the pipeline running end to end, not model quality.
+Generates the tiny checkpoint (cached), builds the Triton model repository, starts tritonserver,
+streams a reply to the shipped sample image over gRPC, prints it with its timing, stops the server.
+The checkpoint has seeded random weights with real InternVL shapes: the reply is meaningless text.
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import time
 from pathlib import Path
 
 from build.checkpoint import generate
-from build.export_vision import export_vision_onnx
-from engine.pipeline import Pipeline
-from engine.vision import default_onnx_path
+from build.repository import build
+from client.triton_client import InternVLClient
+from triton_repo.server import TritonServer
 
 SAMPLE = Path(__file__).with_name("samples") / "lake_house.jpg"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=Path("artifacts/checkpoints/tiny-qwen3"))
+    parser.add_argument("--out", type=Path, default=Path("artifacts/build"))
     parser.add_argument("--image", type=Path, default=SAMPLE)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("question", nargs="?", default="Describe the image in detail.")
     args = parser.parse_args()
 
     print(f"checkpoint: {generate('tiny', 'qwen3', args.checkpoint)} (random weights: the reply is meaningless)")
-    if not default_onnx_path(args.checkpoint).is_file():
-        print(f"vision ONNX: {export_vision_onnx(args.checkpoint)}")
-    pipe = Pipeline.from_pretrained(args.checkpoint, vision_backend="onnxruntime")
-    print(f"User: <image {args.image.name}>\n{args.question}\nAssistant: ", end="", flush=True)
-    start = time.perf_counter()
-    first = None
-    for delta in pipe.stream(args.question, [args.image.read_bytes()], max_new_tokens=args.max_new_tokens):
-        first = first or time.perf_counter()
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-    end = time.perf_counter()
-    print(f"\n\n[in-process pipeline, CPU] time to first text {first - start:.2f} s, total {end - start:.2f} s")
+    build(args.checkpoint, args.out)
+    ports = [free_port() for _ in range(3)]
+    print(f"starting tritonserver (HTTP {ports[0]}, gRPC {ports[1]}, metrics {ports[2]}) ...", flush=True)
+    started = time.perf_counter()
+    with TritonServer(args.out, *ports, log_file=args.out / "tritonserver.log") as server:
+        print(f"ready in {time.perf_counter() - started:.1f} s; log: {args.out / 'tritonserver.log'}")
+        client = InternVLClient(server.grpc_url)
+        print(f"\nUser: <image {args.image.name}>\n{args.question}\nAssistant: ", end="", flush=True)
+        start, first, tokens = time.perf_counter(), None, 0
+        for delta in client.stream(args.question, [args.image.read_bytes()], keep_empty=True, max_tokens=args.max_tokens):
+            tokens += 1  # one streamed response per generated token
+            first = first or time.perf_counter()
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        end = time.perf_counter()
+    decode = (tokens - 1) / (end - first) if tokens > 1 else float("nan")
+    print(
+        f"\n\n[tritonserver, CPU, gRPC streaming] time to first token {first - start:.2f} s, "
+        f"{tokens} tokens in {end - start:.2f} s, decode {decode:.1f} tokens/s"
+    )
 
 
 if __name__ == "__main__":

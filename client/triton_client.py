@@ -71,10 +71,12 @@ class InternVLClient:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         self.url, self.protocol, self.model, self.timeout = url, protocol, model, timeout
 
-    def stream(self, question: str, images: Sequence = (), **kwargs) -> Iterator[str]:
-        """Text deltas as the server produces them."""
+    def stream(self, question: str, images: Sequence = (), keep_empty: bool = False, **kwargs) -> Iterator[str]:
+        """Text deltas as the server produces them (one response per generated token; keep_empty also
+        yields the responses whose token completed no character yet)."""
         request = Request(question, images, **kwargs)
-        yield from (self._grpc(request, True) if self.protocol == "grpc" else self._http_stream(request))
+        deltas = self._grpc(request, True) if self.protocol == "grpc" else self._http_stream(request)
+        yield from (d for d in deltas if d or keep_empty)
 
     def chat(self, question: str, images: Sequence = (), stream: bool = False, **kwargs) -> str:
         """The whole reply; stream=False asks the server for a single response."""
@@ -105,10 +107,8 @@ class InternVLClient:
                 if error is not None:
                     raise ServerError(_message(error))
                 text = result.as_numpy("text_output")
-                if text is not None and text.size:
-                    delta = b"".join(text.reshape(-1)).decode("utf-8")
-                    if delta:
-                        yield delta
+                if text is not None:
+                    yield b"".join(text.reshape(-1)).decode("utf-8")
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     return
         finally:
@@ -147,7 +147,7 @@ class InternVLClient:
                 event = json.loads(line[5:])
                 if "error" in event:
                     raise ServerError(_message(event["error"]))
-                if event.get("text_output"):
+                if "text_output" in event:
                     yield event["text_output"]
 
 

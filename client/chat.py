@@ -1,0 +1,103 @@
+"""Chat with a served InternVL model from the command line.
+
+    python -m client.chat --url 127.0.0.1:8001 --image a.jpg --image b.png "Compare the images."
+    python -m client.chat --http --url 127.0.0.1:8000 --no-stream "Hello"
+    python -m client.chat --history chat.json "And the colours?"     # reads and extends chat.json
+    python -m client.chat --interactive --image a.jpg                 # a conversation on stdin
+
+Replies stream to stdout (gRPC bidirectional streaming, or HTTP generate_stream with --http).
+With images and history, send the same images on every turn: the first turn's `<image>` tags
+stay in the history, as with the model cards' model.chat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from client.triton_client import InternVLClient, ServerError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("question", nargs="?", help="the question (omit with --interactive)")
+    p.add_argument("--url", help="server address (default 127.0.0.1:8001 gRPC, 127.0.0.1:8000 HTTP)")
+    p.add_argument("--http", action="store_true", help="use HTTP generate / generate_stream instead of gRPC")
+    p.add_argument("--model", default="internvl")
+    p.add_argument("--image", action="append", default=[], type=Path, help="image file (repeatable)")
+    p.add_argument("--no-stream", action="store_true", help="one response with the whole reply")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, help="0 or absent: greedy")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--max-tiles", type=int, help="tiles per image (the cards' max_num)")
+    p.add_argument("--system-prompt", help="replace the model's system message")
+    p.add_argument("--history", type=Path, help="JSON file of [user, assistant] turns; extended with this turn")
+    p.add_argument("--interactive", action="store_true", help="read questions from stdin until EOF")
+    args = p.parse_args(argv)
+    if not args.interactive and not args.question:
+        p.error("a question is required (or --interactive)")
+    args.url = args.url or ("127.0.0.1:8000" if args.http else "127.0.0.1:8001")
+    return args
+
+
+def ask(client: InternVLClient, question: str, images: list[bytes], history, args) -> str:
+    kwargs = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        max_tiles=args.max_tiles,
+        history=history,
+        system_prompt=args.system_prompt,
+    )
+    if args.no_stream:
+        reply = client.chat(question, images, **kwargs)
+        print(reply, flush=True)
+        return reply
+    parts = []
+    for delta in client.stream(question, images, **kwargs):
+        parts.append(delta)
+        print(delta, end="", flush=True)
+    print(flush=True)
+    return "".join(parts)
+
+
+def effective_question(question: str, images: list, history) -> str:
+    """As model.chat records it: with `<image>\\n` prepended on a first turn with untagged images."""
+    return f"<image>\n{question}" if history is None and images and "<image>" not in question else question
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    client = InternVLClient(args.url, "http" if args.http else "grpc", args.model)
+    try:
+        images = [path.read_bytes() for path in args.image]
+        history = json.loads(args.history.read_text(encoding="utf-8")) if args.history and args.history.is_file() else None
+        questions = iter(lambda: input("> "), None) if args.interactive else iter([args.question])
+        for question in questions:
+            reply = ask(client, question, images, history, args)
+            history = [*(history or []), [effective_question(question, images, history), reply]]
+            if args.history:
+                args.history.write_text(json.dumps(history, ensure_ascii=False, indent=1), encoding="utf-8")
+    except EOFError:
+        return 0
+    except ServerError as e:
+        print(f"error from server: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
