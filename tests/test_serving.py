@@ -194,3 +194,14 @@ def test_base64_images_in_json_and_the_cli(server, pipe, tmp_path, capsys):
     assert chat_cli(["--url", server.grpc_url, "--image", str(tmp_path / "missing.png"), "Hi"]) == 1
     assert chat_cli(["--url", server.grpc_url, "--max-tiles", "0", "--image", str(image), "Hi"]) == 1
     assert "error from server: " in capsys.readouterr().err
+
+
+def test_a_long_request_does_not_block_a_new_short_one(server, pipe):
+    client = InternVLClient(server.grpc_url)
+    long_stream = client.stream("Tell me a very long story.", keep_empty=True, max_tokens=3000)
+    next(long_stream)  # the long request is decoding
+    short = client.chat("Describe the image.", [IMAGES[0]], stream=True, max_tokens=5)
+    assert short == pipe.chat("Describe the image.", [IMAGES[0]], max_new_tokens=5)
+    assert next(long_stream, None) is not None  # still generating after the short one finished
+    long_stream.close()  # cancels the long request
+    assert client.chat("Hi", max_tokens=3) == pipe.chat("Hi", max_new_tokens=3)

@@ -1,0 +1,52 @@
+"""`make serve`: the launcher stops cleanly on SIGTERM and reports a model's load error."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from build.repository import build
+from triton_repo.server import TritonServer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_is_ready_then_stops_cleanly_on_sigterm(tiny, tmp_path):
+    build(tiny, tmp_path)
+    ports = [str(_free_port()) for _ in range(3)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "triton_repo.server", "--out", str(tmp_path), "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = ""
+        deadline = time.monotonic() + 180
+        while "ready:" not in line and time.monotonic() < deadline and process.poll() is None:
+            line = process.stdout.readline()
+        assert "ready:" in line and f"127.0.0.1:{ports[0]}" in line
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        with pytest.raises(ConnectionRefusedError):  # nothing listens any more
+            socket.create_connection(("127.0.0.1", int(ports[0])), timeout=5)
+    finally:
+        process.kill()
+
+
+def test_model_load_failure_shows_the_models_error(tiny, tmp_path):
+    build(tiny, tmp_path)
+    config = tmp_path / "model_repository" / "llm" / "config.pbtxt"
+    config.write_text(config.read_text().replace(str(tiny.resolve()), str(tmp_path / "no-such-checkpoint")))
+    server = TritonServer(tmp_path, _free_port(), _free_port(), _free_port(), log_file=tmp_path / "log.txt")
+    with pytest.raises(RuntimeError, match=r"(?s)failed to load 'llm'.*no-such-checkpoint"):
+        server.start(timeout=180)
