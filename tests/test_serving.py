@@ -205,3 +205,13 @@ def test_a_long_request_does_not_block_a_new_short_one(server, pipe):
     assert next(long_stream, None) is not None  # still generating after the short one finished
     long_stream.close()  # cancels the long request
     assert client.chat("Hi", max_tokens=3) == pipe.chat("Hi", max_new_tokens=3)
+
+
+def test_interactive_cli_keeps_the_conversation(server, pipe, tmp_path, capsys, monkeypatch):
+    image = tmp_path / "a.png"
+    image.write_bytes(IMAGES[0])
+    monkeypatch.setattr("sys.stdin", io.StringIO("Describe.\nAnd the colours?\n"))
+    assert chat_cli(["--url", server.grpc_url, "--interactive", "--image", str(image), "--max-tokens", str(MAX_NEW)]) == 0
+    first, history = pipe.chat("Describe.", [IMAGES[0]], max_new_tokens=MAX_NEW, return_history=True)
+    second = pipe.chat("And the colours?", [IMAGES[0]], history, max_new_tokens=MAX_NEW)
+    assert capsys.readouterr().out.replace("> ", "").split("\n")[:2] == [first, second]
