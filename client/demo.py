@@ -8,7 +8,6 @@ The checkpoint has seeded random weights with real InternVL shapes: the reply is
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import time
 from pathlib import Path
@@ -16,15 +15,10 @@ from pathlib import Path
 from build.checkpoint import generate
 from build.repository import build
 from client.triton_client import InternVLClient
-from triton_repo.server import TritonServer
+from triton_repo.server import TritonServer, free_port
 
 SAMPLE = Path(__file__).with_name("samples") / "lake_house.jpg"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

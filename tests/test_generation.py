@@ -13,11 +13,11 @@ from functools import cache
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from engine.pipeline import Pipeline
 from tests import reference_chat, reference_preprocess
 from tests.conftest import LLM_FAMILIES
+from tests.synthetic import image_bytes
 
 MAX_NEW = 12
 SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -25,17 +25,8 @@ SHORT_SYSTEM = "You are a helpful assistant."
 MIN_MARGIN = 1e-3  # fp32 reordering moves logits by ~1e-5; a mismatch above this margin is a bug
 
 
-def _image_bytes(seed: int, size: tuple[int, int]) -> bytes:
-    rng = np.random.default_rng(seed)
-    w, h = size
-    gradient = np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.2, 1, (1, 1, 3))
-    pixels = np.clip(gradient + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
-
-IMAGES = {"a": _image_bytes(101, (500, 300)), "b": _image_bytes(202, (300, 700)), "c": _image_bytes(303, (640, 480))}
+IMAGES = {"a": image_bytes(101, (500, 300)), "b": image_bytes(202, (300, 700)), "c": image_bytes(303, (640, 480))}
 
 # name: (question, image keys, max_tiles)
 CASES = {

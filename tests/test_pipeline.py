@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
-from PIL import Image
 
 from engine.pipeline import Pipeline
 from engine.preprocess import ImageError
 from engine.prompt import PromptError
+from tests.synthetic import image_bytes
+
+
+def _image(seed: int) -> bytes:
+    return image_bytes(seed, (640, 360), "JPEG")
 
 
 @pytest.fixture(scope="module")
@@ -18,19 +19,13 @@ def pipe(tiny) -> Pipeline:
     return Pipeline.from_pretrained(tiny, vision_backend="onnxruntime")
 
 
-def _jpeg(seed: int, size=(640, 360)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG")
-    return buf.getvalue()
-
 
 @pytest.mark.parametrize(
     "question, seeds",
     [("Describe the image.", (1,)), ("Image-1: <image>\nImage-2: <image>\nCompare.", (2, 3)), ("Tell me a story.", ())],
 )
 def test_stream_deltas_join_to_the_chat_reply(pipe, question, seeds):
-    images = [_jpeg(s) for s in seeds]
+    images = [_image(s) for s in seeds]
     reply = pipe.chat(question, images, max_new_tokens=40)
     deltas = list(pipe.stream(question, images, max_new_tokens=40))
     assert len(deltas) > 1
@@ -39,10 +34,10 @@ def test_stream_deltas_join_to_the_chat_reply(pipe, question, seeds):
 
 
 def test_generate_reports_tokens_and_finish_reason(pipe):
-    result = pipe.generate("Describe the image.", [_jpeg(4)], max_new_tokens=9)
+    result = pipe.generate("Describe the image.", [_image(4)], max_new_tokens=9)
     assert result.finish_reason == "length" and len(result.token_ids) == 9
     assert result.text == pipe.tokenizer.decode(result.token_ids).strip()
-    assert result.prompt_tokens == len(pipe.prepare("Describe the image.", [_jpeg(4)]).prompt.input_ids)
+    assert result.prompt_tokens == len(pipe.prepare("Describe the image.", [_image(4)]).prompt.input_ids)
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(pipe):
@@ -86,7 +81,7 @@ def test_closing_a_stream_early_leaves_the_engine_idle(pipe):
         (b"", ImageError, "empty"),
         (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, ImageError, "cannot decode"),
         (b"this is plain text, not an image", ImageError, "cannot decode"),
-        (_jpeg(5)[:600], ImageError, "cannot decode"),  # truncated JPEG
+        (_image(5)[:600], ImageError, "cannot decode"),  # truncated JPEG
     ],
     ids=["empty", "corrupt-png", "not-an-image", "truncated-jpeg"],
 )
@@ -109,7 +104,7 @@ def test_empty_file_and_non_image_file_raise_a_clear_error(pipe, tmp_path):
 
 def test_more_image_tags_than_images_is_a_clear_error(pipe):
     with pytest.raises(PromptError, match=r"2 <image> tag\(s\) but the request has 1 image"):
-        pipe.chat("<image>\n<image>\nCompare.", [_jpeg(6)])
+        pipe.chat("<image>\n<image>\nCompare.", [_image(6)])
 
 
 def test_invalid_sampling_parameters_are_rejected(pipe):

@@ -11,18 +11,13 @@ import time
 import pytest
 
 from build.repository import build
-from triton_repo.server import TritonServer
+from triton_repo.server import TritonServer, free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_command_is_ready_then_stops_cleanly_on_sigterm(tiny, tmp_path):
     build(tiny, tmp_path)
-    ports = [str(_free_port()) for _ in range(3)]
+    ports = [str(free_port()) for _ in range(3)]
     process = subprocess.Popen(
         [sys.executable, "-m", "triton_repo.server", "--out", str(tmp_path), "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
         stdout=subprocess.PIPE,
@@ -47,6 +42,6 @@ def test_model_load_failure_shows_the_models_error(tiny, tmp_path):
     build(tiny, tmp_path)
     config = tmp_path / "model_repository" / "llm" / "config.pbtxt"
     config.write_text(config.read_text().replace(str(tiny.resolve()), str(tmp_path / "no-such-checkpoint")))
-    server = TritonServer(tmp_path, _free_port(), _free_port(), _free_port(), log_file=tmp_path / "log.txt")
+    server = TritonServer(tmp_path, free_port(), free_port(), free_port(), log_file=tmp_path / "log.txt")
     with pytest.raises(RuntimeError, match=r"(?s)failed to load 'llm'.*no-such-checkpoint"):
         server.start(timeout=180)

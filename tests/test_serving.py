@@ -4,38 +4,32 @@ from __future__ import annotations
 
 import io
 import re
-import socket
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from build.repository import BuildSettings, build
 from client.chat import main as chat_cli
 from client.triton_client import InternVLClient, ServerError
 from engine.pipeline import Pipeline
 from tests import reference_chat, reference_preprocess
+from tests.synthetic import image_bytes
 from tests.test_generation import SYSTEM
-from triton_repo.server import TritonServer
+from triton_repo.server import TritonServer, free_port
 
 MAX_NEW = 12
 SETTINGS = BuildSettings(max_images=2, llm_max_batch_size=8)  # 2 images × 13 tiles = 26 tiles per request
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("build")
     build(tiny, out, SETTINGS)
-    with TritonServer(out, _free_port(), _free_port(), _free_port(), log_file=out / "tritonserver.log") as server:
+    with TritonServer(out, free_port(), free_port(), free_port(), log_file=out / "tritonserver.log") as server:
         yield server
 
 
@@ -44,16 +38,8 @@ def pipe(tiny) -> Pipeline:
     return Pipeline.from_pretrained(tiny, vision_backend="onnxruntime")
 
 
-def _image(seed: int, size=(640, 400), fmt="PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    gradient = np.linspace(0, 255, size[0])[None, :, None] * rng.uniform(0.2, 1, (1, 1, 3))
-    pixels = np.clip(gradient + rng.normal(0, 30, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=fmt)
-    return buf.getvalue()
 
-
-IMAGES = [_image(1), _image(2, (300, 800), "JPEG"), _image(3, (500, 500), "WEBP")]
+IMAGES = [image_bytes(1), image_bytes(2, (300, 800), "JPEG"), image_bytes(3, (500, 500), "WEBP")]
 CASES = {  # name: (question, image indices)
     "text_only": ("Hello, who are you?", ()),
     "one_image": ("Describe the image in detail.", (0,)),
@@ -161,7 +147,7 @@ def test_concurrent_requests_are_batched_and_each_correct(server, pipe):
     "images, kwargs, message",
     [
         ([b"\x89PNG\r\n\x1a\n" + b"\x00" * 64], {}, "cannot decode image"),
-        ([_image(4, (1800, 1800))] * 3, {}, "allows at most 26"),  # 3 × 13 tiles > 2 images' worth
+        ([image_bytes(4, (1800, 1800))] * 3, {}, "allows at most 26"),  # 3 × 13 tiles > 2 images' worth
         ([IMAGES[0]], {"max_tiles": 99}, "max_tiles must be in"),
         ([], {"history": [["only one element"]]}, "history"),
     ],

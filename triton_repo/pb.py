@@ -54,6 +54,17 @@ def strings(request, name: str) -> list[bytes]:
     return [] if value is None else [bytes(v) for v in value.reshape(-1)]
 
 
+def answer_each(requests, handle) -> list[pb_utils.InferenceResponse]:
+    """handle(request) -> response for each request; an exception fails only its own request."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(handle(request))
+        except Exception as error:  # noqa: BLE001 — one bad request must not fail the others
+            responses.append(error_response(error))
+    return responses
+
+
 def error_response(error: Exception) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(error).__name__}: {error}"))
 

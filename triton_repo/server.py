@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -25,6 +26,12 @@ from pathlib import Path
 import pytriton
 
 WHEEL = Path(pytriton.__file__).parent / "tritonserver"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def backend_directory(out: Path) -> Path:

@@ -23,12 +23,7 @@ class TritonPythonModel:
         self.streams: dict[str, tuple[ReplyStream, float]] = {}
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._postprocess(request))
-            except Exception as error:  # noqa: BLE001
-                responses.append(pb.error_response(error))
+        responses = pb.answer_each(requests, self._postprocess)
         self._forget_abandoned()
         return responses
 

@@ -24,13 +24,7 @@ class TritonPythonModel:
         self.max_input_len = int(params["max_input_len"])
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._preprocess(request))
-            except Exception as error:  # noqa: BLE001 — one bad request must not fail the others
-                responses.append(pb.error_response(error))
-        return responses
+        return pb.answer_each(requests, self._preprocess)
 
     def _preprocess(self, request):
         c = self.config
