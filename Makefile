@@ -10,7 +10,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup test demo build serve clean
+.PHONY: setup test demo build serve bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: setup
 build: setup
 	@[ "$(MODEL)" != "artifacts/checkpoints/tiny-qwen3" ] || $(PY) -m build.checkpoint --preset tiny --llm qwen3 --out $(MODEL) >/dev/null
 	$(PY) -m build.repository --model $(MODEL) --out $(OUT)
+
+# Serving benchmark (concurrency sweep) against a tritonserver started from OUT; BENCH_ARGS adds flags.
+bench: build
+	$(PY) -m client.bench --out $(OUT) --results artifacts/bench $(BENCH_ARGS)
 
 serve: setup
 	$(PY) -m triton_repo.server --out $(OUT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)

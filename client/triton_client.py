@@ -35,6 +35,7 @@ class Request:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    min_tokens: int | None = None  # stop token ignored until this many (fixed output lengths for benchmarks)
     stop: Sequence[str] = ()
     max_tiles: int | None = None
     history: Sequence[Turn] | None = None
@@ -54,6 +55,7 @@ class Request:
             "top_k": ("INT32", self.top_k),
             "repetition_penalty": ("FP32", self.repetition_penalty),
             "random_seed": ("UINT64", self.seed),
+            "min_tokens": ("INT32", self.min_tokens),
             "stop_words": ("BYTES", list(self.stop) or None),
             "max_tiles": ("INT32", self.max_tiles),
             "history": ("BYTES", None if self.history is None else json.dumps([list(t) for t in self.history])),

@@ -9,7 +9,9 @@ import pytest
 
 from build.checkpoint import generate
 from build.export_vision import export_vision_onnx
+from build.repository import BuildSettings, build
 from engine.vision import default_onnx_path
+from triton_repo.server import TritonServer, free_port
 
 LLM_FAMILIES = ("qwen2", "qwen3", "llama")
 
@@ -43,3 +45,12 @@ class _LazyDict(dict):
 @pytest.fixture(scope="session")
 def tiny(checkpoints) -> Path:
     return checkpoints["qwen3"]
+
+
+@pytest.fixture(scope="session")
+def server(tiny, tmp_path_factory):
+    """A real tritonserver on the tiny checkpoint's repository; 2 images × 13 tiles per request."""
+    out = tmp_path_factory.mktemp("build")
+    build(tiny, out, BuildSettings(max_images=2, llm_max_batch_size=8))
+    with TritonServer(out, free_port(), free_port(), free_port(), log_file=out / "tritonserver.log") as server:
+        yield server

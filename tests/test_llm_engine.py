@@ -456,3 +456,25 @@ def test_bad_request_is_rejected_with_value_error(case, qwen3):
         engine.add_request("bad", np.array(ids, dtype=np.int32), table, SamplingParams())
     assert not engine.has_work()
     assert engine.step() == []
+
+
+def test_min_new_tokens_suppresses_stop_ids_like_transformers(qwen3):
+    ids = text_ids(np.random.default_rng(23), 9)
+    greedy = tokens_of(run_alone(qwen3, ids, SamplingParams(max_new_tokens=12)))
+    k = _first_new_index(greedy, 2)
+    stop_ids = (greedy[k], qwen3.cfg.stop_token_id)
+    params = SamplingParams(max_new_tokens=12, min_new_tokens=k + 3, stop_token_ids=stop_ids[:1])
+    ours = tokens_of(run_alone(qwen3, ids, params))
+    with torch.no_grad():
+        out = qwen3.ref.generate(
+            input_ids=torch.as_tensor(ids, dtype=torch.int64)[None],
+            max_new_tokens=12,
+            min_new_tokens=k + 3,
+            do_sample=False,
+            eos_token_id=list(stop_ids),
+        )
+    expected = out[0, len(ids) :].tolist()
+    if expected[-1] in stop_ids:
+        expected = expected[:-1]
+    assert ours == expected
+    assert ours[:k] == greedy[:k] and len(ours) >= k + 3  # the stop at position k was suppressed

@@ -11,26 +11,14 @@ from functools import cache
 import numpy as np
 import pytest
 
-from build.repository import BuildSettings, build
 from client.chat import main as chat_cli
 from client.triton_client import InternVLClient, ServerError
 from engine.pipeline import Pipeline
 from tests import reference_chat, reference_preprocess
 from tests.synthetic import image_bytes
 from tests.test_generation import SYSTEM
-from triton_repo.server import TritonServer, free_port
 
 MAX_NEW = 12
-SETTINGS = BuildSettings(max_images=2, llm_max_batch_size=8)  # 2 images × 13 tiles = 26 tiles per request
-
-
-
-@pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("build")
-    build(tiny, out, SETTINGS)
-    with TritonServer(out, free_port(), free_port(), free_port(), log_file=out / "tritonserver.log") as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +135,7 @@ def test_concurrent_requests_are_batched_and_each_correct(server, pipe):
     "images, kwargs, message",
     [
         ([b"\x89PNG\r\n\x1a\n" + b"\x00" * 64], {}, "cannot decode image"),
-        ([image_bytes(4, (1800, 1800))] * 3, {}, "allows at most 26"),  # 3 × 13 tiles > 2 images' worth
+        ([image_bytes(4, (1800, 1800))] * 3, {}, "allows at most 26"),  # 3 × 13 tiles > the 2 images × 13 tiles the test build allows
         ([IMAGES[0]], {"max_tiles": 99}, "max_tiles must be in"),
         ([], {"history": [["only one element"]]}, "history"),
     ],

@@ -125,12 +125,15 @@ class LLMEngine:
         return events
 
     def _sample(self, seq: _Sequence, logits: torch.Tensor) -> TokenEvent:
+        may_stop = len(seq.generated) >= seq.params.min_new_tokens
+        if not may_stop:  # as transformers' MinNewTokensLengthLogitsProcessor: stop ids cannot win
+            logits = logits.index_fill(0, torch.tensor(sorted(seq.stop_ids)), float("-inf"))
         token = seq.sampler(logits)
         if token in seq.stop_ids:
             self._finish(seq)
             return TokenEvent(seq.request_id, None, "stop")
         seq.generated.append(token)
-        if any(seq.generated[-len(stop) :] == list(stop) for stop in seq.params.stop_sequences):
+        if may_stop and any(seq.generated[-len(stop) :] == list(stop) for stop in seq.params.stop_sequences):
             self._finish(seq)
             return TokenEvent(seq.request_id, token, "stop")
         if len(seq.generated) >= seq.max_new_tokens:

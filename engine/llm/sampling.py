@@ -21,6 +21,7 @@ class SamplingParams:
     top_k: int = 50  # 0 disables; 50 is transformers' default
     repetition_penalty: float = 1.0
     seed: int | None = None
+    min_new_tokens: int = 0  # stop token and stop sequences are ignored until this many (benchmarks)
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's stop token
     # Token sequences that end generation once the output ends with one (TensorRT-LLM stop_words);
     # unlike stop token ids they stay in the output.
@@ -29,6 +30,7 @@ class SamplingParams:
     def __post_init__(self):
         checks = (
             (self.max_new_tokens >= 1, "max_new_tokens must be ≥ 1"),
+            (self.min_new_tokens >= 0, "min_new_tokens must be ≥ 0"),
             (self.temperature > 0 or not self.do_sample, "temperature must be > 0 when sampling"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be ≥ 0"),

@@ -89,7 +89,8 @@ class TritonPythonModel:
             top_p=top_p if top_p > 0 else 1.0,  # 0 means "off", as clients of TensorRT-LLM send it
             top_k=int(pb.scalar(request, "runtime_top_k", 0)),
             repetition_penalty=float(pb.scalar(request, "repetition_penalty", 1.0)),
-            seed=pb.scalar(request, "random_seed", None),
+            seed=pb.scalar(request, "seed", None),
+            min_new_tokens=int(pb.scalar(request, "min_tokens", 0)),
             stop_token_ids=() if end_id is None else (int(end_id),),
             stop_sequences=stop_sequences(pb.item(request, "stop_words_list", required=False)),
         )
