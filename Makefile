@@ -10,7 +10,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup test demo build serve bench clean
+.PHONY: setup test demo build serve bench bench-components clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ build: setup
 # Serving benchmark (concurrency sweep) against a tritonserver started from OUT; BENCH_ARGS adds flags.
 bench: build
 	$(PY) -m client.bench --out $(OUT) --results artifacts/bench $(BENCH_ARGS)
+
+# Component speed ratios (preprocess, vision encoder, LLM decode, Triton TTFT overhead) in one run.
+bench-components: setup
+	$(PY) -m client.bench_components --out artifacts/bench $(BENCH_ARGS)
 
 serve: setup
 	$(PY) -m triton_repo.server --out $(OUT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
