@@ -61,23 +61,103 @@ def log(message: str) -> None:
 # ----------------------------------------------------------------------------- timing helpers
 
 
-def summary(times: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "runs_s": [round(t, 6) for t in times]}
+class Health:
+    """In-run check of the VM: it sometimes gives this guest less than its 2 cores for minutes, which
+    the start/end probes and the steal counter do not show. A 0.15 s probe (1024³ sgemm at 1 and at
+    THREADS threads, and a THREADS-thread read of 256 MB) runs before every timed round and after the
+    last one; a round is healthy when both probes around it saw >= 1.6 effective cores, >= 80% of the
+    best sgemm rate and >= 65% of the best read bandwidth seen so far.
+    Before a round, an unhealthy machine is waited for (bounded by a budget for the whole run).
+    Medians are taken over healthy rounds (over all rounds, flagged, when none was healthy)."""
+
+    def __init__(self):
+        self.best = 0.0
+        self.best_bw = 0.0
+        self._mem = None
+        self.log: list[dict] = []
+        self.wait_budget_s = 0.0
+        self.waited_s = 0.0
+        self._a = self._b = None
+
+    def probe(self, label: str = "") -> bool:
+        import torch
+
+        if self._a is None:
+            self._a, self._b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+            self._mem = torch.ones(64 * 1024 * 1024)  # 256 MB
+        before = torch.get_num_threads()
+        rates = {}
+        for threads in (1, THREADS):
+            torch.set_num_threads(threads)
+            self._a @ self._b
+            rates[threads] = 2 * 1024**3 / min(_timeit(lambda: self._a @ self._b) for _ in range(3)) / 1e9
+        bw = self._mem.numel() * 4 / min(_timeit(self._mem.sum) for _ in range(3)) / 1e9
+        torch.set_num_threads(before)
+        self.best = max(self.best, rates[THREADS])
+        self.best_bw = max(self.best_bw, bw)
+        cores = rates[THREADS] / rates[1]
+        healthy = (cores >= 1.6 or THREADS < 2) and rates[THREADS] >= 0.8 * self.best and bw >= 0.65 * self.best_bw
+        self.log.append(
+            {
+                "t": round(time.perf_counter() - _T0, 1),
+                "label": label,
+                "effective_cores": round(cores, 2),
+                "gflops": round(rates[THREADS], 1),
+                "read_gb_s": round(bw, 1),
+                "healthy": healthy,
+            }
+        )
+        return healthy
+
+    def gate(self, label: str = "") -> bool:
+        """Probe; while unhealthy and budget remains, wait and re-probe. -> healthy now."""
+        healthy = self.probe(label)
+        if not healthy:
+            last = self.log[-1]
+            log(f"health: machine throttled before '{label}' ({last['effective_cores']} effective cores, {last['gflops']:.0f} GFLOP/s, {last['read_gb_s']:.0f} GB/s); waiting")
+        while not healthy and self.waited_s < self.wait_budget_s:
+            time.sleep(3)
+            self.waited_s += 3 + 0.1
+            healthy = self.probe(label + " (waited)")
+        return healthy
 
 
-def race(candidates: dict, reps: int, warmup: int = 1) -> dict[str, dict]:
-    """Times each callable `reps` times after `warmup` untimed calls, interleaved (order alternates per rep)."""
+HEALTH = Health()
+
+
+def summary(times: list[float], healthy: list[bool] | None = None) -> dict:
+    healthy = healthy if healthy is not None else [True] * len(times)
+    good = [t for t, h in zip(times, healthy) if h]
+    use = good or times
+    return {
+        "median_s": statistics.median(use),
+        "min_s": min(use),
+        "runs_s": [round(t, 6) for t in times],
+        "healthy": healthy,
+        "throttled_runs_excluded": len(times) - len(good) if good else 0,
+        "all_runs_throttled": not good,
+    }
+
+
+def race(candidates: dict, reps: int, warmup: int = 1, label: str = "") -> dict[str, dict]:
+    """Times each callable `reps` times after `warmup` untimed calls, interleaved (order alternates per
+    round); every round is bracketed by health probes."""
     names = list(candidates)
     for name in names:
         for _ in range(warmup):
             candidates[name]()
     times = {name: [] for name in names}
+    healthy_before = HEALTH.gate(label)
+    healthy = []
     for rep in range(reps):
         for name in names if rep % 2 == 0 else reversed(names):
             start = time.perf_counter()
             candidates[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: summary(t) for name, t in times.items()}
+        healthy_after = HEALTH.probe(label)
+        healthy.append(healthy_before and healthy_after)
+        healthy_before = healthy_after if healthy_after or rep == reps - 1 else HEALTH.gate(label)
+    return {name: summary(t, healthy) for name, t in times.items()}
 
 
 def cpu_times() -> dict[str, int]:
@@ -250,6 +330,7 @@ def bench_preprocess(quick: bool) -> dict:
             {"ours": lambda: load_image(single, max_num=12), "reference": lambda: ref.load_image(io.BytesIO(single), max_num=12)},
             reps,
             warmup=2,
+            label="preprocess single",
         )
         # (b) throughput over 32 mixed images
         images = mixed_images(32)
@@ -272,6 +353,7 @@ def bench_preprocess(quick: bool) -> dict:
             },
             reps,
             warmup=0,
+            label="preprocess 32 images",
         )
     finally:
         torch.set_num_threads(torch_threads)
@@ -421,7 +503,7 @@ def bench_vision(out: Path, quick: bool) -> dict:
         outputs[name] = encoders[name].encode(inputs[n])  # the last output at the small batch is kept
 
     for i, n in enumerate(reversed(batches)):
-        timed[n] = race({k: (lambda k=k, n=n: encode(k, n)) for k in encoders}, reps[n], warmup=1 if i == 0 else 0)
+        timed[n] = race({k: (lambda k=k, n=n: encode(k, n)) for k in encoders}, reps[n], warmup=1 if i == 0 else 0, label=f"vision {n} tiles")
     reference = outputs["torch_eager"]  # [small·Q, H]
     for name in encoders:
         results["configs"][name] = {
@@ -453,7 +535,7 @@ def bench_vision(out: Path, quick: bool) -> dict:
     for name, (onnx_file, threads, spinning, note) in variants.items():
         encoder = _ort_encoder(onnx_file, threads, spinning)
         got = encoder.encode(one)  # warm-up (the default session is warm)
-        timed = race({name: lambda: encoder.encode(one), "ort_default": lambda: default.encode(one)}, reps_variant, warmup=0)
+        timed = race({name: lambda: encoder.encode(one), "ort_default": lambda: default.encode(one)}, reps_variant, warmup=0, label=f"vision {name}")
         ref = reference[: len(got)]
         rates = _tile_rates(timed[name], 1, flops_per_tile, peak)
         rates["default_same_race"] = _tile_rates(timed["ort_default"], 1, flops_per_tile, peak)
@@ -608,21 +690,25 @@ def bench_llm(out: Path, quick: bool) -> dict:
     log(f"llm: ours batch 1, prompt {prompt_len}, {new_tokens} new tokens, greedy, {reps} reps (+ bandwidth probe between)")
     for rep in range(reps):
         bandwidth.setdefault(THREADS, []).append(memory_bandwidth(0.5 if quick else 1.5, THREADS))
+        ok = HEALTH.gate("llm batch 1")
         result = run_engine(engine, prompts[:1], new_tokens)
+        ok = HEALTH.probe("llm batch 1") and ok
         our_tokens = result["outputs"]["0"]
         steps = decode_times(result)
-        single.append({"prefill_s": result["steps"][0][0], "decode_s": sum(steps), "decode_steps": len(steps), "step_s": steps})
+        single.append({"prefill_s": result["steps"][0][0], "decode_s": sum(steps), "decode_steps": len(steps), "step_s": steps, "healthy": ok})
     bandwidth_1 = memory_bandwidth(0.5 if quick else 1.5, 1)
     best_bw = max(bandwidth[THREADS])
     ms_per_token = [1e3 * r["decode_s"] / r["decode_steps"] for r in single]
     floor_ms = 1e3 * weights["total"] / (best_bw * 1e9)
-    ms_med = statistics.median(ms_per_token)
+    ms_summary = summary(ms_per_token, [r["healthy"] for r in single])  # in ms here
+    ms_med = ms_summary["median_s"]
     ours = {
         "threads": THREADS,
         "load_s": load_s,
         "ms_per_token_runs": ms_per_token,
+        "ms_per_token_summary": ms_summary,
         "ms_per_token": ms_med,
-        "ms_per_token_min": min(ms_per_token),
+        "ms_per_token_min": ms_summary["min_s"],
         "median_step_ms": 1e3 * statistics.median([s for r in single for s in r["step_s"]]),
         "tokens_per_s": 1e3 / ms_med,
         "prefill_ms": [1e3 * r["prefill_s"] for r in single],
@@ -630,7 +716,7 @@ def bench_llm(out: Path, quick: bool) -> dict:
         "pct_of_floor": floor_ms / ms_med,
     }
     log(
-        f"llm: ours {ms_med:.1f} ms/token ({1e3 / ms_med:.2f} tok/s, min {min(ms_per_token):.1f} ms; "
+        f"llm: ours {ms_med:.1f} ms/token ({1e3 / ms_med:.2f} tok/s, min {ms_summary['min_s']:.1f} ms; "
         f"per rep {', '.join(f'{m:.0f}' for m in ms_per_token)} ms; bandwidth per rep {', '.join(f'{b:.1f}' for b in bandwidth[THREADS])} GB/s); "
         f"floor {weights['total'] / 1e9:.3f} GB / {best_bw:.1f} GB/s = {floor_ms:.1f} ms -> {100 * floor_ms / ms_med:.0f}% of floor"
     )
@@ -641,17 +727,21 @@ def bench_llm(out: Path, quick: bool) -> dict:
     concurrent_tokens = 16 if quick else 32
     log(f"llm: 4 and 8 concurrent sequences, {concurrent_tokens} new tokens each, {1 if quick else 2} reps")
     for n in (4, 8):
-        runs = []
+        runs, oks = [], []
         for _ in range(1 if quick else 2):
+            ok = HEALTH.gate(f"llm {n} streams")
             result = run_engine(engine, prompts[:n], concurrent_tokens)
+            oks.append(HEALTH.probe(f"llm {n} streams") and ok)
             steps = [(t, b) for t, b in result["steps"][1:]]
             assert all(b == n for _, b in steps), f"expected {n} sequences in every decode step, got {set(b for _, b in steps)}"
             runs.append(n * len(steps) / sum(t for t, _ in steps))
+        rate = summary(runs, oks)  # tokens/s here
         concurrency[n] = {
             "tokens_per_s_runs": runs,
-            "tokens_per_s": statistics.median(runs),
-            "ms_per_step": 1e3 * n / statistics.median(runs),
-            "vs_one_stream": statistics.median(runs) / ours["tokens_per_s"],
+            "tokens_per_s_summary": rate,
+            "tokens_per_s": rate["median_s"],
+            "ms_per_step": 1e3 * n / rate["median_s"],
+            "vs_one_stream": rate["median_s"] / ours["tokens_per_s"],
         }
         log(f"llm: {n} streams {concurrency[n]['tokens_per_s']:.1f} tok/s aggregate (runs {', '.join(f'{r:.1f}' for r in runs)}) ({concurrency[n]['ms_per_step']:.0f} ms/step, {concurrency[n]['vs_one_stream']:.2f}x one stream)")
     del engine, model
@@ -766,15 +856,16 @@ def _bench_transformers(prompt: np.ndarray, new_tokens: int, reps: int, our_toke
 
     gen(2)  # warm-up
     log(f"llm: transformers generate T(n={new_tokens + 1}) - T(n=1), {reps} reps")
-    timed = race({"long": lambda: gen(new_tokens + 1), "short": lambda: gen(1)}, reps, warmup=0)
+    timed = race({"long": lambda: gen(new_tokens + 1), "short": lambda: gen(1)}, reps, warmup=0, label="transformers generate")
     per_rep = [(lo - sh) / new_tokens for lo, sh in zip(timed["long"]["runs_s"], timed["short"]["runs_s"])]
+    per_rep_summary = summary([1e3 * p for p in per_rep], timed["long"]["healthy"])  # in ms
     tokens = last[new_tokens + 1][0, ids.shape[1] : ids.shape[1] + new_tokens].tolist()
     match = 0
     for a, b in zip(tokens, our_tokens or []):
         if a != b:
             break
         match += 1
-    ms = 1e3 * statistics.median(per_rep)
+    ms = per_rep_summary["median_s"]
     log(f"llm: transformers {ms:.1f} ms/token ({1e3 / ms:.2f} tok/s); greedy tokens equal to ours for the first {match}/{len(tokens)}")
     del model
     gc.collect()
@@ -784,8 +875,9 @@ def _bench_transformers(prompt: np.ndarray, new_tokens: int, reps: int, our_toke
         "T_long": timed["long"],
         "T_short": timed["short"],
         "ms_per_token_runs": [1e3 * p for p in per_rep],
+        "ms_per_token_summary": per_rep_summary,
         "ms_per_token": ms,
-        "ms_per_token_min": 1e3 * min(per_rep),
+        "ms_per_token_min": per_rep_summary["min_s"],
         "tokens_per_s": 1e3 / ms,
         "greedy_prefix_match_with_ours": match,
     }
@@ -851,8 +943,9 @@ def bench_triton(out: Path, quick: bool) -> dict:
         for _ in range(warmup):
             first_token_triton(client)
             first_token_inprocess(pipe)
-        triton_runs, inproc_runs = [], []
+        triton_runs, inproc_runs, oks = [], [], []
         stats_before = _triton_stats(server.http_url)
+        ok = HEALTH.gate("triton ttft")
         for rep in range(reps):
             # the in-process pipeline runs while tritonserver idles (its threads block, they do not spin)
             order = (0, 1) if rep % 2 == 0 else (1, 0)
@@ -861,6 +954,9 @@ def bench_triton(out: Path, quick: bool) -> dict:
                     triton_runs.append(first_token_triton(client))
                 else:
                     inproc_runs.append(first_token_inprocess(pipe))
+            after = HEALTH.probe("triton ttft")
+            oks.append(ok and after)
+            ok = after if after or rep == reps - 1 else HEALTH.gate("triton ttft")
         stage_ms = _stats_delta(stats_before, _triton_stats(server.http_url), reps)
         log("triton: per-model server time per request, ms (queue / input / infer / output): " + "; ".join(
             f"{m} {v['queue']:.1f}/{v['compute_input']:.1f}/{v['compute_infer']:.1f}/{v['compute_output']:.1f}" for m, v in stage_ms.items()
@@ -868,8 +964,8 @@ def bench_triton(out: Path, quick: bool) -> dict:
     finally:
         server.stop()
     log("triton: server stopped")
-    ttft_triton = summary([r[0] for r in triton_runs])
-    ttft_inproc = summary([r[0] for r in inproc_runs])
+    ttft_triton = summary([r[0] for r in triton_runs], oks)
+    ttft_inproc = summary([r[0] for r in inproc_runs], oks)
     overhead = ttft_triton["median_s"] / ttft_inproc["median_s"] - 1
     log(
         f"triton: TTFT {1e3 * ttft_triton['median_s']:.1f} ms vs in-process {1e3 * ttft_inproc['median_s']:.1f} ms "
@@ -886,9 +982,9 @@ def bench_triton(out: Path, quick: bool) -> dict:
         "server_startup_s": startup_s,
         "ttft_triton": ttft_triton,
         "ttft_inprocess_first_token": ttft_inproc,
-        "ttft_inprocess_first_text_delta": summary([r[1] for r in inproc_runs]),
-        "total_triton": summary([r[1] for r in triton_runs]),
-        "total_inprocess": summary([r[2] for r in inproc_runs]),
+        "ttft_inprocess_first_text_delta": summary([r[1] for r in inproc_runs], oks),
+        "total_triton": summary([r[1] for r in triton_runs], oks),
+        "total_inprocess": summary([r[2] for r in inproc_runs], oks),
         "server_stage_ms_per_request": stage_ms,
         "overhead": overhead,
         "overhead_ms": 1e3 * (ttft_triton["median_s"] - ttft_inproc["median_s"]),
@@ -918,10 +1014,18 @@ def _stats_delta(before: dict, after: dict, requests: int) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
+def throttle_flag(*summaries) -> str:
+    if any(s.get("all_runs_throttled") for s in summaries):
+        return " [THROTTLED VM: all runs]"
+    excluded = sum(s.get("throttled_runs_excluded", 0) for s in summaries)
+    return f" [{excluded} throttled run(s) excluded]" if excluded else ""
+
+
 def table_rows(results: dict) -> list[dict]:
     rows = []
 
-    def row(section, metric, value, baseline="", result="", target="", met=None):
+    def row(section, metric, value, baseline="", result="", target="", met=None, timings=()):
+        result += throttle_flag(*timings)
         rows.append({"section": section, "metric": metric, "value": value, "baseline": baseline, "result": result, "target": target, "met": met})
 
     if "preprocess" in results:
@@ -935,6 +1039,7 @@ def table_rows(results: dict) -> list[dict]:
             f"{s['speedup']:.2f}x",
             f">= {TARGETS['pre_single']}x",
             s["speedup"] >= TARGETS["pre_single"],
+            (s["ours"], s["reference"]),
         )
         ips = b["images_per_s"]
         row(
@@ -945,6 +1050,7 @@ def table_rows(results: dict) -> list[dict]:
             f"{b['speedup']:.2f}x",
             f">= {TARGETS['pre_batch']}x",
             b["speedup"] >= TARGETS["pre_batch"],
+            (b["timings"]["ours_load_images"], b["timings"]["reference_loop"]),
         )
         row("preprocess", "  info: ours one image at a time (load_image loop)", f"{ips['ours_load_image_loop']:.1f} img/s", "", f"{ips['ours_load_image_loop'] / ips['reference_loop']:.2f}x ref")
     if "vision" in results:
@@ -962,6 +1068,7 @@ def table_rows(results: dict) -> list[dict]:
                 f"{ratio:.2f}x",
                 f">= {TARGETS['vision']}x",
                 ratio >= TARGETS["vision"],
+                (ort, torch_cfg[str(n)]),
             )
         for name, cfg in v["configs"].items():
             if name in ("ort_default", "torch_eager"):
@@ -973,6 +1080,7 @@ def table_rows(results: dict) -> list[dict]:
                 f"{r['tiles_per_s']:.3f} tiles/s",
                 f"default {r['default_same_race']['tiles_per_s']:.3f}; max|Δ| vs torch {cfg['max_abs_diff_vs_torch']:.1e}",
                 f"{r['vs_default']:.2f}x default",
+                timings=(r, r["default_same_race"]),
             )
         row("vision", "  fastest fp32 ORT config", v["fastest_fp32_ort_config"])
     if "llm" in results:
@@ -986,6 +1094,7 @@ def table_rows(results: dict) -> list[dict]:
             f"{100 * o['pct_of_floor']:.0f}% of floor",
             f">= {100 * TARGETS['llm_floor']:.0f}%",
             o["pct_of_floor"] >= TARGETS["llm_floor"],
+            (o["ms_per_token_summary"],),
         )
         row(
             "llm",
@@ -995,6 +1104,7 @@ def table_rows(results: dict) -> list[dict]:
             f"{m['speedup_vs_transformers']:.2f}x",
             f">= {TARGETS['llm_hf']}x",
             m["speedup_vs_transformers"] >= TARGETS["llm_hf"],
+            (o["ms_per_token_summary"], hf["ms_per_token_summary"]),
         )
         for n, c in m["concurrency"].items():
             target = TARGETS["llm_8x"] if n == "8" else None
@@ -1006,6 +1116,7 @@ def table_rows(results: dict) -> list[dict]:
                 f"{c['vs_one_stream']:.2f}x",
                 f">= {target}x" if target else "",
                 c["vs_one_stream"] >= target if target else None,
+                (c["tokens_per_s_summary"], o["ms_per_token_summary"]),
             )
     if "triton" in results:
         t = results["triton"]
@@ -1017,6 +1128,7 @@ def table_rows(results: dict) -> list[dict]:
             f"{100 * t['overhead']:+.1f}% ({t['overhead_ms']:+.1f} ms)",
             f"<= {100 * TARGETS['ttft']:.0f}%",
             t["overhead"] <= TARGETS["ttft"],
+            (t["ttft_triton"], t["ttft_inprocess_first_token"]),
         )
     return rows
 
@@ -1054,6 +1166,8 @@ def main() -> None:
     log(f"machine: {results['machine']['cpu']}, {THREADS} cpus, {results['machine']['mem_gb']} GB, SIMD {results['machine']['simd']}")
     results["probe_start"] = probe_machine("start")
     PROBE.update(results["probe_start"])
+    HEALTH.wait_budget_s = 20.0 if args.quick else 90.0
+    HEALTH.probe("start")
     runners = {"pre": ("preprocess", bench_preprocess), "vision": ("vision", bench_vision), "llm": ("llm", bench_llm), "triton": ("triton", bench_triton)}
     for section in sections:
         key, runner = runners[section]
@@ -1067,6 +1181,13 @@ def main() -> None:
     if cpu_start and cpu_end:
         total = sum(cpu_end[k] - cpu_start[k] for k in ("busy", "idle", "steal")) or 1
         results["cpu_steal_pct"] = 100 * (cpu_end["steal"] - cpu_start["steal"]) / total
+    results["health"] = {
+        "rule": "a round is healthy when the probes before and after it saw >= 1.6 effective cores, >= 80% of the best sgemm rate and >= 65% of the best read bandwidth",
+        "waited_s": HEALTH.waited_s,
+        "probes": len(HEALTH.log),
+        "unhealthy_probes": [p for p in HEALTH.log if not p["healthy"]],
+        "log": HEALTH.log,
+    }
     results["runtime_s"] = time.perf_counter() - started
     results["targets"] = TARGETS
     results["table"] = table_rows(results)
@@ -1077,6 +1198,9 @@ def main() -> None:
         f"\nthreads: {THREADS} (torch intra-op, ORT intra-op, preprocess pool); reference preprocessing at torch 1 thread.\n"
         f"machine: effective cores {results['probe_start']['effective_cores']} (start) / {results['probe_end']['effective_cores']} (end)"
         + (f", CPU steal {steal:.1f}% of the run" if steal is not None else "")
+        + f"\nhealth probes: {results['health']['probes']}, throttled: {len(results['health']['unhealthy_probes'])}"
+        + (f" (first at {results['health']['unhealthy_probes'][0]['t']} s: {results['health']['unhealthy_probes'][0]['label']})" if results["health"]["unhealthy_probes"] else "")
+        + f", waited {results['health']['waited_s']:.0f} s for the VM"
         + f"\ntotal runtime {results['runtime_s']:.0f} s; results: {out / 'components.json'}"
     )
 
