@@ -32,7 +32,7 @@ class BuildSettings:
     max_num_tokens: int = 2048  # tokens per engine step (bounds how long a prefill stalls decodes)
     text_budget: int = 2048  # prompt tokens beyond the image tokens
     preprocess_instances: int = 2
-    vision_queue_delay_us: int = 2000
+    vision_queue_delay_us: int = 0  # requests arriving during a run still batch; waiting only adds TTFT
 
     def limits(self, config: ModelConfig) -> dict[str, int]:
         max_tiles = self.max_images * config.max_tiles_per_image

@@ -448,18 +448,18 @@ def vision_artifacts(out: Path, checkpoint: Path, variants: bool) -> dict:
     return artifacts
 
 
-def _ort_encoder(onnx_file: Path, threads: int, spinning: bool = True):
+def _ort_encoder(onnx_file: Path, threads: int, spinning: bool = False):
     import onnxruntime as ort
 
     from engine.vision import OnnxVisionEncoder
 
-    if spinning:
+    if not spinning:
         return OnnxVisionEncoder(onnx_file, threads=threads)  # exactly the engine's session
     encoder = OnnxVisionEncoder.__new__(OnnxVisionEncoder)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     encoder.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
     return encoder
 
@@ -520,15 +520,15 @@ def bench_vision(out: Path, quick: bool) -> dict:
     # Variants: which ORT config should engine/vision.py use? Each one races the engine's default
     # session on the same 1-tile input (interleaved), so the ratio is paired despite a noisy VM.
     variants = {
-        "ort_1_thread": (artifacts["fp32"], 1, True, "fp32 graph, intra_op_num_threads=1"),
-        "ort_no_spin": (artifacts["fp32"], THREADS, False, f"fp32, {THREADS} threads, allow_spinning=0"),
-        "ort_opt_vit": (artifacts["opt_vit"], THREADS, True, "transformers optimize_model(model_type='vit', 16 heads, 1024)"),
-        "ort_int8": (artifacts["int8"], THREADS, True, "NOT fp32: opt_vit + quantize_dynamic(MatMul, QInt8) - info only"),
+        "ort_1_thread": (artifacts["fp32"], 1, False, "fp32 graph, intra_op_num_threads=1"),
+        "ort_spin": (artifacts["fp32"], THREADS, True, f"fp32, {THREADS} threads, allow_spinning=1 (ORT's default)"),
+        "ort_opt_vit": (artifacts["opt_vit"], THREADS, False, "transformers optimize_model(model_type='vit', 16 heads, 1024)"),
+        "ort_int8": (artifacts["int8"], THREADS, False, "NOT fp32: opt_vit + quantize_dynamic(MatMul, QInt8) - info only"),
     }
     if quick:
-        del variants["ort_1_thread"], variants["ort_no_spin"]
+        del variants["ort_1_thread"], variants["ort_spin"]
     if artifacts["fusions"]["bert"] != artifacts["fusions"]["vit"]:
-        variants["ort_opt_bert"] = (artifacts["opt_bert"], THREADS, True, "transformers optimize_model(model_type='bert')")
+        variants["ort_opt_bert"] = (artifacts["opt_bert"], THREADS, False, "transformers optimize_model(model_type='bert')")
     reps_variant = 1 if quick else 2
     one = inputs[small][:1]
     log(f"vision: variants, 1 tile, each x{reps_variant} interleaved with the default session")
@@ -625,16 +625,21 @@ def _ort_profile(onnx_file: Path, x: np.ndarray, out: Path) -> dict:
 def decode_weight_bytes(model) -> dict:
     """Bytes read per decode step: every decoder matrix and norm once, lm_head once (tied: the embedding
     matrix), plus one embedding row for the token's lookup."""
-    per_layer = sum(t.numel() * t.element_size() for layer in model.layers for t in layer.values() if t is not None)
-    final_norm = model.final_norm.numel() * model.final_norm.element_size()
-    lm_head = model.lm_head.numel() * model.lm_head.element_size()
+    from engine.llm.linear import Linear
+
+    def nbytes(t) -> int:
+        return t.nbytes if isinstance(t, Linear) else t.numel() * t.element_size()
+
+    per_layer = sum(nbytes(t) for layer in model.layers for t in layer.values() if t is not None)
+    final_norm = nbytes(model.final_norm)
+    lm_head = nbytes(model.lm_head)
     embed_row = model.embed.shape[1] * model.embed.element_size()
     return {
         "layers": per_layer,
         "final_norm": final_norm,
         "lm_head": lm_head,
         "embedding_row": embed_row,
-        "tied_embeddings": model.lm_head is model.embed,
+        "tied_embeddings": model.tied_embeddings,
         "total": per_layer + final_norm + lm_head + embed_row,
     }
 
@@ -721,7 +726,6 @@ def bench_llm(out: Path, quick: bool) -> dict:
         f"floor {weights['total'] / 1e9:.3f} GB / {best_bw:.1f} GB/s = {floor_ms:.1f} ms -> {100 * floor_ms / ms_med:.0f}% of floor"
     )
     profile = None if quick else _profile_decode(engine, prompts[0])
-    kernels = _linear_kernels(model, quick)
     # Concurrency: aggregate decode throughput once all sequences decode together.
     concurrency = {}
     concurrent_tokens = 16 if quick else 32
@@ -760,7 +764,6 @@ def bench_llm(out: Path, quick: bool) -> dict:
         "profile": profile,
         "concurrency": {str(k): v for k, v in concurrency.items()},
         "concurrency_new_tokens": concurrent_tokens,
-        "linear_kernels": kernels,
         "transformers": hf,
         "speedup_vs_transformers": ours["tokens_per_s"] / hf["tokens_per_s"],
     }
@@ -789,47 +792,12 @@ def _profile_decode(engine, prompt: np.ndarray) -> dict:
     table = {e.key: {"self_ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps} for e in top}
     ops_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
     calls = sum(e.count for e in events) / steps
-    linear_ms = sum(e.self_cpu_time_total for e in events if e.key in ("aten::addmm", "aten::mm", "aten::matmul", "aten::linear")) / 1e3 / steps
+    linear_ms = sum(e.self_cpu_time_total for e in events if e.key in ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")) / 1e3 / steps
     log(
         f"llm: profile, {steps} decode steps: wall {1e3 * wall / steps:.1f} ms/step (profiler on), "
         f"ops self time {ops_ms:.1f} ms/step over {calls:.0f} op calls, matmul kernels {linear_ms:.1f} ms/step"
     )
     return {"wall_ms_per_step": 1e3 * wall / steps, "ops_self_ms_per_step": ops_ms, "op_calls_per_step": calls, "matmul_ms_per_step": linear_ms, "top_ops": table}
-
-
-def _linear_kernels(model, quick: bool) -> dict:
-    """GB/s of the decoder's weight matmuls at M = 1, 4, 8 rows, over all 28 layers' gate|up weights
-    (~0.7 GB, so nothing stays in cache): the engine's F.linear (MKL sgemm/gemv) vs the same product as
-    (W @ x.T).T and vs oneDNN with a prepacked weight (what torch.compile's CPU freezing uses)."""
-    import torch
-    import torch.nn.functional as F
-
-    weights = [layer["gate_up"] for layer in model.layers]
-    nbytes = sum(w.numel() * w.element_size() for w in weights)
-    mkldnn = getattr(torch.ops, "mkldnn", None)
-    packable = mkldnn is not None and hasattr(mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()
-    out = {"matrix": f"{len(weights)} x gate_up {list(weights[0].shape)}", "bytes": nbytes, "gb_s": {}}
-    for m in (1, 4, 8):
-        x = torch.randn(m, weights[0].shape[1])
-        kinds = {
-            "F.linear (engine)": lambda w: F.linear(x, w),
-            "(W @ x.T).T": lambda w: (w @ x.T).T,
-        }
-        packed = None
-        if packable:
-            packed = {id(w): mkldnn._reorder_linear_weight(w, m) for w in weights}
-            kinds["oneDNN prepacked"] = lambda w: mkldnn._linear_pointwise(x, packed[id(w)], None, "none", [], "")
-        rates = {}
-        for name, fn in kinds.items():
-            with torch.inference_mode():
-                for w in weights[:2]:
-                    fn(w)
-                best = min(_timeit(lambda: [fn(w) for w in weights]) for _ in range(2 if quick else 4))
-            rates[name] = nbytes / best / 1e9
-        out["gb_s"][str(m)] = rates
-        del packed
-        log(f"llm: weight matmul M={m}: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in rates.items()))
-    return out
 
 
 def _bench_transformers(prompt: np.ndarray, new_tokens: int, reps: int, our_tokens: list[int] | None) -> dict:

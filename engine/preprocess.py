@@ -173,12 +173,6 @@ def load_images(images, input_size=448, max_num=12, use_thumbnail=True, min_num=
     # -> (pixel_values: [sum T_i, 3, S, S] float32, tile counts [T_i]), image i's tiles in order
     _check_params(input_size, max_num, min_num)
     images = list(images)
-    if len(images) == 1 and max_total_tiles is None:
-        try:
-            pixel_values = load_image(images[0], input_size, max_num, use_thumbnail, min_num)
-        except (ImageError, TypeError) as e:
-            raise type(e)(f"image 0: {e}") from e
-        return pixel_values, [len(pixel_values)]
     with ExitStack() as stack:
         opened = []
         for i, image in enumerate(images):
@@ -195,6 +189,12 @@ def load_images(images, input_size=448, max_num=12, use_thumbnail=True, min_num=
                 f"this deployment allows at most {max_total_tiles} per request (lower max_tiles or send fewer images)"
             )
         out = np.empty((sum(counts), 3, input_size, input_size), dtype=np.float32)
+        if len(opened) == 1:  # here, with its two resizes overlapped on the pool
+            try:
+                _fill(out, _decode(opened[0]), *grids[0][:2], overlap=True)
+            except ImageError as e:
+                raise ImageError(f"image 0: {e}") from e
+            return out, counts
         starts = np.cumsum([0, *counts]).tolist()
         futures = {}
         # Biggest images first, so that no large one is left running alone at the end.

@@ -82,6 +82,9 @@ class OnnxVisionEncoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Worker threads sleep when a run ends instead of spinning for the next one: what follows an
+        # encode is the LLM's prefill (here or in another Triton stub) on the same cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:

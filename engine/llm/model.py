@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import TextConfig
+from engine.llm.linear import Linear
 from engine.weights import load_weights
 
 
@@ -57,26 +58,27 @@ class DecoderLM:
         self.config = config
         self.dtype = dtype
         c = config
-        self.embed = weights["embed_tokens.weight"]
-        self.lm_head = lm_head if lm_head is not None else self.embed  # tied embeddings
+        self.embed = weights["embed_tokens.weight"]  # [vocab, H], dense: rows are looked up
+        self.tied_embeddings = lm_head is None
+        self.lm_head = Linear(self.embed if lm_head is None else lm_head)
         self.final_norm = weights["norm.weight"]
         self.layers = []
         for i in range(c.num_layers):
             w = lambda name: weights[f"layers.{i}.{name}"]  # noqa: E731
+            qkv_bias = None
+            if c.attention_bias:
+                qkv_bias = torch.cat([w("self_attn.q_proj.bias"), w("self_attn.k_proj.bias"), w("self_attn.v_proj.bias")])
             layer = {
                 "in_norm": w("input_layernorm.weight"),
                 "post_norm": w("post_attention_layernorm.weight"),
                 # Fused projections: one matmul for q|k|v and one for gate|up.
-                "qkv": torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")]),
-                "o": w("self_attn.o_proj.weight"),
-                "gate_up": torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]),
-                "down": w("mlp.down_proj.weight"),
-                "qkv_bias": None,
+                "qkv": Linear(torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")]), qkv_bias),
+                "o": Linear(w("self_attn.o_proj.weight")),
+                "gate_up": Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])),
+                "down": Linear(w("mlp.down_proj.weight")),
                 "q_norm": None,
                 "k_norm": None,
             }
-            if c.attention_bias:
-                layer["qkv_bias"] = torch.cat([w("self_attn.q_proj.bias"), w("self_attn.k_proj.bias"), w("self_attn.v_proj.bias")])
             if c.qk_norm:
                 layer["q_norm"], layer["k_norm"] = w("self_attn.q_norm.weight"), w("self_attn.k_norm.weight")
             self.layers.append(layer)
@@ -122,7 +124,7 @@ class DecoderLM:
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         for li, layer in enumerate(self.layers):
             h = _rms_norm(x, layer["in_norm"], c.rms_norm_eps)
-            qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])
+            qkv = layer["qkv"](h)
             q = qkv[:, :q_size].view(-1, c.num_heads, c.head_dim)
             k = qkv[:, q_size : q_size + kv_size].view(-1, c.num_kv_heads, c.head_dim)
             v = qkv[:, q_size + kv_size :].view(-1, c.num_kv_heads, c.head_dim)
@@ -139,12 +141,12 @@ class DecoderLM:
                 s.cache.v[li, :, s.start : end] = v[offset : offset + n].transpose(0, 1)
                 attn[offset : offset + n] = self._attend(q[offset : offset + n], s.cache, li, s.start, end)
                 offset += n
-            x = x + F.linear(attn.view(-1, q_size), layer["o"])
+            x = x + layer["o"](attn.view(-1, q_size))
             h = _rms_norm(x, layer["post_norm"], c.rms_norm_eps)
-            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer["down"])
+            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up)
         last = torch.tensor(lengths).cumsum(0) - 1
-        return F.linear(_rms_norm(x[last], self.final_norm, c.rms_norm_eps), self.lm_head)
+        return self.lm_head(_rms_norm(x[last], self.final_norm, c.rms_norm_eps))
 
     @staticmethod
     def _attend(q: torch.Tensor, cache: KVCache, layer: int, start: int, end: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ class TritonPythonModel:
                 responses[i] = pb.error_response(error)
         tiles = [p for _, p in pixels if len(p)]
         try:
-            table = self.encoder.encode(np.concatenate(tiles)) if tiles else None  # [ΣT·Q, H]
+            table = self.encoder.encode(tiles[0] if len(tiles) == 1 else np.concatenate(tiles)) if tiles else None  # [ΣT·Q, H]
         except Exception as error:  # noqa: BLE001
             return [r or pb.error_response(error) for r in responses]
         d, row = self.dtypes, 0
