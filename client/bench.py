@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import random
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from client.synthetic import synthetic_image
 from client.triton_client import InternVLClient
 
 WORDS = "image picture colour light shadow object person animal street window table river house tree sky".split()
@@ -48,23 +48,9 @@ class Outcome:
     error: str | None = None
 
 
-def synthetic_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[bytes]:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    images = []
-    for width, height in sizes:
-        gradient = np.linspace(0, 255, width)[None, :, None] * rng.uniform(0.2, 1, (1, 1, 3))
-        pixels = np.clip(gradient + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-        images.append(buf.getvalue())
-    return images
-
-
 def make_samples(args, count: int, rng: random.Random) -> list[Sample]:
     pool = [p.read_bytes() for p in sorted(Path(args.image_dir).iterdir()) if p.is_file()] if args.image_dir else []
-    pool = pool or synthetic_images(args.image_size)
+    pool = pool or [synthetic_image(i, width, height, "JPEG") for i, (width, height) in enumerate(args.image_size)]
     samples = []
     for _ in range(count):
         words = " ".join(rng.choice(WORDS) for _ in range(args.prompt_words))

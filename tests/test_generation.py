@@ -14,10 +14,10 @@ from functools import cache
 import numpy as np
 import pytest
 
+from client.synthetic import synthetic_image
 from engine.pipeline import Pipeline
 from tests import reference_chat, reference_preprocess
 from tests.conftest import LLM_FAMILIES
-from tests.synthetic import image_bytes
 
 MAX_NEW = 12
 SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -26,7 +26,7 @@ MIN_MARGIN = 1e-3  # fp32 reordering moves logits by ~1e-5; a mismatch above thi
 
 
 
-IMAGES = {"a": image_bytes(101, (500, 300)), "b": image_bytes(202, (300, 700)), "c": image_bytes(303, (640, 480))}
+IMAGES = {"a": synthetic_image(101, 500, 300, "PNG"), "b": synthetic_image(202, 300, 700, "PNG"), "c": synthetic_image(303, 640, 480, "PNG")}
 
 # name: (question, image keys, max_tiles)
 CASES = {

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from client.synthetic import synthetic_image
 from engine.pipeline import Pipeline
 from engine.preprocess import ImageError
 from engine.prompt import PromptError
-from tests.synthetic import image_bytes
 
 
 def _image(seed: int) -> bytes:
-    return image_bytes(seed, (640, 360), "JPEG")
+    return synthetic_image(seed, 640, 360, "JPEG")
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from client.chat import main as chat_cli
+from client.synthetic import synthetic_image
 from client.triton_client import InternVLClient, ServerError
 from engine.pipeline import Pipeline
 from tests import reference_chat, reference_preprocess
-from tests.synthetic import image_bytes
 from tests.test_generation import SYSTEM
 
 MAX_NEW = 12
@@ -27,7 +27,7 @@ def pipe(tiny) -> Pipeline:
 
 
 
-IMAGES = [image_bytes(1), image_bytes(2, (300, 800), "JPEG"), image_bytes(3, (500, 500), "WEBP")]
+IMAGES = [synthetic_image(1, 640, 400, "PNG"), synthetic_image(2, 300, 800, "JPEG"), synthetic_image(3, 500, 500, "WEBP")]
 CASES = {  # name: (question, image indices)
     "text_only": ("Hello, who are you?", ()),
     "one_image": ("Describe the image in detail.", (0,)),
@@ -135,7 +135,7 @@ def test_concurrent_requests_are_batched_and_each_correct(server, pipe):
     "images, kwargs, message",
     [
         ([b"\x89PNG\r\n\x1a\n" + b"\x00" * 64], {}, "cannot decode image"),
-        ([image_bytes(4, (1800, 1800))] * 3, {}, "allows at most 26"),  # 3 × 13 tiles > the 2 images × 13 tiles the test build allows
+        ([synthetic_image(4, 1800, 1800, "PNG")] * 3, {}, "allows at most 26"),  # 3 × 13 tiles > the 2 images × 13 tiles the test build allows
         ([IMAGES[0]], {"max_tiles": 99}, "max_tiles must be in"),
         ([], {"history": [["only one element"]]}, "history"),
     ],

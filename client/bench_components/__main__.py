@@ -1,0 +1,85 @@
+"""Command line: python -m client.bench_components [--out DIR] [--quick] [--only pre,vision,llm,triton]"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import client.bench_components
+from client.bench_components.common import HEALTH, PROBE, ROOT, TARGETS, THREADS, cpu_times, log, machine_info, probe_machine
+from client.bench_components.llm import bench_llm
+from client.bench_components.preprocess import bench_preprocess
+from client.bench_components.report import print_table, table_rows
+from client.bench_components.triton import bench_triton
+from client.bench_components.vision import bench_vision
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m client.bench_components", description=client.bench_components.__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench", help="results + cached artifacts (default artifacts/bench)")
+    parser.add_argument("--quick", action="store_true", help="small repetition counts: a smoke run")
+    parser.add_argument("--only", default="pre,vision,llm,triton", help="comma-separated sections (default: all)")
+    args = parser.parse_args()
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(sections) - {"pre", "vision", "llm", "triton"}
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.chdir(ROOT)
+    import torch
+
+    torch.set_num_threads(THREADS)
+    started = time.perf_counter()
+    cpu_start = cpu_times()
+    results = {"command": " ".join([Path(sys.executable).name, "-m", "client.bench_components", *sys.argv[1:]]), "quick": args.quick}
+    results["machine"] = machine_info()
+    log(f"machine: {results['machine']['cpu']}, {THREADS} cpus, {results['machine']['mem_gb']} GB, SIMD {results['machine']['simd']}")
+    results["probe_start"] = probe_machine("start")
+    PROBE.update(results["probe_start"])
+    HEALTH.wait_budget_s = 20.0 if args.quick else 90.0
+    HEALTH.probe("start")
+    runners = {"pre": ("preprocess", bench_preprocess), "vision": ("vision", bench_vision), "llm": ("llm", bench_llm), "triton": ("triton", bench_triton)}
+    for section in sections:
+        key, runner = runners[section]
+        section_start = time.perf_counter()
+        log(f"== {key}")
+        results[key] = runner(args.quick) if section == "pre" else runner(out, args.quick)
+        results[key]["section_s"] = time.perf_counter() - section_start
+        gc.collect()
+    results["probe_end"] = probe_machine("end")
+    cpu_end = cpu_times()
+    if cpu_start and cpu_end:
+        total = sum(cpu_end[k] - cpu_start[k] for k in ("busy", "idle", "steal")) or 1
+        results["cpu_steal_pct"] = 100 * (cpu_end["steal"] - cpu_start["steal"]) / total
+    results["health"] = {
+        "rule": "a round is healthy when the probes before and after it saw >= 1.6 effective cores, >= 80% of the best sgemm rate and >= 65% of the best read bandwidth",
+        "waited_s": HEALTH.waited_s,
+        "probes": len(HEALTH.log),
+        "unhealthy_probes": [p for p in HEALTH.log if not p["healthy"]],
+        "log": HEALTH.log,
+    }
+    results["runtime_s"] = time.perf_counter() - started
+    results["targets"] = TARGETS
+    results["table"] = table_rows(results)
+    (out / "components.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    print_table(results["table"])
+    steal = results.get("cpu_steal_pct")
+    print(
+        f"\nthreads: {THREADS} (torch intra-op, ORT intra-op, preprocess pool); reference preprocessing at torch 1 thread.\n"
+        f"machine: effective cores {results['probe_start']['effective_cores']} (start) / {results['probe_end']['effective_cores']} (end)"
+        + (f", CPU steal {steal:.1f}% of the run" if steal is not None else "")
+        + f"\nhealth probes: {results['health']['probes']}, throttled: {len(results['health']['unhealthy_probes'])}"
+        + (f" (first at {results['health']['unhealthy_probes'][0]['t']} s: {results['health']['unhealthy_probes'][0]['label']})" if results["health"]["unhealthy_probes"] else "")
+        + f", waited {results['health']['waited_s']:.0f} s for the VM"
+        + f"\ntotal runtime {results['runtime_s']:.0f} s; results: {out / 'components.json'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

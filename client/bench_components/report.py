@@ -1,0 +1,134 @@
+"""The results table: one row per measured number with its baseline, target and whether it is met."""
+
+from __future__ import annotations
+
+from client.bench_components.common import TARGETS
+
+
+def throttle_flag(*summaries) -> str:
+    if any(s.get("all_runs_throttled") for s in summaries):
+        return " [THROTTLED VM: all runs]"
+    excluded = sum(s.get("throttled_runs_excluded", 0) for s in summaries)
+    return f" [{excluded} throttled run(s) excluded]" if excluded else ""
+
+
+def table_rows(results: dict) -> list[dict]:
+    rows = []
+
+    def row(section, metric, value, baseline="", result="", target="", met=None, timings=()):
+        result += throttle_flag(*timings)
+        rows.append({"section": section, "metric": metric, "value": value, "baseline": baseline, "result": result, "target": target, "met": met})
+
+    if "preprocess" in results:
+        p = results["preprocess"]
+        s, b = p["single"], p["batch"]
+        row(
+            "preprocess",
+            f"1920x1080 JPEG -> {s['tiles']} tiles, latency (median/min)",
+            f"{1e3 * s['ours']['median_s']:.1f} / {1e3 * s['ours']['min_s']:.1f} ms",
+            f"ref {1e3 * s['reference']['median_s']:.1f} / {1e3 * s['reference']['min_s']:.1f} ms",
+            f"{s['speedup']:.2f}x",
+            f">= {TARGETS['pre_single']}x",
+            s["speedup"] >= TARGETS["pre_single"],
+            (s["ours"], s["reference"]),
+        )
+        ips = b["images_per_s"]
+        row(
+            "preprocess",
+            f"32 mixed images ({b['tiles']} tiles), throughput",
+            f"{ips['ours_load_images']:.1f} img/s",
+            f"ref {ips['reference_loop']:.1f} img/s",
+            f"{b['speedup']:.2f}x",
+            f">= {TARGETS['pre_batch']}x",
+            b["speedup"] >= TARGETS["pre_batch"],
+            (b["timings"]["ours_load_images"], b["timings"]["reference_loop"]),
+        )
+        row("preprocess", "  info: ours one image at a time (load_image loop)", f"{ips['ours_load_image_loop']:.1f} img/s", "", f"{ips['ours_load_image_loop'] / ips['reference_loop']:.2f}x ref")
+    if "vision" in results:
+        v = results["vision"]
+        batches = v["batches"]
+        torch_cfg = v["configs"]["torch_eager"]
+        for n in reversed(batches):
+            ort = v["configs"]["ort_default"][str(n)]
+            ratio = v["speedup_ort_vs_torch"][str(n)]
+            row(
+                "vision",
+                f"ORT (engine default) vs torch eager, {n} tiles",
+                f"{ort['tiles_per_s']:.3f} tiles/s ({ort['gflops']:.0f} GF/s)",
+                f"torch {torch_cfg[str(n)]['tiles_per_s']:.3f} tiles/s ({torch_cfg[str(n)]['gflops']:.0f} GF/s)",
+                f"{ratio:.2f}x",
+                f">= {TARGETS['vision']}x",
+                ratio >= TARGETS["vision"],
+                (ort, torch_cfg[str(n)]),
+            )
+        for name, cfg in v["configs"].items():
+            if name in ("ort_default", "torch_eager"):
+                continue
+            r = cfg["1"]
+            row(
+                "vision",
+                f"  variant {name}, 1 tile",
+                f"{r['tiles_per_s']:.3f} tiles/s",
+                f"default {r['default_same_race']['tiles_per_s']:.3f}; max|Δ| vs torch {cfg['max_abs_diff_vs_torch']:.1e}",
+                f"{r['vs_default']:.2f}x default",
+                timings=(r, r["default_same_race"]),
+            )
+        row("vision", "  fastest fp32 ORT config", v["fastest_fp32_ort_config"])
+    if "llm" in results:
+        m = results["llm"]
+        o, hf = m["ours"], m["transformers"]
+        row(
+            "llm",
+            "decode batch 1 vs bandwidth floor",
+            f"{o['ms_per_token']:.1f} ms/tok, {o['tokens_per_s']:.2f} tok/s, {o['achieved_gb_s']:.1f} GB/s",
+            f"floor {m['floor_ms_per_token']:.1f} ms/tok ({m['weight_bytes']['total'] / 1e9:.2f} GB @ {m['bandwidth_gb_s']['best']:.1f} GB/s)",
+            f"{100 * o['pct_of_floor']:.0f}% of floor",
+            f">= {100 * TARGETS['llm_floor']:.0f}%",
+            o["pct_of_floor"] >= TARGETS["llm_floor"],
+            (o["ms_per_token_summary"],),
+        )
+        row(
+            "llm",
+            "decode batch 1 vs transformers generate",
+            f"{o['tokens_per_s']:.2f} tok/s (min {o['ms_per_token_min']:.1f} ms)",
+            f"HF {hf['tokens_per_s']:.2f} tok/s ({hf['ms_per_token']:.1f} ms/tok)",
+            f"{m['speedup_vs_transformers']:.2f}x",
+            f">= {TARGETS['llm_hf']}x",
+            m["speedup_vs_transformers"] >= TARGETS["llm_hf"],
+            (o["ms_per_token_summary"], hf["ms_per_token_summary"]),
+        )
+        for n, c in m["concurrency"].items():
+            target = TARGETS["llm_8x"] if n == "8" else None
+            row(
+                "llm",
+                f"aggregate decode, {n} concurrent sequences",
+                f"{c['tokens_per_s']:.1f} tok/s ({c['ms_per_step']:.0f} ms/step)",
+                f"1 stream {o['tokens_per_s']:.2f} tok/s",
+                f"{c['vs_one_stream']:.2f}x",
+                f">= {target}x" if target else "",
+                c["vs_one_stream"] >= target if target else None,
+                (c["tokens_per_s_summary"], o["ms_per_token_summary"]),
+            )
+    if "triton" in results:
+        t = results["triton"]
+        row(
+            "triton",
+            "TTFT, 1 image + question (tiny ckpt)",
+            f"{1e3 * t['ttft_triton']['median_s']:.1f} ms (min {1e3 * t['ttft_triton']['min_s']:.1f})",
+            f"in-process {1e3 * t['ttft_inprocess_first_token']['median_s']:.1f} ms (min {1e3 * t['ttft_inprocess_first_token']['min_s']:.1f})",
+            f"{100 * t['overhead']:+.1f}% ({t['overhead_ms']:+.1f} ms)",
+            f"<= {100 * TARGETS['ttft']:.0f}%",
+            t["overhead"] <= TARGETS["ttft"],
+            (t["ttft_triton"], t["ttft_inprocess_first_token"]),
+        )
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    headers = ("section", "metric", "value", "baseline", "result", "target", "met")
+    cells = [[r["section"], r["metric"], str(r["value"]), r["baseline"], r["result"], r["target"], "" if r["met"] is None else ("yes" if r["met"] else "NO")] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)] if cells else [len(h) for h in headers]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    print("\n" + line + "\n" + "-" * len(line))
+    for c in cells:
+        print("  ".join(x.ljust(w) for x, w in zip(c, widths)))
