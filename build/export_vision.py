@@ -2,13 +2,15 @@
 
     python -m build.export_vision --model <checkpoint> [--out <file.onnx>]
 
-Output `prompt_embedding_table` [T·Q, H] for input `pixel_values` [T, 3, S, S], T dynamic. The
+Output `prompt_embedding_table` [T·Q, H] float32 for input `pixel_values` [T, 3, S, S] uint8 (RGB
+tiles; the graph starts with the ImageNet normalization), T dynamic. The
 same file is what the GPU path compiles to a TensorRT plan.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -19,6 +21,16 @@ from engine.config import ModelConfig
 from engine.vision import ONNX_INPUT, ONNX_OUTPUT, VisionEncoderModule, default_onnx_path
 
 OPSET = 18
+_GRAPH_SOURCES = ("engine/vision.py", "build/export_vision.py")
+
+
+def graph_fingerprint() -> str:
+    """Changes whenever the exported graph may change (its code or torch): part of build stamps."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(torch.__version__.encode())
+    for name in _GRAPH_SOURCES:
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:16]
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
 
 
@@ -28,7 +40,7 @@ def export_vision_onnx(checkpoint: str | Path, out: str | Path | None = None) ->
     out.parent.mkdir(parents=True, exist_ok=True)
     module = VisionEncoderModule.from_pretrained(config)
     size = config.vision.image_size
-    example = torch.zeros(2, 3, size, size)
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     tiles = torch.export.Dim("tiles", min=1, max=4096)
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from build.export_vision import export_vision_onnx
+from build.export_vision import export_vision_onnx, graph_fingerprint
 from engine.config import ModelConfig
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "triton_repo"
@@ -42,7 +42,11 @@ class BuildSettings:
 
 def _checkpoint_stamp(config: ModelConfig) -> dict:
     files = sorted(config.path.glob("*.safetensors")) + [config.path / "config.json"]
-    return {"checkpoint": str(config.path.resolve()), "files": {f.name: f.stat().st_mtime_ns for f in files}}
+    return {
+        "checkpoint": str(config.path.resolve()),
+        "files": {f.name: f.stat().st_mtime_ns for f in files},
+        "vision_graph": graph_fingerprint(),
+    }
 
 
 def build(checkpoint: str | Path, out: str | Path, settings: BuildSettings = BuildSettings()) -> Path:

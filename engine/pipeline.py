@@ -39,7 +39,7 @@ class GenerationResult:
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
     prompt: Prompt
-    pixel_values: np.ndarray  # float32 [T, 3, S, S]
+    pixel_values: np.ndarray  # uint8 [T, 3, S, S]: tiles before normalization (the vision encoder's first step)
     num_tiles: list[int]  # [N] tiles per image
 
 
@@ -79,10 +79,15 @@ class Pipeline:
         size = c.vision.image_size
         if images:
             pixel_values, num_tiles = load_images(
-                list(images), input_size=size, max_num=max_tiles or c.max_num, min_num=c.min_num, use_thumbnail=c.use_thumbnail
+                list(images),
+                input_size=size,
+                max_num=max_tiles or c.max_num,
+                min_num=c.min_num,
+                use_thumbnail=c.use_thumbnail,
+                normalize=False,
             )
         else:
-            pixel_values, num_tiles = np.zeros((0, 3, size, size), np.float32), []
+            pixel_values, num_tiles = np.zeros((0, 3, size, size), np.uint8), []
         prompt = self.prompts.build(question, num_tiles, history, system_message)
         return PreparedRequest(prompt, pixel_values, num_tiles)
 

@@ -4,6 +4,11 @@ Bit-exact with the model card's `load_image` (PIL bicubic resize of the whole gr
 torchvision ToTensor + Normalize per tile), but without per-tile tensors: every tile is normalized
 straight from the resized grid image into one preallocated float32 array, and the independent PIL
 work (which releases the GIL) runs on a thread pool.
+
+`load_images(..., normalize=False)` stops before the normalization and returns the uint8 tiles: the
+serving path hands those to the vision encoder, which normalizes them in its graph with the same
+float32 operations (`normalize_tiles` here is the reference). A quarter of the bytes cross each
+process/device boundary.
 """
 
 import io
@@ -115,20 +120,35 @@ def _decode(im):
         raise ImageError(f"cannot decode image: {e}") from e
 
 
-def _normalize_into(out, tiles):
-    # tiles: RGB PIL image [rows*S, k*S] -> out: [rows, k, 3, S, S] float32 view, written in place
-    rows, k, _, s, _ = out.shape
-    pixels = np.asarray(tiles).reshape(rows, s, k, s, 3).transpose(0, 2, 4, 1, 3)  # [rows, k, 3, S, S] uint8
+def normalize_tiles(tiles):
+    # tiles: uint8 [T, 3, S, S] -> float32 [T, 3, S, S], what load_images(normalize=True) returns
+    out = np.empty(tiles.shape, np.float32)
+    _normalize(out, tiles)
+    return out
+
+
+def _normalize(out, pixels):
     # Exactly torchvision's float32 ops in its order (x / 255, - mean, / std): bit-identical results.
     np.divide(pixels, np.float32(255), out=out, dtype=np.float32)
     out -= _MEAN
     out /= _STD
 
 
+def _write_tiles(out, tiles):
+    # tiles: RGB PIL image [rows*S, k*S] -> out: [rows, k, 3, S, S] view, written in place
+    # (float32: normalized; uint8: the tiles' RGB values)
+    rows, k, _, s, _ = out.shape
+    pixels = np.asarray(tiles).reshape(rows, s, k, s, 3).transpose(0, 2, 4, 1, 3)  # [rows, k, 3, S, S] uint8
+    if out.dtype == np.uint8:
+        out[...] = pixels
+    else:
+        _normalize(out, pixels)
+
+
 def _thumbnail_into(out, im):
     # im: RGB PIL image -> out: [1, 1, 3, S, S]
     s = out.shape[-1]
-    _normalize_into(out, im.resize((s, s)))
+    _write_tiles(out, im.resize((s, s)))
 
 
 def _fill(out, im, cols, rows, overlap):
@@ -137,7 +157,7 @@ def _fill(out, im, cols, rows, overlap):
     thumbnail = partial(_thumbnail_into, out[-1:, None], im) if len(out) > cols * rows else None
     # Both resizes only read the image and release the GIL, so the pool can do the thumbnail meanwhile.
     future = _POOL.submit(thumbnail) if overlap and thumbnail else None
-    _normalize_into(out[: cols * rows].reshape(rows, cols, 3, s, s), im.resize((cols * s, rows * s)))
+    _write_tiles(out[: cols * rows].reshape(rows, cols, 3, s, s), im.resize((cols * s, rows * s)))
     if future is None or future.cancel():  # cancelled: still queued behind others' jobs, quicker here
         if thumbnail:
             thumbnail()
@@ -164,13 +184,15 @@ def load_image(image, input_size=448, max_num=12, use_thumbnail=True, min_num=1)
     return out
 
 
-def load_images(images, input_size=448, max_num=12, use_thumbnail=True, min_num=1, max_total_tiles=None):
+def load_images(images, input_size=448, max_num=12, use_thumbnail=True, min_num=1, max_total_tiles=None, normalize=True):
     """load_image for several images at once, decoded in parallel; errors name the failing image's index.
 
     max_total_tiles: refuse (ImageError) before decoding when the images need more tiles in all.
+    normalize=False: uint8 tiles (RGB values before ToTensor + Normalize) instead of float32.
     """
     # images: sequence of what load_image takes
-    # -> (pixel_values: [sum T_i, 3, S, S] float32, tile counts [T_i]), image i's tiles in order
+    # -> (pixel_values: [sum T_i, 3, S, S] float32 (uint8 if not normalize), tile counts [T_i]),
+    #    image i's tiles in order
     _check_params(input_size, max_num, min_num)
     images = list(images)
     with ExitStack() as stack:
@@ -188,7 +210,7 @@ def load_images(images, input_size=448, max_num=12, use_thumbnail=True, min_num=
                 f"the request's {len(counts)} image(s) need {sum(counts)} tiles {counts}; "
                 f"this deployment allows at most {max_total_tiles} per request (lower max_tiles or send fewer images)"
             )
-        out = np.empty((sum(counts), 3, input_size, input_size), dtype=np.float32)
+        out = np.empty((sum(counts), 3, input_size, input_size), dtype=np.float32 if normalize else np.uint8)
         if len(opened) == 1:  # here, with its two resizes overlapped on the pool
             try:
                 _fill(out, _decode(opened[0]), *grids[0][:2], overlap=True)

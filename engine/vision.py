@@ -1,8 +1,11 @@
-"""Vision encoder: InternViT → drop CLS → pixel shuffle → MLP projector, as one module and two runtimes.
+"""Vision encoder: normalize → InternViT → drop CLS → pixel shuffle → MLP projector, as one module
+and two runtimes.
 
-Both runtimes map `pixel_values` [T, 3, S, S] float32 to the prompt table [T·Q, H] float32:
-`TorchVisionEncoder` runs the module eagerly, `OnnxVisionEncoder` runs its ONNX export
-(build/export_vision.py) with ONNX Runtime on the CPU.
+Both runtimes map `pixel_values` [T, 3, S, S] uint8 (the tiles' RGB values,
+`load_images(normalize=False)`) to the prompt table [T·Q, H] float32: `TorchVisionEncoder` runs the
+module eagerly, `OnnxVisionEncoder` runs its ONNX export (build/export_vision.py) with ONNX Runtime
+on the CPU. The ImageNet normalization is the module's first step, so tiles cross process and
+device boundaries as uint8 (4× fewer bytes than float32).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from transformers import InternVLConfig, InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
 from engine.config import ModelConfig, VisionConfig
+from engine.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from engine.weights import load_weights
 
 ONNX_INPUT, ONNX_OUTPUT = "pixel_values", "prompt_embedding_table"
@@ -40,10 +44,14 @@ class VisionEncoderModule(nn.Module):
         self.projector = projector
         self.side = config.image_size // config.patch_size
         self.scale = round(1 / config.downsample_ratio)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # pixel_values: [T, 3, S, S] -> features: [T·Q, H]
-        x = self.embeddings(pixel_values)
+        # pixel_values: uint8 [T, 3, S, S] -> features: [T·Q, H]
+        # torchvision's ToTensor + Normalize float32 ops in their order (engine.preprocess.normalize_tiles)
+        x = (pixel_values.to(torch.float32) / 255 - self.mean) / self.std
+        x = self.embeddings(x)
         for layer in self.layers:
             x = layer(x)
         x = self.final_norm(x)[:, 1:]  # drop CLS
@@ -67,8 +75,8 @@ class TorchVisionEncoder:
 
     @torch.inference_mode()
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        # pixel_values: [T, 3, S, S] float32 -> [T·Q, H] float32
-        return self.module(torch.from_numpy(pixel_values)).numpy()
+        # pixel_values: uint8 [T, 3, S, S] -> [T·Q, H] float32
+        return self.module(torch.from_numpy(_check_tiles(pixel_values))).numpy()
 
 
 class OnnxVisionEncoder:
@@ -86,10 +94,21 @@ class OnnxVisionEncoder:
         # encode is the LLM's prefill (here or in another Triton stub) on the same cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+        if self.session.get_inputs()[0].type != "tensor(uint8)":
+            raise ValueError(
+                f"{onnx_file} takes float pixel_values (exported by an older version); "
+                "re-export it with `python -m build.export_vision --model <checkpoint>`"
+            )
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        # pixel_values: [T, 3, S, S] float32 -> [T·Q, H] float32
-        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: pixel_values})[0]
+        # pixel_values: uint8 [T, 3, S, S] -> [T·Q, H] float32
+        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: _check_tiles(pixel_values)})[0]
+
+
+def _check_tiles(pixel_values: np.ndarray) -> np.ndarray:
+    if pixel_values.dtype != np.uint8:
+        raise TypeError(f"pixel_values must be uint8 tiles (load_images(..., normalize=False)), got {pixel_values.dtype}")
+    return pixel_values
 
 
 def default_onnx_path(checkpoint: str | Path) -> Path:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.preprocess import ImageError, load_image, load_images, tile_grid
+from engine.preprocess import ImageError, load_image, load_images, normalize_tiles, tile_grid
 from tests import reference_preprocess as ref
 
 S = 448
@@ -181,6 +181,17 @@ def test_load_images_handles_one_and_zero_images():
     assert_matches(pixel_values, reference(im, max_num=6))
     pixel_values, counts = load_images([])
     assert pixel_values.shape == (0, 3, S, S) and counts == []
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_uint8_tiles_normalize_to_the_reference_bit_for_bit(count):
+    """The serving path: uint8 tiles now, normalization later (the vision encoder's first step)."""
+    images = [random_image(1200 - 300 * i, 700, seed=10 + i) for i in range(count)]
+    tiles, counts = load_images(images, max_num=6, normalize=False, max_total_tiles=100)
+    assert tiles.dtype == np.uint8 and tiles.shape == (sum(counts), 3, S, S)
+    expected = np.concatenate([reference(im, max_num=6) for im in images])
+    assert_matches(normalize_tiles(tiles), expected)
+    assert np.array_equal(load_images([], normalize=False)[0], np.zeros((0, 3, S, S), np.uint8))
 
 
 def test_concurrent_callers_get_correct_results():

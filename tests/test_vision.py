@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine.config import ModelConfig
+from engine.preprocess import normalize_tiles
 from engine.vision import OnnxVisionEncoder, TorchVisionEncoder, default_onnx_path, load_vision_encoder
 from tests import reference_chat
 
@@ -18,7 +19,8 @@ def encoders(tiny):
 
 
 def _pixels(num_tiles: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((num_tiles, 3, 448, 448), dtype=np.float32)
+    # uint8 tiles, what load_images(normalize=False) gives the encoders
+    return np.random.default_rng(seed).integers(0, 256, (num_tiles, 3, 448, 448), dtype=np.uint8)
 
 
 @pytest.mark.parametrize("num_tiles", [1, 5, 13])
@@ -35,8 +37,9 @@ def test_onnx_matches_torch_for_dynamic_tile_counts(encoders, num_tiles):
 def test_torch_encoder_matches_transformers_image_features(encoders, tiny):
     _, torch_encoder, _ = encoders
     pixels = _pixels(3, seed=7)
+    normalized = torch.from_numpy(normalize_tiles(pixels))  # the cards' ToTensor + Normalize, bit-exact
     with torch.no_grad():
-        reference = reference_chat.model(tiny).model.get_image_features(pixel_values=torch.from_numpy(pixels))
+        reference = reference_chat.model(tiny).model.get_image_features(pixel_values=normalized)
     expected = reference.pooler_output.reshape(-1, reference.pooler_output.shape[-1]).numpy()
     np.testing.assert_allclose(torch_encoder.encode(pixels), expected, atol=1e-5, rtol=0)
 
@@ -58,3 +61,24 @@ def test_unknown_backend_and_missing_onnx_are_clear_errors(tiny, tmp_path):
         load_vision_encoder(config, "tensorrt")
     with pytest.raises(FileNotFoundError, match="build.export_vision"):
         load_vision_encoder(config, "onnxruntime", tmp_path / "missing.onnx")
+
+
+def test_normalization_in_the_module_is_bit_exact_with_normalize_tiles(encoders):
+    _, torch_encoder, _ = encoders
+    module = torch_encoder.module
+    pixels = _pixels(2, seed=11)
+    seen = {}
+    hook = module.embeddings.register_forward_pre_hook(lambda _, args: seen.setdefault("x", args[0].clone()))
+    try:
+        torch_encoder.encode(pixels)
+    finally:
+        hook.remove()
+    assert torch.equal(seen["x"], torch.from_numpy(normalize_tiles(pixels)))
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_float_pixels_are_refused_with_a_clear_error(encoders, kind):
+    _, torch_encoder, onnx_encoder = encoders
+    encoder = torch_encoder if kind == "torch" else onnx_encoder
+    with pytest.raises(TypeError, match="uint8 tiles"):
+        encoder.encode(np.zeros((1, 3, 448, 448), np.float32))

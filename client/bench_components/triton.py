@@ -3,31 +3,43 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import time
 from pathlib import Path
 
-from client.bench_components.common import CKPT_TINY, HEALTH, SAMPLE_IMAGE, log, summary
+from client.bench_components.common import CKPT_1B, CKPT_TINY, HEALTH, SAMPLE_IMAGE, log, summary
 from client.synthetic import synthetic_image
 
 
 def bench_triton(out: Path, quick: bool) -> dict:
+    """Two shapes: the tiny checkpoint with a 9-tile image (the worst case for relative overhead: its
+    compute is small next to the fixed cost of the hops) and the internvl3_5-1b shape with one tile."""
     from build.checkpoint import generate
+
+    image = SAMPLE_IMAGE.read_bytes() if SAMPLE_IMAGE.is_file() else synthetic_image(1, 1280, 720, "JPEG")
+    generate("tiny", "qwen3", CKPT_TINY)
+    results = {"configs": {}}
+    results["configs"]["tiny"] = _ttft_race(CKPT_TINY, out / "triton_tiny", image, None, *((3, 2) if quick else (10, 3)))
+    if not quick:
+        generate("internvl3_5-1b", "qwen3", CKPT_1B)
+        results["configs"]["internvl3_5-1b"] = _ttft_race(CKPT_1B, out / "triton_1b", image, 1, 3, 2)
+    return results
+
+
+def _ttft_race(checkpoint: Path, repo: Path, image: bytes, max_tiles: int | None, reps: int, warmup: int) -> dict:
+    """TTFT of one request (image + question), Triton and in-process interleaved on the same machine."""
     from build.repository import build
     from client.triton_client import InternVLClient
     from engine.pipeline import Pipeline
     from triton_repo.server import TritonServer, free_port
 
-    generate("tiny", "qwen3", CKPT_TINY)
-    repo = out / "triton_tiny"
-    log(f"triton: building the repository for {CKPT_TINY.name} into {repo}")
+    log(f"triton: building the repository for {checkpoint.name} into {repo}")
     with contextlib.redirect_stdout(io.StringIO()):
-        build(CKPT_TINY, repo)
-    image = SAMPLE_IMAGE.read_bytes() if SAMPLE_IMAGE.is_file() else synthetic_image(1, 1280, 720, "JPEG")
+        build(checkpoint, repo)
     question = "Describe the image in detail."
     max_tokens = 8
-    reps, warmup = (3, 2) if quick else (10, 3)  # ORT needs 2 runs at a new shape to reach steady speed
 
     def first_token_inprocess(pipe) -> tuple[float, float, float]:
         # -> (time to the first generated token, time to the first non-empty text delta, total)
@@ -43,7 +55,7 @@ def bench_triton(out: Path, quick: bool) -> dict:
         pipe.llm.step = step  # instance attribute: observes, changes nothing
         try:
             start = time.perf_counter()
-            for delta in pipe.stream(question, images=[image], max_new_tokens=max_tokens):
+            for delta in pipe.stream(question, images=[image], max_new_tokens=max_tokens, max_tiles=max_tiles):
                 marks.setdefault("delta", time.perf_counter())
             end = time.perf_counter()
         finally:
@@ -52,12 +64,13 @@ def bench_triton(out: Path, quick: bool) -> dict:
 
     def first_token_triton(client) -> tuple[float, float]:
         start, first = time.perf_counter(), None
-        for _ in client.stream(question, [image], keep_empty=True, max_tokens=max_tokens):
+        for _ in client.stream(question, [image], keep_empty=True, max_tokens=max_tokens, max_tiles=max_tiles):
             first = first or time.perf_counter()
         return first - start, time.perf_counter() - start
 
     log("triton: in-process Pipeline (onnxruntime backend)")
-    pipe = Pipeline.from_pretrained(CKPT_TINY, vision_backend="onnxruntime", vision_onnx=repo / "vision_encoder.onnx")
+    pipe = Pipeline.from_pretrained(checkpoint, vision_backend="onnxruntime", vision_onnx=repo / "vision_encoder.onnx")
+    num_tiles = len(pipe.prepare(question, [image], max_tiles=max_tiles).pixel_values)
     ports = [free_port() for _ in range(3)]
     log(f"triton: starting tritonserver (HTTP {ports[0]}, gRPC {ports[1]}, metrics {ports[2]})")
     started = time.perf_counter()
@@ -65,7 +78,7 @@ def bench_triton(out: Path, quick: bool) -> dict:
     try:
         startup_s = time.perf_counter() - started
         client = InternVLClient(server.grpc_url)
-        log(f"triton: ready in {startup_s:.1f} s; TTFT {reps} runs each after {warmup} warm-ups, interleaved")
+        log(f"triton: ready in {startup_s:.1f} s; {num_tiles} tile(s); TTFT {reps} runs each after {warmup} warm-ups, interleaved")
         for _ in range(warmup):
             first_token_triton(client)
             first_token_inprocess(pipe)
@@ -89,20 +102,24 @@ def bench_triton(out: Path, quick: bool) -> dict:
         ))
     finally:
         server.stop()
+        del pipe
+        gc.collect()
     log("triton: server stopped")
     ttft_triton = summary([r[0] for r in triton_runs], oks)
     ttft_inproc = summary([r[0] for r in inproc_runs], oks)
     overhead = ttft_triton["median_s"] / ttft_inproc["median_s"] - 1
     log(
-        f"triton: TTFT {1e3 * ttft_triton['median_s']:.1f} ms vs in-process {1e3 * ttft_inproc['median_s']:.1f} ms "
+        f"triton: {checkpoint.name}: TTFT {1e3 * ttft_triton['median_s']:.1f} ms vs in-process {1e3 * ttft_inproc['median_s']:.1f} ms "
         f"-> overhead {100 * overhead:+.1f}%"
     )
     from PIL import Image
 
     width, height = Image.open(io.BytesIO(image)).size
     return {
-        "checkpoint": str(CKPT_TINY),
+        "checkpoint": str(checkpoint),
         "image": f"{SAMPLE_IMAGE.name if SAMPLE_IMAGE.is_file() else 'synthetic'} {width}x{height} JPEG",
+        "max_tiles": max_tiles,
+        "num_tiles": num_tiles,
         "question": question,
         "max_tokens": max_tokens,
         "server_startup_s": startup_s,

@@ -15,7 +15,9 @@ from client.synthetic import synthetic_image
 
 
 def _stamp(path: Path) -> dict:
-    return {f.name: f.stat().st_mtime_ns for f in sorted(path.glob("*.safetensors"))}
+    from build.export_vision import graph_fingerprint
+
+    return {**{f.name: f.stat().st_mtime_ns for f in sorted(path.glob("*.safetensors"))}, "vision_graph": graph_fingerprint()}
 
 
 def _cached(target: Path, stamp: dict, make) -> tuple[Path, float | None]:
@@ -92,13 +94,13 @@ def bench_vision(out: Path, quick: bool) -> dict:
     import torch
 
     from engine.config import ModelConfig
-    from engine.preprocess import load_image
+    from engine.preprocess import load_images
     from engine.vision import TorchVisionEncoder
 
     artifacts = vision_artifacts(out, CKPT_1B, variants=True)
     config = ModelConfig.from_pretrained(CKPT_1B)
     # Real tiles: a 3:2 photo -> 3x2 grid + thumbnail = 7 tiles; smaller batches are its first tiles.
-    tiles = load_image(synthetic_image(7, 1344, 896, "JPEG"), max_num=12)
+    tiles, _ = load_images([synthetic_image(7, 1344, 896, "JPEG")], max_num=12, normalize=False)  # uint8
     batches = [1] if quick else [2, len(tiles)]
     inputs = {n: np.ascontiguousarray(tiles[:n]) for n in batches}
     small, big = batches[0], batches[-1]

@@ -1,4 +1,4 @@
-"""Triton adapter: image bytes + prompt text → pixel_values, input_ids with fake ids, stop words."""
+"""Triton adapter: image bytes + prompt text → pixel_values (uint8 tiles), input_ids with fake ids, stop words."""
 
 import uuid
 
@@ -38,10 +38,10 @@ class TritonPythonModel:
         size = c.vision.image_size
         if images:
             pixel_values, num_tiles = load_images(
-                images, size, max_tiles, c.use_thumbnail, c.min_num, max_total_tiles=self.max_tiles_per_request
+                images, size, max_tiles, c.use_thumbnail, c.min_num, max_total_tiles=self.max_tiles_per_request, normalize=False
             )
         else:
-            pixel_values, num_tiles = np.zeros((0, 3, size, size), np.float32), []
+            pixel_values, num_tiles = np.zeros((0, 3, size, size), np.uint8), []
         prompt = self.prompts.build(question, num_tiles, history, system_prompt)
         if len(prompt.input_ids) > self.max_input_len:
             raise ValueError(f"the prompt has {len(prompt.input_ids)} tokens; this deployment allows {self.max_input_len}")
