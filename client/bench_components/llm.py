@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.bench_components.common import CKPT_1B, HEALTH, THREADS, log, memory_bandwidth, race, summary
+from client.bench_components.common import CKPT_1B, HEALTH, THREADS, _timeit, log, memory_bandwidth, race, summary
 
 
 def decode_weight_bytes(model) -> dict:
@@ -117,6 +117,7 @@ def bench_llm(out: Path, quick: bool) -> dict:
         f"floor {weights['total'] / 1e9:.3f} GB / {best_bw:.1f} GB/s = {floor_ms:.1f} ms -> {100 * floor_ms / ms_med:.0f}% of floor"
     )
     profile = None if quick else _profile_decode(engine, prompts[0])
+    kernels = None if quick else _linear_kernels(config.text)
     # Concurrency: aggregate decode throughput once all sequences decode together.
     concurrency = {}
     concurrent_tokens = 16 if quick else 32
@@ -153,11 +154,42 @@ def bench_llm(out: Path, quick: bool) -> dict:
         "kv_bytes_read_at_last_step": 2 * config.text.num_layers * config.text.num_kv_heads * config.text.head_dim * 4 * (prompt_len + new_tokens),
         "ours": ours,
         "profile": profile,
+        "linear_kernels": kernels,
         "concurrency": {str(k): v for k, v in concurrency.items()},
         "concurrency_new_tokens": concurrent_tokens,
         "transformers": hf,
         "speedup_vs_transformers": ours["tokens_per_s"] / hf["tokens_per_s"],
     }
+
+
+def _linear_kernels(text) -> dict:
+    """Why engine/llm/linear.py packs weights: GB/s of one layer-stack's gate|up matmuls (num_layers
+    seeded random [2·I, H] matrices, ~0.7 GB for Qwen3-0.6B: nothing stays in cache) at the row counts
+    of decode steps, F.linear on the plain weights vs the engine's oneDNN-packed Linear."""
+    import torch
+    import torch.nn.functional as F
+
+    from engine.llm.linear import Linear
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (2 * text.intermediate_size, text.hidden_size)
+    dense = [torch.randn(shape, generator=gen) for _ in range(text.num_layers)]
+    packed = [Linear(w) for w in dense]
+    nbytes = sum(w.numel() * w.element_size() for w in dense)
+    out = {"matrices": f"{len(dense)} x {list(shape)} fp32", "bytes": nbytes, "packed": packed[0].packed, "gb_s": {}}
+    for rows in (1, 2, 4, 8):
+        x = torch.randn(rows, shape[1], generator=gen)
+        kinds = {"F.linear": lambda: [F.linear(x, w) for w in dense], "packed Linear (engine)": lambda: [p(x) for p in packed]}
+        rates = {}
+        with torch.inference_mode():
+            for name, run in kinds.items():
+                run()
+                rates[name] = nbytes / min(_timeit(run) for _ in range(3)) / 1e9
+        out["gb_s"][str(rows)] = rates
+        log(f"llm: weight matmuls, {rows} row(s): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in rates.items()))
+    del dense, packed
+    gc.collect()
+    return out
 
 
 def _profile_decode(engine, prompt: np.ndarray) -> dict:

@@ -87,6 +87,12 @@ def table_rows(results: dict) -> list[dict]:
             o["pct_of_floor"] >= TARGETS["llm_floor"],
             (o["ms_per_token_summary"],),
         )
+        if m.get("profile"):
+            p = m["profile"]
+            row("llm", "  info: decode step profile", f"{p['matmul_ms_per_step']:.1f} ms in weight matmuls", f"of {p['wall_ms_per_step']:.1f} ms/step (profiler on)", f"{p['op_calls_per_step']:.0f} op calls/step")
+        for rows_, rates in (m.get("linear_kernels") or {}).get("gb_s", {}).items():
+            plain, packed = rates["F.linear"], rates["packed Linear (engine)"]
+            row("llm", f"  info: gate|up weight matmuls, {rows_} row(s)", f"packed {packed:.1f} GB/s", f"F.linear {plain:.1f} GB/s", f"{packed / plain:.2f}x")
         row(
             "llm",
             "decode batch 1 vs transformers generate",
