@@ -30,7 +30,7 @@ def canonical_name(key: str) -> str:
     return key
 
 
-def _files(path: Path) -> list[Path]:
+def checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         return sorted({path / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
@@ -45,7 +45,7 @@ def load_weights(
 ) -> dict[str, torch.Tensor]:
     """Tensors whose canonical name starts with `prefix`, keyed by the rest of the name."""
     out = {}
-    for file in _files(Path(path)):
+    for file in checkpoint_files(Path(path)):
         with safe_open(file, "pt") as f:
             for key in f.keys():
                 name = canonical_name(key)

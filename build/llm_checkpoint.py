@@ -1,0 +1,133 @@
+"""Extract the language model of an InternVL checkpoint as a plain Hugging Face causal-LM checkpoint.
+
+    python -m build.llm_checkpoint --model <internvl checkpoint> --out <dir>
+
+TensorRT-LLM's converters (`QWenForCausalLM` / `LLaMAForCausalLM.from_hugging_face`,
+`examples/models/core/*/convert_checkpoint.py`) read a causal-LM directory: its `config.json` is the
+InternVL `text_config` with `architectures`, its weights are `model.*` / `lm_head.*`, and the
+tokenizer files sit beside them. The config carries the rope and dtype fields under both the
+transformers 5 names (`rope_parameters`, `dtype`) and the 4.x names TensorRT-LLM 1.2.1 reads
+(`rope_theta`, `rope_scaling`, `torch_dtype`; it pins transformers 4.57.3). Tensors are streamed
+file by file into shards, so a 32B language model never has to fit in memory at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engine.weights import canonical_name, checkpoint_files
+
+# model_type of the text config -> the causal-LM class transformers / TensorRT-LLM know it by
+ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "internlm2": "InternLM2ForCausalLM",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+SHARD_BYTES = 4 * 1024**3
+
+
+class ExtractError(ValueError):
+    pass
+
+
+def text_config(internvl_config: dict) -> dict:
+    """The InternVL config's text_config as a standalone causal-LM config."""
+    text = dict(internvl_config.get("text_config") or internvl_config.get("llm_config") or {})
+    model_type = text.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ExtractError(f"text_config.model_type {model_type!r} is not one of {sorted(ARCHITECTURES)}")
+    text["architectures"] = [ARCHITECTURES[model_type]]
+    text.setdefault("tie_word_embeddings", internvl_config.get("tie_word_embeddings", False))
+    dtype = text.get("dtype") or text.get("torch_dtype") or internvl_config.get("dtype") or internvl_config.get("torch_dtype")
+    if dtype:
+        text["dtype"] = text["torch_dtype"] = dtype
+    rope = text.get("rope_parameters")
+    if rope and "rope_theta" in rope:
+        text["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        text["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+    return text
+
+
+def _llm_name(key: str) -> str | None:
+    # stored key -> causal-LM key, None for vision / projector tensors
+    name = canonical_name(key)
+    if name.startswith("language_model."):
+        return "model." + name[len("language_model.") :]
+    if name.startswith("lm_head."):
+        return name
+    return None
+
+
+def extract_llm_checkpoint(checkpoint: str | Path, out: str | Path, shard_bytes: int = SHARD_BYTES) -> Path:
+    checkpoint, out = Path(checkpoint), Path(out)
+    internvl = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    config = text_config(internvl)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        stale.unlink()
+    shards: list[dict] = [{}]
+    sizes = [0]
+    for file in checkpoint_files(checkpoint):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                name = _llm_name(key)
+                if name is None:
+                    continue
+                tensor = f.get_tensor(key)
+                nbytes = tensor.numel() * tensor.element_size()
+                if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
+                    _save_shard(shards, out)
+                    shards.append({})
+                    sizes.append(0)
+                shards[-1][name] = tensor
+                sizes[-1] += nbytes
+    if not sizes[-1] and len(shards) == 1:
+        raise ExtractError(f"{checkpoint} has no language-model weights")
+    _save_shard(shards, out)
+    names = [_shard_name(i, len(shards)) for i in range(len(shards))]
+    if len(shards) > 1:  # rename to the final "-of-N" names and write the index
+        weight_map = {}
+        for i, name in enumerate(names):
+            (out / _shard_name(i, None)).rename(out / name)
+            weight_map.update({k: name for k in shards[i]})
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    else:
+        (out / _shard_name(0, None)).rename(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    for name in TOKENIZER_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, out / name)
+    return out
+
+
+def _shard_name(i: int, total: int | None) -> str:
+    return f"model-{i + 1:05d}-of-{total:05d}.safetensors" if total else f"model-part-{i + 1:05d}.safetensors"
+
+
+def _save_shard(shards: list[dict], out: Path) -> None:
+    # saves the last shard and keeps only its key names (the tensors are freed)
+    i = len(shards) - 1
+    save_file(shards[i], str(out / _shard_name(i, None)), metadata={"format": "pt"})
+    shards[i] = dict.fromkeys(shards[i])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m build.llm_checkpoint", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="InternVL checkpoint directory")
+    parser.add_argument("--out", type=Path, required=True, help="output directory for the causal-LM checkpoint")
+    args = parser.parse_args()
+    print(extract_llm_checkpoint(args.model, args.out))
+
+
+if __name__ == "__main__":
+    main()

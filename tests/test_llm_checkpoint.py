@@ -1,0 +1,63 @@
+"""build/llm_checkpoint.py: the extracted causal-LM checkpoint loads in transformers and gives the same
+logits as the InternVL model's language part on the same ids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from build.llm_checkpoint import ExtractError, extract_llm_checkpoint, text_config
+from tests import reference_chat
+
+
+def _reference_logits(path, ids: torch.Tensor) -> torch.Tensor:
+    full = reference_chat.model(path)
+    hidden = full.model.language_model(input_ids=ids).last_hidden_state
+    return full.lm_head(hidden)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("shard_bytes", [None, 200_000])
+def test_extracted_llm_gives_the_full_models_logits(family, shard_bytes, checkpoints, tmp_path):
+    path = checkpoints[family]
+    out = extract_llm_checkpoint(path, tmp_path / "llm", **({"shard_bytes": shard_bytes} if shard_bytes else {}))
+    sharded = (out / "model.safetensors.index.json").is_file()
+    assert sharded == (shard_bytes is not None)
+    llm = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(llm).__name__ == json.loads((out / "config.json").read_text())["architectures"][0]
+    assert not any("vision" in name or "projector" in name for name in llm.state_dict())
+    vocab = len(reference_chat.tokenizer(path))
+    ids = torch.randint(0, vocab, (2, 37), generator=torch.Generator().manual_seed(hash(family) % 1000))
+    with torch.no_grad():
+        got = llm(input_ids=ids).logits
+        expected = _reference_logits(path, ids)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_tokenizer_and_rope_fields_travel_with_the_llm(checkpoints, tmp_path):
+    path = checkpoints["qwen3"]
+    out = extract_llm_checkpoint(path, tmp_path / "llm")
+    text = "Describe the image in detail.<|im_end|>"
+    assert AutoTokenizer.from_pretrained(out).encode(text) == reference_chat.tokenizer(path).encode(text)
+    config = json.loads((out / "config.json").read_text())
+    source = json.loads((path / "config.json").read_text())["text_config"]
+    # transformers 4.x (TensorRT-LLM 1.2.1's pin) reads rope_theta / torch_dtype, 5.x rope_parameters / dtype
+    assert config["rope_theta"] == source["rope_parameters"]["rope_theta"]
+    assert config["rope_scaling"] is None
+    assert config["torch_dtype"] == config["dtype"] == "float32"
+
+
+def test_re_extracting_into_the_same_directory_replaces_old_shards(checkpoints, tmp_path):
+    path = checkpoints["qwen3"]
+    extract_llm_checkpoint(path, tmp_path / "llm", shard_bytes=200_000)
+    out = extract_llm_checkpoint(path, tmp_path / "llm")
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+def test_unknown_llm_family_is_refused_by_name():
+    with pytest.raises(ExtractError, match="gpt_oss"):
+        text_config({"text_config": {"model_type": "gpt_oss"}})
