@@ -119,7 +119,7 @@ def table_rows(results: dict) -> list[dict]:
         for name, t in results["triton"]["configs"].items():
             row(
                 "triton",
-                f"TTFT, 1 image ({t['num_tiles']} tile{'s' if t['num_tiles'] > 1 else ''}) + question, {name}",
+                f"TTFT, {len(t['images'])} image(s), {t['num_tiles']} tile(s) + question, {name}",
                 f"{1e3 * t['ttft_triton']['median_s']:.1f} ms (min {1e3 * t['ttft_triton']['min_s']:.1f})",
                 f"in-process {1e3 * t['ttft_inprocess_first_token']['median_s']:.1f} ms (min {1e3 * t['ttft_inprocess_first_token']['min_s']:.1f})",
                 f"{100 * t['overhead']:+.1f}% ({t['overhead_ms']:+.1f} ms)",

@@ -15,21 +15,25 @@ from client.synthetic import synthetic_image
 
 def bench_triton(out: Path, quick: bool) -> dict:
     """Two shapes: the tiny checkpoint with a 9-tile image (the worst case for relative overhead: its
-    compute is small next to the fixed cost of the hops) and the internvl3_5-1b shape with one tile."""
+    compute is small next to the fixed cost of the hops) and without one (that fixed cost alone), and
+    the internvl3_5-1b shape with one tile."""
     from build.checkpoint import generate
 
     image = SAMPLE_IMAGE.read_bytes() if SAMPLE_IMAGE.is_file() else synthetic_image(1, 1280, 720, "JPEG")
     generate("tiny", "qwen3", CKPT_TINY)
     results = {"configs": {}}
-    results["configs"]["tiny"] = _ttft_race(CKPT_TINY, out / "triton_tiny", image, None, *((3, 2) if quick else (10, 3)))
+    tiny_reps = (3, 2) if quick else (10, 3)
+    results["configs"]["tiny"] = _ttft_race(CKPT_TINY, out / "triton_tiny", [image], None, *tiny_reps)
     if not quick:
+        # no image: the fixed cost of the ensemble's hops alone
+        results["configs"]["tiny, text only"] = _ttft_race(CKPT_TINY, out / "triton_tiny", [], None, *tiny_reps)
         generate("internvl3_5-1b", "qwen3", CKPT_1B)
-        results["configs"]["internvl3_5-1b"] = _ttft_race(CKPT_1B, out / "triton_1b", image, 1, 3, 2)
+        results["configs"]["internvl3_5-1b"] = _ttft_race(CKPT_1B, out / "triton_1b", [image], 1, 3, 2)
     return results
 
 
-def _ttft_race(checkpoint: Path, repo: Path, image: bytes, max_tiles: int | None, reps: int, warmup: int) -> dict:
-    """TTFT of one request (image + question), Triton and in-process interleaved on the same machine."""
+def _ttft_race(checkpoint: Path, repo: Path, images: list[bytes], max_tiles: int | None, reps: int, warmup: int) -> dict:
+    """TTFT of one request (images + question), Triton and in-process interleaved on the same machine."""
     from build.repository import build
     from client.triton_client import InternVLClient
     from engine.pipeline import Pipeline
@@ -55,7 +59,7 @@ def _ttft_race(checkpoint: Path, repo: Path, image: bytes, max_tiles: int | None
         pipe.llm.step = step  # instance attribute: observes, changes nothing
         try:
             start = time.perf_counter()
-            for delta in pipe.stream(question, images=[image], max_new_tokens=max_tokens, max_tiles=max_tiles):
+            for delta in pipe.stream(question, images=images, max_new_tokens=max_tokens, max_tiles=max_tiles):
                 marks.setdefault("delta", time.perf_counter())
             end = time.perf_counter()
         finally:
@@ -64,13 +68,13 @@ def _ttft_race(checkpoint: Path, repo: Path, image: bytes, max_tiles: int | None
 
     def first_token_triton(client) -> tuple[float, float]:
         start, first = time.perf_counter(), None
-        for _ in client.stream(question, [image], keep_empty=True, max_tokens=max_tokens, max_tiles=max_tiles):
+        for _ in client.stream(question, images, keep_empty=True, max_tokens=max_tokens, max_tiles=max_tiles):
             first = first or time.perf_counter()
         return first - start, time.perf_counter() - start
 
     log("triton: in-process Pipeline (onnxruntime backend)")
     pipe = Pipeline.from_pretrained(checkpoint, vision_backend="onnxruntime", vision_onnx=repo / "vision_encoder.onnx")
-    num_tiles = len(pipe.prepare(question, [image], max_tiles=max_tiles).pixel_values)
+    num_tiles = len(pipe.prepare(question, images, max_tiles=max_tiles).pixel_values)
     ports = [free_port() for _ in range(3)]
     log(f"triton: starting tritonserver (HTTP {ports[0]}, gRPC {ports[1]}, metrics {ports[2]})")
     started = time.perf_counter()
@@ -114,10 +118,9 @@ def _ttft_race(checkpoint: Path, repo: Path, image: bytes, max_tiles: int | None
     )
     from PIL import Image
 
-    width, height = Image.open(io.BytesIO(image)).size
     return {
         "checkpoint": str(checkpoint),
-        "image": f"{SAMPLE_IMAGE.name if SAMPLE_IMAGE.is_file() else 'synthetic'} {width}x{height} JPEG",
+        "images": ["%dx%d JPEG" % Image.open(io.BytesIO(image)).size for image in images],
         "max_tiles": max_tiles,
         "num_tiles": num_tiles,
         "question": question,
