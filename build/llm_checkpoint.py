@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
@@ -23,12 +24,32 @@ from safetensors.torch import save_file
 
 from engine.weights import canonical_name, checkpoint_files
 
-# model_type of the text config -> the causal-LM class transformers / TensorRT-LLM know it by
-ARCHITECTURES = {
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "llama": "LlamaForCausalLM",
-    "internlm2": "InternLM2ForCausalLM",
+
+
+@dataclass(frozen=True)
+class TrtllmSupport:
+    """What TensorRT-LLM 1.2.1's TensorRT-engine path does with one LLM family."""
+
+    hf_architecture: str | None  # the causal-LM class of the extracted checkpoint
+    converter: str | None  # how TensorRT-LLM converts it; None: no TensorRT-engine path
+    reason: str = ""  # why it is refused (converter None)
+
+
+# Sources (read for TensorRT-LLM 1.0–1.2; the v1.2.1 tag itself was not in the index, see docs/GPU.md):
+# tensorrt_llm/models/__init__.py MODEL_MAP (Qwen2/Qwen3ForCausalLM -> QWenForCausalLM,
+# LlamaForCausalLM / InternLM2ForCausalLM -> LLaMAForCausalLM); models/qwen/model.py and
+# models/llama/model.py forward(prompt_embedding_table, prompt_tasks, prompt_vocab_size);
+# docs/source/release-notes.md 1.0 "TensorRT-Engine Qwen3 (dense) model support";
+# examples/models/core/internlm2/convert_checkpoint.py; examples/models/core/gpt_oss/README.md
+# (trtllm-serve --backend pytorch only).
+TRTLLM_SUPPORT = {
+    "qwen2": TrtllmSupport("Qwen2ForCausalLM", "tensorrt_llm.models.QWenForCausalLM.from_hugging_face"),
+    "qwen3": TrtllmSupport("Qwen3ForCausalLM", "tensorrt_llm.models.QWenForCausalLM.from_hugging_face"),
+    "llama": TrtllmSupport("LlamaForCausalLM", "tensorrt_llm.models.LLaMAForCausalLM.from_hugging_face"),
+    "internlm2": TrtllmSupport("InternLM2ForCausalLM", "examples/models/core/internlm2/convert_checkpoint.py"),
+    "gpt_oss": TrtllmSupport(
+        None, None, "TensorRT-LLM 1.2.1 runs GPT-OSS only on its PyTorch backend: no TensorRT engine, no prompt table"
+    ),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 SHARD_BYTES = 4 * 1024**3
@@ -38,13 +59,21 @@ class ExtractError(ValueError):
     pass
 
 
+def trtllm_support(model_type: str | None) -> TrtllmSupport:
+    """The support entry of an LLM family; ExtractError naming the family and the reason otherwise."""
+    support = TRTLLM_SUPPORT.get(model_type)
+    if support is None:
+        raise ExtractError(f"text_config.model_type {model_type!r} is unknown; known: {sorted(TRTLLM_SUPPORT)}")
+    if support.converter is None:
+        raise ExtractError(f"text_config.model_type {model_type!r} cannot be built for the GPU path: {support.reason}")
+    return support
+
+
 def text_config(internvl_config: dict) -> dict:
     """The InternVL config's text_config as a standalone causal-LM config."""
     text = dict(internvl_config.get("text_config") or internvl_config.get("llm_config") or {})
-    model_type = text.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise ExtractError(f"text_config.model_type {model_type!r} is not one of {sorted(ARCHITECTURES)}")
-    text["architectures"] = [ARCHITECTURES[model_type]]
+    support = trtllm_support(text.get("model_type"))
+    text["architectures"] = [support.hf_architecture]
     text.setdefault("tie_word_embeddings", internvl_config.get("tie_word_embeddings", False))
     dtype = text.get("dtype") or text.get("torch_dtype") or internvl_config.get("dtype") or internvl_config.get("torch_dtype")
     if dtype:

@@ -58,6 +58,15 @@ def test_re_extracting_into_the_same_directory_replaces_old_shards(checkpoints, 
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
 
 
-def test_unknown_llm_family_is_refused_by_name():
-    with pytest.raises(ExtractError, match="gpt_oss"):
-        text_config({"text_config": {"model_type": "gpt_oss"}})
+@pytest.mark.parametrize(
+    "model_type, message",
+    [("gpt_oss", "'gpt_oss' cannot be built for the GPU path: .*PyTorch backend"), ("mamba", "'mamba' is unknown")],
+)
+def test_families_without_a_tensorrt_engine_path_are_refused_by_name(model_type, message):
+    with pytest.raises(ExtractError, match=message):
+        text_config({"text_config": {"model_type": model_type}})
+
+
+@pytest.mark.parametrize("model_type, architecture", [("qwen2", "Qwen2ForCausalLM"), ("internlm2", "InternLM2ForCausalLM")])
+def test_supported_families_get_their_causal_lm_architecture(model_type, architecture):
+    assert text_config({"text_config": {"model_type": model_type}})["architectures"] == [architecture]
