@@ -67,8 +67,8 @@ class Health:
         for threads in (1, THREADS):
             torch.set_num_threads(threads)
             self._a @ self._b
-            rates[threads] = 2 * 1024**3 / min(_timeit(lambda: self._a @ self._b) for _ in range(3)) / 1e9
-        bw = self._mem.numel() * 4 / min(_timeit(self._mem.sum) for _ in range(3)) / 1e9
+            rates[threads] = 2 * 1024**3 / min(timeit(lambda: self._a @ self._b) for _ in range(3)) / 1e9
+        bw = self._mem.numel() * 4 / min(timeit(self._mem.sum) for _ in range(3)) / 1e9
         torch.set_num_threads(before)
         self.best = max(self.best, rates[THREADS])
         self.best_bw = max(self.best_bw, bw)
@@ -161,7 +161,7 @@ def probe_machine(label: str) -> dict:
         torch.set_num_threads(threads)
         for _ in range(2):
             a @ b
-        best = min(_timeit(lambda: a @ b) for _ in range(5))
+        best = min(timeit(lambda: a @ b) for _ in range(5))
         gflops[threads] = max(gflops.get(threads, 0.0), flops / best / 1e9)
     torch.set_num_threads(before)
     scaling = gflops[2] / gflops[1]
@@ -179,7 +179,7 @@ def probe_machine(label: str) -> dict:
     return out
 
 
-def _timeit(fn) -> float:
+def timeit(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -230,7 +230,7 @@ def memory_bandwidth(gigabytes: float, threads: int, reps: int = 5) -> float:
     torch.set_num_threads(threads)
     x = torch.ones(int(gigabytes * 1e9 / 4))
     x.sum()
-    best = min(_timeit(x.sum) for _ in range(reps))
+    best = min(timeit(x.sum) for _ in range(reps))
     torch.set_num_threads(before)
     nbytes = x.numel() * 4
     del x

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.bench_components.common import CKPT_1B, HEALTH, THREADS, _timeit, log, memory_bandwidth, race, summary
+from client.bench_components.common import CKPT_1B, HEALTH, THREADS, timeit, log, memory_bandwidth, race, summary
 
 
 def decode_weight_bytes(model) -> dict:
@@ -184,7 +184,7 @@ def _linear_kernels(text) -> dict:
         with torch.inference_mode():
             for name, run in kinds.items():
                 run()
-                rates[name] = nbytes / min(_timeit(run) for _ in range(3)) / 1e9
+                rates[name] = nbytes / min(timeit(run) for _ in range(3)) / 1e9
         out["gb_s"][str(rows)] = rates
         log(f"llm: weight matmuls, {rows} row(s): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in rates.items()))
     del dense, packed
