@@ -34,11 +34,16 @@ def graph_fingerprint() -> str:
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
 
 
-def export_vision_onnx(checkpoint: str | Path, out: str | Path | None = None) -> Path:
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export_vision_onnx(checkpoint: str | Path, out: str | Path | None = None, dtype: str = "float32") -> Path:
+    """dtype float16 / bfloat16: the graph for TensorRT's strongly typed build (matmuls in dtype, the
+    input normalization and the norm layers in float32; output in dtype). The CPU path uses float32."""
     config = ModelConfig.from_pretrained(checkpoint)
     out = Path(out) if out else default_onnx_path(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = VisionEncoderModule.from_pretrained(config)
+    module = VisionEncoderModule.from_pretrained(config).to_compute_dtype(DTYPES[dtype])
     size = config.vision.image_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     tiles = torch.export.Dim("tiles", min=1, max=4096)
@@ -63,8 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     parser.add_argument("--out", type=Path, help="ONNX file (default <model>/onnx/vision_encoder.onnx)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="float16/bfloat16: for TensorRT (GPU path)")
     args = parser.parse_args()
-    print(export_vision_onnx(args.model, args.out))
+    print(export_vision_onnx(args.model, args.out, args.dtype))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,23 @@ def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
     return x.contiguous()
 
 
+class Float32Norm(nn.Module):
+    """A normalization layer computed in float32 inside a reduced-precision encoder: in fp16 the
+    variance overflows (TensorRT-LLM issue #3223: a ViT built in plain fp16 gave cosine 0.14 against
+    PyTorch; a strongly typed engine that keeps the norms in fp32 gave 0.9997)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.float()).to(x.dtype)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
 class VisionEncoderModule(nn.Module):
     def __init__(self, tower: InternVLVisionModel, projector: nn.Module, config: VisionConfig):
         super().__init__()
@@ -46,12 +63,26 @@ class VisionEncoderModule(nn.Module):
         self.scale = round(1 / config.downsample_ratio)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.compute_dtype = torch.float32
+
+    def to_compute_dtype(self, dtype: torch.dtype) -> VisionEncoderModule:
+        """Weights and activations in `dtype` (fp16 / bf16, for TensorRT's strongly typed build);
+        the input normalization and every norm layer stay float32."""
+        if dtype == torch.float32:
+            return self
+        norms = [(parent, name, child) for parent in self.modules() for name, child in parent.named_children() if _is_norm(child)]
+        self.to(dtype)
+        for parent, name, child in norms:
+            setattr(parent, name, Float32Norm(child))
+        self.mean, self.std = self.mean.float(), self.std.float()
+        self.compute_dtype = dtype
+        return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # pixel_values: uint8 [T, 3, S, S] -> features: [T·Q, H]
+        # pixel_values: uint8 [T, 3, S, S] -> features: [T·Q, H] in compute_dtype
         # torchvision's ToTensor + Normalize float32 ops in their order (engine.preprocess.normalize_tiles)
         x = (pixel_values.to(torch.float32) / 255 - self.mean) / self.std
-        x = self.embeddings(x)
+        x = self.embeddings(x.to(self.compute_dtype))
         for layer in self.layers:
             x = layer(x)
         x = self.final_norm(x)[:, 1:]  # drop CLS

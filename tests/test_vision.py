@@ -8,7 +8,8 @@ import torch
 
 from engine.config import ModelConfig
 from engine.preprocess import normalize_tiles
-from engine.vision import OnnxVisionEncoder, TorchVisionEncoder, default_onnx_path, load_vision_encoder
+from build.export_vision import export_vision_onnx
+from engine.vision import Float32Norm, OnnxVisionEncoder, TorchVisionEncoder, VisionEncoderModule, default_onnx_path, load_vision_encoder
 from tests import reference_chat
 
 
@@ -82,3 +83,39 @@ def test_float_pixels_are_refused_with_a_clear_error(encoders, kind):
     encoder = torch_encoder if kind == "torch" else onnx_encoder
     with pytest.raises(TypeError, match="uint8 tiles"):
         encoder.encode(np.zeros((1, 3, 448, 448), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_module_keeps_norms_in_float32_and_tracks_float32(encoders, tiny, dtype):
+    """The GPU path's export recipe: matmuls in fp16/bf16, normalization and norm layers in fp32."""
+    config, torch_encoder, _ = encoders
+    module = VisionEncoderModule.from_pretrained(config).to_compute_dtype(dtype)
+    norms = [m for m in module.modules() if isinstance(m, Float32Norm)]
+    assert len(norms) == 2 * config.vision.num_layers + 1  # per layer: before/after attention; projector
+    assert all(p.dtype == torch.float32 for n in norms for p in n.parameters())
+    assert module.mean.dtype == module.std.dtype == torch.float32
+    assert {p.dtype for name, p in module.named_parameters() if ".norm." not in name} == {dtype}
+    pixels = _pixels(2, seed=5)
+    with torch.inference_mode():
+        got = module(torch.from_numpy(pixels))
+    assert got.dtype == dtype
+    expected = torch.from_numpy(torch_encoder.encode(pixels))
+    cosine = torch.nn.functional.cosine_similarity(got.float(), expected, dim=-1)
+    assert cosine.min() > 0.999
+
+
+def test_float16_onnx_export_has_float16_matmuls_and_float32_norms(tiny, tmp_path):
+    import onnx
+
+    out = export_vision_onnx(tiny, tmp_path / "vision_fp16.onnx", dtype="float16")
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(out)))
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    assert types[graph.input[0].name] == onnx.TensorProto.UINT8 and types[graph.output[0].name] == fp16
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    norms = [n for n in graph.node if n.op_type in ("LayerNormalization", "RMSNormalization")]
+    assert matmuls and norms
+    assert all(types[n.input[0]] == fp16 for n in matmuls)
+    assert all(types[n.input[0]] == fp32 for n in norms)
