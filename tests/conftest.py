@@ -16,6 +16,20 @@ from triton_repo.server import TritonServer, free_port
 LLM_FAMILIES = ("qwen2", "qwen3", "llama")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA and TensorRT; on the CPU machines of this project they skip."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and TensorRT (GPU path); none here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Lazily generated tiny checkpoints, keyed by LLM family; each with its vision ONNX."""

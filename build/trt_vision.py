@@ -1,0 +1,119 @@
+"""Compile the vision encoder's fp16/bf16 ONNX into a TensorRT plan (GPU path; needs CUDA + TensorRT).
+
+    python -m build.trt_vision --model <checkpoint> --out <dir> [--dtype float16] [--max-tiles N] [--opt-tiles N]
+
+Writes <dir>/vision_encoder.plan, <dir>/vision_encoder.json (dtype, tiles profile, Q, hidden size,
+tensor names, TensorRT version) and keeps <dir>/timing.cache for the next build. The network is
+strongly typed, so the precision is the ONNX graph's (build/export_vision.py --dtype): no
+FP16/BF16 builder flags, which TensorRT refuses on strongly typed networks (deprecated since 10.12).
+API followed: NVIDIA/TensorRT release/10.14 python bindings (python/src/infer/pyCore.cpp,
+python/docstrings/infer/pyCoreDoc.h: Builder.create_network, OnnxParser.parse_from_file,
+IOptimizationProfile.set_shape, IBuilderConfig.create_timing_cache / set_timing_cache,
+Builder.build_serialized_network); tensorrt~=10.14.1 is what tensorrt-llm 1.2.1 pins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from engine.config import ModelConfig
+from engine.vision import ONNX_INPUT, ONNX_OUTPUT
+
+PLAN, METADATA, TIMING_CACHE = "vision_encoder.plan", "vision_encoder.json", "timing.cache"
+WORKSPACE_BYTES = 8 << 30
+
+
+@dataclass(frozen=True)
+class TilesProfile:
+    """The optimization profile on the tiles axis of pixel_values [T, 3, S, S]."""
+
+    min_tiles: int
+    opt_tiles: int
+    max_tiles: int
+
+    def __post_init__(self):
+        if not 1 <= self.min_tiles <= self.opt_tiles <= self.max_tiles:
+            raise ValueError(f"need 1 ≤ min ≤ opt ≤ max tiles, got {self.min_tiles}, {self.opt_tiles}, {self.max_tiles}")
+
+    def shapes(self, image_size: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        # -> (min, opt, max) shapes of pixel_values for IOptimizationProfile.set_shape
+        return tuple((t, 3, image_size, image_size) for t in (self.min_tiles, self.opt_tiles, self.max_tiles))
+
+
+def engine_metadata(config: ModelConfig, dtype: str, profile: TilesProfile, tensorrt_version: str) -> dict:
+    return {
+        "dtype": dtype,
+        "input": {"name": ONNX_INPUT, "dtype": "uint8", "shape": [-1, 3, config.vision.image_size, config.vision.image_size]},
+        "output": {"name": ONNX_OUTPUT, "dtype": dtype, "shape": [-1, config.text.hidden_size]},
+        "tiles_profile": asdict(profile),
+        "tokens_per_tile": config.vision.tokens_per_tile,
+        "hidden_size": config.text.hidden_size,
+        "tensorrt": tensorrt_version,
+    }
+
+
+def build_vision_engine(onnx_file: Path, out: Path, config: ModelConfig, profile: TilesProfile, dtype: str) -> Path:
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise RuntimeError("TensorRT is not installed: build the GPU path inside the TensorRT-LLM Triton container (docs/GPU.md)") from e
+    out.mkdir(parents=True, exist_ok=True)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_file)):  # from a file: external weight files are found
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_file}: {errors}")
+    builder_config = builder.create_builder_config()
+    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    optimization_profile = builder.create_optimization_profile()
+    optimization_profile.set_shape(ONNX_INPUT, *profile.shapes(config.vision.image_size))
+    builder_config.add_optimization_profile(optimization_profile)
+    cache_file = out / TIMING_CACHE
+    cache = builder_config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+    builder_config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, builder_config)
+    if plan is None:
+        raise RuntimeError(f"TensorRT failed to build {onnx_file} (see the log above)")
+    (out / PLAN).write_bytes(bytes(plan))
+    cache_file.write_bytes(bytes(cache.serialize()))
+    metadata = engine_metadata(config, dtype, profile, trt.__version__)
+    (out / METADATA).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+    return out / PLAN
+
+
+def default_profile(config: ModelConfig, max_tiles: int | None = None, opt_tiles: int | None = None) -> TilesProfile:
+    """max: one request of BuildSettings.max_images images at the model's tiles per image; opt: the
+    tiles of one 1920x1080 photo (engine.preprocess.tile_grid), the common case."""
+    from build.repository import BuildSettings
+    from engine.preprocess import tile_grid
+
+    max_tiles = max_tiles or BuildSettings().limits(config)["max_tiles_per_request"]
+    if opt_tiles is None:
+        opt_tiles = min(tile_grid(1920, 1080, config.vision.image_size, config.max_num, config.min_num, config.use_thumbnail)[2], max_tiles)
+    return TilesProfile(1, opt_tiles, max_tiles)
+
+
+
+def main() -> None:
+    from build.export_vision import DTYPES, export_vision_onnx
+
+    parser = argparse.ArgumentParser(prog="python -m build.trt_vision", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--dtype", choices=sorted(set(DTYPES) - {"float32"}), default="float16")
+    parser.add_argument("--max-tiles", type=int, help="tiles per engine run (default: one request's limit, 4 images)")
+    parser.add_argument("--opt-tiles", type=int, help="the shape TensorRT tunes for (default: a 16:9 photo's tiles)")
+    args = parser.parse_args()
+    config = ModelConfig.from_pretrained(args.model)
+    profile = default_profile(config, args.max_tiles, args.opt_tiles)
+    onnx_file = export_vision_onnx(args.model, args.out / f"vision_encoder.{args.dtype}.onnx", args.dtype)
+    print(build_vision_engine(onnx_file, args.out, config, profile, args.dtype))
+
+
+if __name__ == "__main__":
+    main()
