@@ -4,7 +4,8 @@
 
 config.pbtxt files are filled from the templates in triton_repo/ with values from the checkpoint's
 ModelConfig and the build settings below; nothing in a template is a model-specific number.
-Re-running is idempotent: the ONNX export is skipped when the checkpoint has not changed.
+Re-running is idempotent: the ONNX export is skipped unless the checkpoint or the vision graph's
+code changed.
 """
 
 from __future__ import annotations
