@@ -111,7 +111,7 @@ class TorchVisionEncoder:
 
 
 class OnnxVisionEncoder:
-    def __init__(self, onnx_file: str | Path, threads: int | None = None):
+    def __init__(self, onnx_file: str | Path, threads: int | None = None, spin: bool = False):
         import onnxruntime as ort
 
         if not Path(onnx_file).is_file():
@@ -121,9 +121,9 @@ class OnnxVisionEncoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Worker threads sleep when a run ends instead of spinning for the next one: what follows an
-        # encode is the LLM's prefill (here or in another Triton stub) on the same cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # By default worker threads sleep when a run ends instead of spinning for the next one: what
+        # follows an encode is the LLM's prefill (here or in another Triton stub) on the same cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
         if self.session.get_inputs()[0].type != "tensor(uint8)":
             raise ValueError(

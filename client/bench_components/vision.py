@@ -74,28 +74,12 @@ def vision_artifacts(out: Path, checkpoint: Path, variants: bool) -> dict:
     return artifacts
 
 
-def _ort_encoder(onnx_file: Path, threads: int, spinning: bool = False):
-    import onnxruntime as ort
-
-    from engine.vision import OnnxVisionEncoder
-
-    if not spinning:
-        return OnnxVisionEncoder(onnx_file, threads=threads)  # exactly the engine's session
-    encoder = OnnxVisionEncoder.__new__(OnnxVisionEncoder)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    encoder.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
-    return encoder
-
-
 def bench_vision(out: Path, quick: bool) -> dict:
     import torch
 
     from engine.config import ModelConfig
     from engine.preprocess import load_images
-    from engine.vision import TorchVisionEncoder
+    from engine.vision import OnnxVisionEncoder, TorchVisionEncoder
 
     artifacts = vision_artifacts(out, CKPT_1B, variants=True)
     config = ModelConfig.from_pretrained(CKPT_1B)
@@ -108,7 +92,7 @@ def bench_vision(out: Path, quick: bool) -> dict:
     peak = PROBE.get("sgemm_gflops_2_threads") if THREADS >= 2 else PROBE.get("sgemm_gflops_1_thread")
     torch.set_num_threads(THREADS)
     log(f"vision: loading torch eager ({torch.get_num_threads()} threads) and ORT ({THREADS} intra-op threads)")
-    encoders = {"torch_eager": TorchVisionEncoder(config), "ort_default": _ort_encoder(artifacts["fp32"], THREADS)}
+    encoders = {"torch_eager": TorchVisionEncoder(config), "ort_default": OnnxVisionEncoder(artifacts["fp32"], THREADS)}
     results = {
         "configs": {},
         "flops_per_tile": flops_per_tile,
@@ -159,7 +143,7 @@ def bench_vision(out: Path, quick: bool) -> dict:
     one = inputs[small][:1]
     log(f"vision: variants, 1 tile, each x{reps_variant} interleaved with the default session")
     for name, (onnx_file, threads, spinning, note) in variants.items():
-        encoder = _ort_encoder(onnx_file, threads, spinning)
+        encoder = OnnxVisionEncoder(onnx_file, threads, spin=spinning)
         got = encoder.encode(one)  # warm-up (the default session is warm)
         timed = race({name: lambda: encoder.encode(one), "ort_default": lambda: default.encode(one)}, reps_variant, warmup=0, label=f"vision {name}")
         ref = reference[: len(got)]
