@@ -21,20 +21,25 @@ from engine.config import ModelConfig
 from engine.vision import ONNX_INPUT, ONNX_OUTPUT, VisionEncoderModule, default_onnx_path
 
 OPSET = 18
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _GRAPH_SOURCES = ("engine/vision.py", "build/export_vision.py")
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
 
 
-def graph_fingerprint() -> str:
-    """Changes whenever the exported graph may change (its code or torch): part of build stamps."""
+def export_stamp(checkpoint: str | Path) -> dict:
+    """What an exported ONNX depends on: the checkpoint's files and the graph's code (and torch).
+    A cached export is valid while this is unchanged."""
+    path = Path(checkpoint).resolve()
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256(torch.__version__.encode())
     for name in _GRAPH_SOURCES:
         digest.update((root / name).read_bytes())
-    return digest.hexdigest()[:16]
-logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
+    return {
+        "checkpoint": str(path),
+        "files": {f.name: f.stat().st_mtime_ns for f in files},
+        "vision_graph": digest.hexdigest()[:16],
+    }
 
 
 def export_vision_onnx(checkpoint: str | Path, out: str | Path | None = None, dtype: str = "float32") -> Path:

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from build.export_vision import export_vision_onnx, graph_fingerprint
+from build.export_vision import export_stamp, export_vision_onnx
 from engine.config import ModelConfig
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "triton_repo"
@@ -41,22 +41,13 @@ class BuildSettings:
         return {"max_tiles_per_request": max_tiles, "max_input_len": max_input_len}
 
 
-def _checkpoint_stamp(config: ModelConfig) -> dict:
-    files = sorted(config.path.glob("*.safetensors")) + [config.path / "config.json"]
-    return {
-        "checkpoint": str(config.path.resolve()),
-        "files": {f.name: f.stat().st_mtime_ns for f in files},
-        "vision_graph": graph_fingerprint(),
-    }
-
-
 def build(checkpoint: str | Path, out: str | Path, settings: BuildSettings = BuildSettings()) -> Path:
     config = ModelConfig.from_pretrained(checkpoint)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     onnx_file = out / "vision_encoder.onnx"
     stamp_file = out / "build.json"
-    stamp = _checkpoint_stamp(config)
+    stamp = export_stamp(config.path)
     previous = json.loads(stamp_file.read_text(encoding="utf-8")) if stamp_file.is_file() else {}
     if onnx_file.is_file() and previous.get("stamp") == stamp:
         print(f"[1/2] vision ONNX up to date: {onnx_file}")

@@ -14,12 +14,6 @@ from client.bench_components.common import CKPT_1B, PROBE, THREADS, log, race
 from client.synthetic import synthetic_image
 
 
-def _stamp(path: Path) -> dict:
-    from build.export_vision import graph_fingerprint
-
-    return {**{f.name: f.stat().st_mtime_ns for f in sorted(path.glob("*.safetensors"))}, "vision_graph": graph_fingerprint()}
-
-
 def _cached(target: Path, stamp: dict, make) -> tuple[Path, float | None]:
     """(target, seconds spent making it or None when the cached one was valid)."""
     stamp_file = target.with_suffix(target.suffix + ".stamp.json")
@@ -33,10 +27,10 @@ def _cached(target: Path, stamp: dict, make) -> tuple[Path, float | None]:
 
 def vision_artifacts(out: Path, checkpoint: Path, variants: bool) -> dict:
     from build.checkpoint import generate
-    from build.export_vision import export_vision_onnx
+    from build.export_vision import export_stamp, export_vision_onnx
 
     generate("internvl3_5-1b", "qwen3", checkpoint)
-    stamp = _stamp(checkpoint)
+    stamp = export_stamp(checkpoint)
     onnx_file, spent = _cached(out / "vision_internvl3_5-1b.onnx", stamp, lambda t: export_vision_onnx(checkpoint, t))
     log(f"vision: ONNX {onnx_file.name} " + (f"exported in {spent:.0f} s" if spent else "(cached)"))
     artifacts = {"fp32": onnx_file}
