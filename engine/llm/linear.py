@@ -24,12 +24,11 @@ def onednn_packing_available(dtype: torch.dtype) -> bool:
 
 
 class Linear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         # weight: [out, in]; bias: [out] or None
-        self.out_features, self.in_features = weight.shape
         self.nbytes = weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
         self.bias = bias
-        self.packed = pack and onednn_packing_available(weight.dtype)
+        self.packed = onednn_packing_available(weight.dtype)
         if self.packed:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS_HINT)
         else:
