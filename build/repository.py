@@ -1,11 +1,17 @@
-"""`make build`: a checkpoint → OUT/ with the vision ONNX and a complete Triton model repository.
+"""`make build`: a checkpoint → OUT/ with the engines and a complete Triton model repository.
 
-    python -m build.repository --model <checkpoint> --out <dir> [--max-images 4 ...]
+    python -m build.repository --model <checkpoint> --out <dir> [--target cpu|gpu] [--max-images 4 ...]
+        gpu only: [--dtype float16] [--tp-size 1] [--pp-size 1] [--quantization none|...]
+                  [--vision-gpus 0] [--llm-gpus 1,2] [--kv-cache-free-gpu-mem-fraction 0.85] ...
 
-config.pbtxt files are filled from the templates in triton_repo/ with values from the checkpoint's
-ModelConfig and the build settings below; nothing in a template is a model-specific number.
-Re-running is idempotent: the ONNX export is skipped unless the checkpoint or the vision graph's
-code changed.
+cpu: the vision ONNX (ONNX Runtime) and the python-backend LLM. gpu (inside the TensorRT-LLM Triton
+container, docs/GPU.md): the vision TensorRT plan and the TensorRT-LLM engine. Both targets share
+the ensemble contract (preprocess → vision_encoder → llm → postprocess, same tensor names), so
+clients cannot tell them apart. config.pbtxt files are filled from the templates in triton_repo/
+(GPU-only models in triton_repo/gpu/) with values from the checkpoint's ModelConfig and the
+settings (build/settings.py); nothing in a template is a model-specific number.
+Re-running the cpu build is idempotent: the ONNX export is skipped unless the checkpoint or the
+vision graph's code changed.
 """
 
 from __future__ import annotations
@@ -15,30 +21,82 @@ import json
 import shutil
 import string
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from build.export_vision import export_stamp, export_vision_onnx
+from build.settings import BuildSettings, GpuSettings, add_arguments, from_arguments
 from engine.config import ModelConfig
+from engine.vision import ONNX_INPUT, ONNX_OUTPUT
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "triton_repo"
-MODELS = ("preprocess", "vision_encoder", "llm", "postprocess", "internvl")
+# model name -> its template directory under triton_repo/
+TARGET_MODELS = {
+    "cpu": {m: m for m in ("preprocess", "vision_encoder", "llm", "postprocess", "internvl")},
+    "gpu": {
+        "preprocess": "preprocess",
+        "vision_encoder": "gpu/vision_encoder",
+        "tensorrt_llm": "gpu/tensorrt_llm",
+        "llm": "gpu/llm",
+        "postprocess": "postprocess",
+        "internvl": "internvl",
+    },
+}
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 
 
-@dataclass(frozen=True)
-class BuildSettings:
-    max_images: int = 4  # images per request
-    max_batch_size: int = 8  # requests per Triton batch (the batch dimension of every model)
-    llm_max_batch_size: int = 8  # sequences decoding together (in-flight batching)
-    max_num_tokens: int = 2048  # tokens per engine step (bounds how long a prefill stalls decodes)
-    text_budget: int = 2048  # prompt tokens beyond the image tokens
-    preprocess_instances: int = 2
-    vision_queue_delay_us: int = 0  # requests arriving during a run still batch; waiting only adds TTFT
+def common_values(config: ModelConfig, settings: BuildSettings) -> dict:
+    return {
+        **asdict(settings),
+        **settings.limits(config),
+        "checkpoint": str(config.path.resolve()),
+        "image_size": config.vision.image_size,
+        "hidden_size": config.text.hidden_size,
+        "tokens_per_tile": config.vision.tokens_per_tile,
+        "vision_input": ONNX_INPUT,
+        "vision_output": ONNX_OUTPUT,
+    }
 
-    def limits(self, config: ModelConfig) -> dict[str, int]:
-        max_tiles = self.max_images * config.max_tiles_per_image
-        max_input_len = min(max_tiles * config.vision.tokens_per_tile + self.text_budget, config.text.max_position_embeddings - 1)
-        return {"max_tiles_per_request": max_tiles, "max_input_len": max_input_len}
+
+def gpu_values(config: ModelConfig, settings: BuildSettings, gpu: GpuSettings, vision_metadata: dict, engine_dir: Path) -> dict:
+    """Template values of the GPU models; tensor names and dtype come from the vision engine's metadata."""
+    if vision_metadata["dtype"] != gpu.dtype:
+        raise ValueError(f"the vision plan is {vision_metadata['dtype']} but the LLM engine is {gpu.dtype}: the prompt table needs one dtype")
+    expected = (config.vision.tokens_per_tile, config.text.hidden_size)
+    if tuple(vision_metadata["output"]["shape"][1:]) != expected:
+        raise ValueError(f"the vision plan outputs {vision_metadata['output']['shape']}, this checkpoint needs [-1, {expected[0]}, {expected[1]}]")
+    plan_tiles = vision_metadata["tiles_profile"]["max_tiles"]
+    if plan_tiles < settings.limits(config)["vision_max_tiles_per_run"]:
+        raise ValueError(f"the vision plan takes {plan_tiles} tiles per run; these settings batch up to {settings.limits(config)['vision_max_tiles_per_run']}: rebuild it")
+    placement = (
+        f'parameters {{ key: "gpu_device_ids" value: {{ string_value: "{",".join(map(str, gpu.llm_gpus))}" }} }}'
+        if gpu.llm_gpus
+        else "# gpu_device_ids unset: the ranks use the visible GPUs in order"
+    )
+    return {
+        **common_values(config, settings),
+        **{k: v for k, v in asdict(gpu).items() if not isinstance(v, (tuple, bool))},
+        "vision_input": vision_metadata["input"]["name"],
+        "vision_output": vision_metadata["output"]["name"],
+        "prompt_table_dtype": TRITON_DTYPES[gpu.dtype],
+        "vision_gpus": ", ".join(map(str, gpu.vision_gpus)),
+        "engine_dir": str(Path(engine_dir).resolve()),
+        "enable_kv_cache_reuse": str(gpu.enable_kv_cache_reuse).lower(),
+        "llm_placement": placement,
+    }
+
+
+def write_repository(repository: Path, target: str, values: dict) -> None:
+    if repository.exists():
+        shutil.rmtree(repository)
+    for model, source in TARGET_MODELS[target].items():
+        source, destination = TEMPLATES / source, repository / model
+        (destination / "1").mkdir(parents=True)
+        template = string.Template((source / "config.pbtxt.tmpl").read_text(encoding="utf-8"))
+        (destination / "config.pbtxt").write_text(template.substitute(values), encoding="utf-8")
+        adapter = source / "1" / "model.py"
+        if adapter.is_file():
+            shutil.copy2(adapter, destination / "1" / "model.py")
 
 
 def build(checkpoint: str | Path, out: str | Path, settings: BuildSettings = BuildSettings()) -> Path:
@@ -56,30 +114,35 @@ def build(checkpoint: str | Path, out: str | Path, settings: BuildSettings = Bui
         started = time.perf_counter()
         export_vision_onnx(config.path, onnx_file)
         print(f"      {onnx_file} ({time.perf_counter() - started:.1f} s)")
-
-    values = {
-        **asdict(settings),
-        **settings.limits(config),
-        "checkpoint": str(config.path.resolve()),
-        "onnx_file": str(onnx_file),
-        "image_size": config.vision.image_size,
-        "hidden_size": config.text.hidden_size,
-        "tokens_per_tile": config.vision.tokens_per_tile,
-    }
+    values = {**common_values(config, settings), "onnx_file": str(onnx_file)}
     repository = out / "model_repository"
-    if repository.exists():
-        shutil.rmtree(repository)
-    for model in MODELS:
-        source = TEMPLATES / model
-        target = repository / model
-        (target / "1").mkdir(parents=True)
-        template = string.Template((source / "config.pbtxt.tmpl").read_text(encoding="utf-8"))
-        (target / "config.pbtxt").write_text(template.substitute(values), encoding="utf-8")
-        adapter = source / "1" / "model.py"
-        if adapter.is_file():
-            shutil.copy2(adapter, target / "1" / "model.py")
+    write_repository(repository, "cpu", values)
     stamp_file.write_text(json.dumps({"stamp": stamp, "values": values}, indent=2), encoding="utf-8")
-    print(f"[2/2] model repository: {repository} ({', '.join(MODELS)})")
+    print(f"[2/2] model repository: {repository} ({', '.join(TARGET_MODELS['cpu'])})")
+    return out
+
+
+def build_gpu(checkpoint: str | Path, out: str | Path, settings: BuildSettings, gpu: GpuSettings) -> Path:
+    """The TensorRT vision plan, the TensorRT-LLM engine and the GPU repository (needs the container)."""
+    from build.trt_vision import METADATA, PLAN, build_vision_engine, default_profile
+    from build.trtllm_engine import build_llm_engine, conversion_plan
+
+    config = ModelConfig.from_pretrained(checkpoint)
+    conversion_plan(config, gpu)  # refuses an unsupported LLM family before the vision build
+    out = Path(out).resolve()
+    vision_dir = out / "vision"
+    print(f"[1/3] vision encoder → TensorRT plan ({gpu.dtype}, strongly typed) ...", flush=True)
+    onnx_file = export_vision_onnx(config.path, vision_dir / f"vision_encoder.{gpu.dtype}.onnx", gpu.dtype, ragged=True)
+    plan = build_vision_engine(onnx_file, vision_dir, config, default_profile(config, settings), gpu.dtype)
+    print(f"[2/3] language model → TensorRT-LLM engine ({gpu.dtype}, TP {gpu.tp_size} × PP {gpu.pp_size}, {gpu.quantization}) ...", flush=True)
+    engine_dir = build_llm_engine(config.path, out / "llm", settings, gpu)
+    metadata = json.loads((vision_dir / METADATA).read_text(encoding="utf-8"))
+    values = gpu_values(config, settings, gpu, metadata, engine_dir)
+    repository = out / "model_repository"
+    write_repository(repository, "gpu", values)
+    shutil.copy2(plan, repository / "vision_encoder" / "1" / "model.plan")  # Triton's default plan file name
+    (out / "build.json").write_text(json.dumps({"target": "gpu", "values": values}, indent=2), encoding="utf-8")
+    print(f"[3/3] model repository: {repository} ({', '.join(TARGET_MODELS['gpu'])})")
     return out
 
 
@@ -87,11 +150,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     parser.add_argument("--out", type=Path, required=True)
-    for name, default in asdict(BuildSettings()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    parser.add_argument("--target", choices=sorted(TARGET_MODELS), default="cpu")
+    add_arguments(parser, BuildSettings)
+    add_arguments(parser, GpuSettings)
     args = vars(parser.parse_args())
-    model, out = args.pop("model"), args.pop("out")
-    build(model, out, BuildSettings(**args))
+    model, out, target = args.pop("model"), args.pop("out"), args.pop("target")
+    gpu = from_arguments(GpuSettings, args)
+    settings = from_arguments(BuildSettings, args)
+    if target == "gpu":
+        build_gpu(model, out, settings, gpu)
+    else:
+        build(model, out, settings)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """Compile the vision encoder's fp16/bf16 ONNX into a TensorRT plan (GPU path; needs CUDA + TensorRT).
 
-    python -m build.trt_vision --model <checkpoint> --out <dir> [--dtype float16] [--max-tiles N] [--opt-tiles N]
+    python -m build.trt_vision --model <checkpoint> --out <dir> [--dtype float16] [--opt-tiles N]
+        [BuildSettings flags: --max-images 4 --max-batch-size 8 ...]
 
 Writes <dir>/vision_encoder.plan, <dir>/vision_encoder.json (dtype, tiles profile, Q, hidden size,
 tensor names, TensorRT version) and keeps <dir>/timing.cache for the next build. The network is
 strongly typed, so the precision is the ONNX graph's (build/export_vision.py --dtype): no
 FP16/BF16 builder flags, which TensorRT refuses on strongly typed networks (deprecated since 10.12).
+The graph is the ragged export (flat uint8 input, [T, Q, H] output): Triton's TensorRT backend
+concatenates a dynamic batch of requests' tiles into one flat tensor and scatters the output back
+by each request's tile count (tensorrt_backend src/instance_state.cc: ragged inputs must be 1-D
+in the engine; batch_output BATCH_SCATTER_WITH_INPUT_SHAPE).
 API followed: NVIDIA/TensorRT release/10.14 python bindings (python/src/infer/pyCore.cpp,
 python/docstrings/infer/pyCoreDoc.h: Builder.create_network, OnnxParser.parse_from_file,
 IOptimizationProfile.set_shape, IBuilderConfig.create_timing_cache / set_timing_cache,
@@ -19,6 +24,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from build.settings import BuildSettings
 from engine.config import ModelConfig
 from engine.vision import ONNX_INPUT, ONNX_OUTPUT
 
@@ -28,26 +34,28 @@ WORKSPACE_BYTES = 8 << 30
 
 @dataclass(frozen=True)
 class TilesProfile:
-    """The optimization profile on the tiles axis of pixel_values [T, 3, S, S]."""
+    """The optimization profile on the tiles of one engine run (a dynamic batch of requests).
+    min 0: a batch of text-only requests runs the engine on an empty tensor."""
 
     min_tiles: int
     opt_tiles: int
     max_tiles: int
 
     def __post_init__(self):
-        if not 1 <= self.min_tiles <= self.opt_tiles <= self.max_tiles:
-            raise ValueError(f"need 1 ≤ min ≤ opt ≤ max tiles, got {self.min_tiles}, {self.opt_tiles}, {self.max_tiles}")
+        if not (0 <= self.min_tiles <= self.opt_tiles <= self.max_tiles and self.max_tiles >= 1):
+            raise ValueError(f"need 0 ≤ min ≤ opt ≤ max tiles and max ≥ 1, got {self.min_tiles}, {self.opt_tiles}, {self.max_tiles}")
 
-    def shapes(self, image_size: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        # -> (min, opt, max) shapes of pixel_values for IOptimizationProfile.set_shape
-        return tuple((t, 3, image_size, image_size) for t in (self.min_tiles, self.opt_tiles, self.max_tiles))
+    def shapes(self, image_size: int) -> tuple[tuple[int], tuple[int], tuple[int]]:
+        # -> (min, opt, max) shapes of the flat pixel_values [T·3·S·S] for IOptimizationProfile.set_shape
+        return tuple((t * 3 * image_size * image_size,) for t in (self.min_tiles, self.opt_tiles, self.max_tiles))
 
 
 def engine_metadata(config: ModelConfig, dtype: str, profile: TilesProfile, tensorrt_version: str) -> dict:
     return {
         "dtype": dtype,
-        "input": {"name": ONNX_INPUT, "dtype": "uint8", "shape": [-1, 3, config.vision.image_size, config.vision.image_size]},
-        "output": {"name": ONNX_OUTPUT, "dtype": dtype, "shape": [-1, config.text.hidden_size]},
+        # engine shapes; Triton's config declares pixel_values per request as [-1, 3, S, S]
+        "input": {"name": ONNX_INPUT, "dtype": "uint8", "shape": [-1]},
+        "output": {"name": ONNX_OUTPUT, "dtype": dtype, "shape": [-1, config.vision.tokens_per_tile, config.text.hidden_size]},
         "tiles_profile": asdict(profile),
         "tokens_per_tile": config.vision.tokens_per_tile,
         "hidden_size": config.text.hidden_size,
@@ -86,33 +94,34 @@ def build_vision_engine(onnx_file: Path, out: Path, config: ModelConfig, profile
     return out / PLAN
 
 
-def default_profile(config: ModelConfig, max_tiles: int | None = None, opt_tiles: int | None = None) -> TilesProfile:
-    """max: one request of BuildSettings.max_images images at the model's tiles per image; opt: the
-    tiles of one 1920x1080 photo (engine.preprocess.tile_grid), the common case."""
-    from build.repository import BuildSettings
+def default_profile(config: ModelConfig, settings: BuildSettings = BuildSettings(), opt_tiles: int | None = None) -> TilesProfile:
+    """max: a full Triton batch of requests at the per-request tile limit (the vision model batches
+    up to settings.max_batch_size requests); opt: the tiles of one 1920x1080 photo
+    (engine.preprocess.tile_grid), the common request."""
     from engine.preprocess import tile_grid
 
-    max_tiles = max_tiles or BuildSettings().limits(config)["max_tiles_per_request"]
+    max_tiles = settings.limits(config)["vision_max_tiles_per_run"]
     if opt_tiles is None:
-        opt_tiles = min(tile_grid(1920, 1080, config.vision.image_size, config.max_num, config.min_num, config.use_thumbnail)[2], max_tiles)
-    return TilesProfile(1, opt_tiles, max_tiles)
-
+        opt_tiles = tile_grid(1920, 1080, config.vision.image_size, config.max_num, config.min_num, config.use_thumbnail)[2]
+    return TilesProfile(0, min(opt_tiles, max_tiles), max_tiles)
 
 
 def main() -> None:
-    from build.export_vision import DTYPES, export_vision_onnx
+    from build.export_vision import export_vision_onnx
+    from build.settings import GPU_DTYPES, add_arguments, from_arguments
 
     parser = argparse.ArgumentParser(prog="python -m build.trt_vision", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--dtype", choices=sorted(set(DTYPES) - {"float32"}), default="float16")
-    parser.add_argument("--max-tiles", type=int, help="tiles per engine run (default: one request's limit, 4 images)")
+    parser.add_argument("--dtype", choices=GPU_DTYPES, default="float16")
     parser.add_argument("--opt-tiles", type=int, help="the shape TensorRT tunes for (default: a 16:9 photo's tiles)")
-    args = parser.parse_args()
-    config = ModelConfig.from_pretrained(args.model)
-    profile = default_profile(config, args.max_tiles, args.opt_tiles)
-    onnx_file = export_vision_onnx(args.model, args.out / f"vision_encoder.{args.dtype}.onnx", args.dtype)
-    print(build_vision_engine(onnx_file, args.out, config, profile, args.dtype))
+    add_arguments(parser, BuildSettings)
+    args = vars(parser.parse_args())
+    model, out, dtype, opt_tiles = (args.pop(k) for k in ("model", "out", "dtype", "opt_tiles"))
+    config = ModelConfig.from_pretrained(model)
+    profile = default_profile(config, from_arguments(BuildSettings, args), opt_tiles)
+    onnx_file = export_vision_onnx(model, out / f"vision_encoder.{dtype}.onnx", dtype, ragged=True)
+    print(build_vision_engine(onnx_file, out, config, profile, dtype))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class VisionEncoderModule(nn.Module):
         self.layers = nn.ModuleList(tower.encoder.layer[: config.num_layers])
         self.final_norm = tower.layernorm if config.final_layernorm else nn.Identity()
         self.projector = projector
+        self.image_size = config.image_size
         self.side = config.image_size // config.patch_size
         self.scale = round(1 / config.downsample_ratio)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -79,15 +80,23 @@ class VisionEncoderModule(nn.Module):
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # pixel_values: uint8 [T, 3, S, S] -> features: [T·Q, H] in compute_dtype
+        # pixel_values: uint8 [T, 3, S, S] -> features: [T·Q, H] in compute_dtype, or
+        # pixel_values: uint8 [T·3·S·S] (a ragged batch: Triton's TensorRT backend concatenates the
+        #               requests' tiles flat) -> features: [T, Q, H], so Triton can scatter them back
+        x = pixel_values.to(torch.float32)  # first op: TensorRT wants a uint8 input to feed a Cast
+        ragged = x.dim() == 1
+        if ragged:
+            x = x.reshape(-1, 3, self.image_size, self.image_size)
+        tiles = x.shape[0]
         # torchvision's ToTensor + Normalize float32 ops in their order (engine.preprocess.normalize_tiles)
-        x = (pixel_values.to(torch.float32) / 255 - self.mean) / self.std
+        x = (x / 255 - self.mean) / self.std
         x = self.embeddings(x.to(self.compute_dtype))
         for layer in self.layers:
             x = layer(x)
         x = self.final_norm(x)[:, 1:]  # drop CLS
-        x = pixel_shuffle(x.reshape(x.shape[0], self.side, self.side, -1), self.scale)
-        return self.projector(x.reshape(-1, x.shape[-1]))
+        x = pixel_shuffle(x.reshape(tiles, self.side, self.side, -1), self.scale)
+        features = self.projector(x.reshape(-1, x.shape[-1]))
+        return features.reshape(tiles, -1, features.shape[-1]) if ragged else features
 
     @classmethod
     def from_pretrained(cls, config: ModelConfig) -> VisionEncoderModule:

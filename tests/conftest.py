@@ -9,7 +9,8 @@ import pytest
 
 from build.checkpoint import generate
 from build.export_vision import export_vision_onnx
-from build.repository import BuildSettings, build
+from build.repository import build
+from build.settings import BuildSettings
 from engine.vision import default_onnx_path
 from triton_repo.server import TritonServer, free_port
 

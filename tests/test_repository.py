@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import json
 
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
+import pytest
 
-from build.repository import MODELS, BuildSettings, build
+from build.repository import TARGET_MODELS, build
+from build.settings import BuildSettings
 from engine.config import ModelConfig
+from tests.repository_checks import assert_ensemble_wired, parse_configs
 
-
-def _configs(out) -> dict[str, model_config_pb2.ModelConfig]:
-    return {
-        m: text_format.Parse((out / "model_repository" / m / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-        for m in MODELS
-    }
+MODELS = TARGET_MODELS["cpu"]
 
 
 def test_generated_configs_parse_and_carry_the_checkpoint_shapes(tiny, tmp_path):
     settings = BuildSettings(max_images=3, llm_max_batch_size=5)
     build(tiny, tmp_path, settings)
     config = ModelConfig.from_pretrained(tiny)
-    configs = _configs(tmp_path)
+    configs = parse_configs(tmp_path / "model_repository", MODELS)
     tensors = {m: {t.name: t for t in (*c.input, *c.output)} for m, c in configs.items()}
     s, h = config.vision.image_size, config.text.hidden_size
     assert list(tensors["preprocess"]["pixel_values"].dims) == [-1, 3, s, s]
@@ -39,21 +35,7 @@ def test_generated_configs_parse_and_carry_the_checkpoint_shapes(tiny, tmp_path)
 
 def test_ensemble_wires_every_tensor_to_a_producer_with_matching_type(tiny, tmp_path):
     build(tiny, tmp_path)
-    configs = _configs(tmp_path)
-    ensemble = configs["internvl"]
-    available = {t.name: (t.data_type, len(t.dims)) for t in ensemble.input}
-    for step in ensemble.ensemble_scheduling.step:
-        model = configs[step.model_name]
-        inputs = {t.name: t for t in model.input}
-        for key, value in step.input_map.items():
-            assert value in available, f"{step.model_name}.{key} reads {value}, which nothing produced"
-            assert available[value] == (inputs[key].data_type, len(inputs[key].dims)), (step.model_name, key)
-        outputs = {t.name: t for t in model.output}
-        for key, value in step.output_map.items():
-            available[value] = (outputs[key].data_type, len(outputs[key].dims))
-        required = {t.name for t in model.input if not t.optional}
-        assert required <= set(step.input_map), (step.model_name, required - set(step.input_map))
-    assert all(o.name in available for o in ensemble.output)
+    assert_ensemble_wired(parse_configs(tmp_path / "model_repository", MODELS))
 
 
 def test_rebuilding_is_idempotent(tiny, tmp_path, capsys):
@@ -66,3 +48,21 @@ def test_rebuilding_is_idempotent(tiny, tmp_path, capsys):
     assert onnx.stat().st_mtime_ns == mtime
     assert first == {m: (tmp_path / "model_repository" / m / "config.pbtxt").read_text() for m in MODELS}
     assert json.loads((tmp_path / "build.json").read_text())["values"]["hidden_size"] == ModelConfig.from_pretrained(tiny).text.hidden_size
+
+
+def test_limits_follow_the_config_and_the_settings(tiny):
+    config = ModelConfig.from_pretrained(tiny)
+    settings = BuildSettings(max_images=3, max_batch_size=4, llm_max_batch_size=6, text_budget=1000, max_output_len=500)
+    limits = settings.limits(config)
+    q, per_image = config.vision.tokens_per_tile, config.max_num + 1  # + thumbnail
+    assert limits["max_tiles_per_request"] == 3 * per_image
+    assert limits["max_input_len"] == min(3 * per_image * q + 1000, config.text.max_position_embeddings - 1)
+    assert limits["max_seq_len"] == min(limits["max_input_len"] + 500, config.text.max_position_embeddings)
+    assert limits["vision_max_tiles_per_run"] == 4 * 3 * per_image
+    assert limits["max_multimodal_len"] == 6 * 3 * per_image * q
+
+
+@pytest.mark.parametrize("field", ["max_images", "max_batch_size", "llm_max_batch_size", "max_num_tokens"])
+def test_settings_refuse_non_positive_limits(field):
+    with pytest.raises(ValueError, match=f"{field} must be positive"):
+        BuildSettings(**{field: 0})

@@ -10,14 +10,14 @@ import torch
 from PIL import Image
 
 from build.export_vision import export_vision_onnx
-from build.repository import BuildSettings
+from build.settings import BuildSettings
 from build.trt_vision import TilesProfile, build_vision_engine, default_profile, engine_metadata
 from engine.config import ModelConfig
 from engine.vision import VisionEncoderModule
 from tests import reference_preprocess
 
 
-@pytest.mark.parametrize("values", [(0, 1, 2), (2, 1, 3), (1, 4, 3)])
+@pytest.mark.parametrize("values", [(-1, 1, 2), (2, 1, 3), (1, 4, 3), (0, 0, 0)])
 def test_tiles_profile_refuses_unordered_or_empty_ranges(values):
     with pytest.raises(ValueError, match="min ≤ opt ≤ max"):
         TilesProfile(*values)
@@ -25,24 +25,46 @@ def test_tiles_profile_refuses_unordered_or_empty_ranges(values):
 
 def test_default_profile_follows_the_config_and_the_seed_tiling(tiny):
     config = ModelConfig.from_pretrained(tiny)
-    profile = default_profile(config)
-    # max: a whole request (max_images images of max_dynamic_patch tiles + thumbnail each)
-    assert profile.max_tiles == BuildSettings().max_images * (config.max_num + 1)
+    settings = BuildSettings(max_images=2, max_batch_size=3)
+    profile = default_profile(config, settings)
+    # max: a full Triton batch (3 requests) of whole requests (2 images × (max_dynamic_patch + thumbnail))
+    assert profile.max_tiles == 3 * 2 * (config.max_num + 1)
     # opt: what the cards' dynamic_preprocess makes of a 1920x1080 photo
     tiles = reference_preprocess.dynamic_preprocess(Image.new("RGB", (1920, 1080)), max_num=config.max_num, use_thumbnail=True)
     assert profile.opt_tiles == len(tiles)
-    assert profile.min_tiles == 1
-    assert profile.shapes(448) == ((1, 3, 448, 448), (len(tiles), 3, 448, 448), (profile.max_tiles, 3, 448, 448))
-    assert default_profile(config, max_tiles=4).opt_tiles == 4  # opt never exceeds max
+    assert profile.min_tiles == 0  # a batch of text-only requests
+    tile = 3 * 448 * 448
+    assert profile.shapes(448) == ((0,), (len(tiles) * tile,), (profile.max_tiles * tile,))
+    assert default_profile(config, BuildSettings(max_images=1, max_batch_size=1), opt_tiles=99).opt_tiles == config.max_num + 1
 
 
 def test_metadata_names_the_engine_tensors_and_shapes(tiny):
     config = ModelConfig.from_pretrained(tiny)
-    meta = engine_metadata(config, "float16", TilesProfile(1, 9, 52), "10.14.1.48")
-    assert meta["input"] == {"name": "pixel_values", "dtype": "uint8", "shape": [-1, 3, 448, 448]}
-    assert meta["output"] == {"name": "prompt_embedding_table", "dtype": "float16", "shape": [-1, config.text.hidden_size]}
-    assert meta["tokens_per_tile"] == config.vision.tokens_per_tile == 256
-    assert meta["tiles_profile"] == {"min_tiles": 1, "opt_tiles": 9, "max_tiles": 52}
+    meta = engine_metadata(config, "float16", TilesProfile(0, 9, 52), "10.14.1.48")
+    assert meta["input"] == {"name": "pixel_values", "dtype": "uint8", "shape": [-1]}
+    q, h = config.vision.tokens_per_tile, config.text.hidden_size
+    assert meta["output"] == {"name": "prompt_embedding_table", "dtype": "float16", "shape": [-1, q, h]}
+    assert meta["tokens_per_tile"] == q == 256
+    assert meta["tiles_profile"] == {"min_tiles": 0, "opt_tiles": 9, "max_tiles": 52}
+
+
+def test_ragged_export_is_the_tiled_graph_on_flat_input(tiny, tmp_path):
+    """The plan's graph (flat uint8 in, [T, Q, H] out) computes what the CPU graph computes, down
+    to an empty batch; its uint8 input feeds only a Cast, as TensorRT requires."""
+    import onnx
+    import onnxruntime as ort
+
+    config = ModelConfig.from_pretrained(tiny)
+    ragged = ort.InferenceSession(str(export_vision_onnx(tiny, tmp_path / "ragged.onnx", ragged=True)))
+    tiled = ort.InferenceSession(str(export_vision_onnx(tiny, tmp_path / "tiled.onnx")))
+    pixels = np.random.default_rng(3).integers(0, 256, (3, 3, 448, 448), dtype=np.uint8)
+    flat_out = ragged.run(None, {"pixel_values": pixels.reshape(-1)})[0]
+    q, h = config.vision.tokens_per_tile, config.text.hidden_size
+    assert flat_out.shape == (3, q, h)
+    np.testing.assert_allclose(flat_out.reshape(-1, h), tiled.run(None, {"pixel_values": pixels})[0], rtol=1e-4, atol=1e-4)
+    assert ragged.run(None, {"pixel_values": np.zeros(0, np.uint8)})[0].shape == (0, q, h)
+    graph = onnx.load(str(tmp_path / "ragged.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node if "pixel_values" in n.input] == ["Cast"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
@@ -57,19 +79,26 @@ def test_tensorrt_engine_matches_the_torch_module(tiny, tmp_path):
     import tensorrt as trt
 
     config = ModelConfig.from_pretrained(tiny)
-    onnx_file = export_vision_onnx(tiny, tmp_path / "vision_fp16.onnx", "float16")
-    plan = build_vision_engine(onnx_file, tmp_path, config, TilesProfile(1, 2, 4), "float16")
+    onnx_file = export_vision_onnx(tiny, tmp_path / "vision_fp16.onnx", "float16", ragged=True)
+    plan = build_vision_engine(onnx_file, tmp_path, config, TilesProfile(0, 2, 4), "float16")
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
     context = engine.create_execution_context()
-    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 3, 448, 448), dtype=np.uint8)).cuda()
-    out = torch.empty(3 * config.vision.tokens_per_tile, config.text.hidden_size, dtype=torch.float16, device="cuda")
-    context.set_input_shape("pixel_values", tuple(pixels.shape))
-    context.set_tensor_address("pixel_values", pixels.data_ptr())
-    context.set_tensor_address("prompt_embedding_table", out.data_ptr())
+    q, h = config.vision.tokens_per_tile, config.text.hidden_size
     stream = torch.cuda.current_stream()
-    assert context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        flat = pixels.reshape(-1).cuda()
+        out = torch.empty(len(pixels), q, h, dtype=torch.float16, device="cuda")
+        context.set_input_shape("pixel_values", tuple(flat.shape))
+        context.set_tensor_address("pixel_values", flat.data_ptr())
+        context.set_tensor_address("prompt_embedding_table", out.data_ptr())
+        assert context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return out
+
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 3, 448, 448), dtype=np.uint8))
     with torch.inference_mode():
-        expected = VisionEncoderModule.from_pretrained(config)(pixels.cpu())
-    cosine = torch.nn.functional.cosine_similarity(out.float().cpu(), expected, dim=-1)
+        expected = VisionEncoderModule.from_pretrained(config)(pixels)
+    cosine = torch.nn.functional.cosine_similarity(run(pixels).float().cpu().reshape(-1, h), expected, dim=-1)
     assert cosine.min() > 0.999
+    assert run(pixels[:0]).shape == (0, q, h)  # a batch of text-only requests

@@ -32,10 +32,5 @@ class TritonPythonModel:
             rows = len(p) * self.tokens_per_tile
             part = table[row : row + rows] if rows else np.zeros((0, self.hidden_size), np.float32)
             row += rows
-            responses[i] = pb_utils.InferenceResponse(
-                [
-                    pb.tensor("prompt_embedding_table", part, d["prompt_embedding_table"]),
-                    pb.tensor("prompt_vocab_size", [rows], d["prompt_vocab_size"]),
-                ]
-            )
+            responses[i] = pb_utils.InferenceResponse([pb.tensor("prompt_embedding_table", part, d["prompt_embedding_table"])])
         return responses

@@ -1,0 +1,99 @@
+"""Triton adapter (GPU): the ensemble's llm step over the tensorrt_llm model, via decoupled BLS.
+
+execute() starts one thread per request and returns; the thread sends the mapped request
+(engine/trtllm_request.py) to tensorrt_llm, forwards every response with request_key and
+stop_words_list echoed, and ends the stream with an empty is_final response (a BLS response does
+not say whether it was the last one); without streaming it sends one response with every token. The prompt table is passed on through DLPack (it may live in
+GPU memory and be bf16, which numpy cannot hold): [1, T, Q, H] → [1, T·Q, H], no copy.
+"""
+
+import threading
+import uuid
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+from engine.config import ModelConfig
+from engine.trtllm_request import image_key, response_tokens, tensorrt_llm_inputs
+from triton_repo import pb
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+INPUTS = (
+    "input_ids", "input_lengths", "request_output_len", "end_id", "stop_words_list", "streaming",
+    "temperature", "runtime_top_p", "runtime_top_k", "repetition_penalty", "seed", "min_tokens",
+)  # fmt: skip
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config, params = pb.model_parameters(args)
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise ValueError("the llm model must be decoupled (model_transaction_policy { decoupled: true })")
+        self.dtypes = pb.output_dtypes(config)
+        self.vocab_size = ModelConfig.from_pretrained(params["checkpoint"]).text.vocab_size
+        self.target = params["tensorrt_llm_model"]
+        self.max_seq_len = int(params["max_seq_len"])
+
+    def execute(self, requests):
+        for request in requests:
+            threading.Thread(target=self._serve, args=(request,), daemon=True).start()
+        return None
+
+    def _serve(self, request):
+        sender = request.get_response_sender()
+        try:
+            key = pb.scalar(request, "request_key", uuid.uuid4().hex).encode()
+            stop_words = pb.item(request, "stop_words_list", required=False)
+            echo = {
+                "request_key": np.array([key]),
+                "stop_words_list": np.zeros((2, 0), np.int32) if stop_words is None else stop_words,
+            }
+            item = {name: value for name in INPUTS if (value := pb.item(request, name, required=False)) is not None}
+            table = pb_utils.get_input_tensor_by_name(request, "prompt_embedding_table")
+            table = None if table is None else from_dlpack(table.to_dlpack())  # [1, T, Q, H]
+            rows = 0 if table is None else table.shape[1] * table.shape[2]
+            inputs = [
+                pb_utils.Tensor(name, value)
+                for name, value in tensorrt_llm_inputs(item, self.vocab_size, rows, image_key(key), self.max_seq_len).items()
+            ]
+            if rows:
+                flat = table.reshape(1, rows, table.shape[-1])
+                inputs.append(pb_utils.Tensor.from_dlpack("prompt_embedding_table", to_dlpack(flat)))
+            streaming = bool(pb.scalar(request, "streaming", False))
+            responses = pb_utils.InferenceRequest(
+                model_name=self.target, inputs=inputs, requested_output_names=["output_ids", "sequence_length"]
+            ).exec(decoupled=True)
+            collected = []  # without streaming the client gets one response holding every token
+            for response in responses:
+                if sender.is_cancelled():
+                    responses.cancel()
+                    break
+                if response.has_error():
+                    raise RuntimeError(response.error().message())
+                tensors = {t.name(): t.as_numpy() for t in response.output_tensors()}
+                if "output_ids" not in tensors:  # an empty response can close the stream
+                    continue
+                tokens = response_tokens(tensors["output_ids"], tensors["sequence_length"])
+                if streaming:
+                    self._send(sender, tokens, echo, final=False)
+                else:
+                    collected.append(tokens)
+            if sender.is_cancelled():
+                sender.send(flags=FINAL)
+            else:
+                self._send(sender, np.concatenate([np.zeros(0, np.int32), *collected]), echo, final=True)
+        except Exception as error:  # noqa: BLE001 — this request fails alone
+            sender.send(pb.error_response(error), flags=FINAL)
+
+    def _send(self, sender, tokens, echo, final):
+        d = self.dtypes
+        response = pb_utils.InferenceResponse(
+            [
+                pb.tensor("output_ids", tokens, d["output_ids"]),
+                pb.tensor("sequence_length", [len(tokens)], d["sequence_length"]),
+                pb.tensor("is_final", [final], d["is_final"]),
+                *(pb.tensor(name, value, d[name]) for name, value in echo.items()),
+            ]
+        )
+        sender.send(response, flags=FINAL if final else 0)

@@ -1,0 +1,66 @@
+"""Start tritonserver on a GPU build (`make build TARGET=gpu`), one process per TensorRT-LLM rank.
+
+    python -m triton_repo.launch_gpu --out <build dir> [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+        [--tritonserver /opt/tritonserver/bin/tritonserver] [--print-only]
+
+World size = tp_size × pp_size of the build. With 1 rank it runs tritonserver; with more it runs
+one MPMD `mpirun` in TensorRT-LLM's leader mode, as TensorRT-LLM's
+triton_backend/scripts/launch_triton_server.py does: rank 0 serves the whole repository, ranks ≥ 1
+load only the tensorrt_llm model (explicit model control) and never return from its
+initialization; every rank gets its own python-backend shared-memory prefix. Ranks find their GPU
+through the tensorrt_llm model's gpu_device_ids (build flag --llm-gpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+TRITONSERVER = "/opt/tritonserver/bin/tritonserver"  # in the NGC tritonserver containers
+
+
+def world_size(out: Path) -> int:
+    build_file = Path(out) / "build.json"
+    build = json.loads(build_file.read_text(encoding="utf-8")) if build_file.is_file() else {}
+    if build.get("target") != "gpu":
+        raise ValueError(f"{out} holds no GPU build: run `make build TARGET=gpu OUT={out}` (a CPU build serves with `make serve`)")
+    return int(build["values"]["tp_size"]) * int(build["values"]["pp_size"])
+
+
+def server_command(
+    out: Path, ranks: int, http_port: int, grpc_port: int, metrics_port: int, tritonserver: str = TRITONSERVER
+) -> list[str]:
+    repository = Path(out).resolve() / "model_repository"
+    ports = [f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}"]
+    if ranks == 1:
+        return [tritonserver, f"--model-repository={repository}", *ports]
+    command = ["mpirun", "--allow-run-as-root"]
+    for rank in range(ranks):
+        command += ["-n", "1", tritonserver, f"--model-repository={repository}", *ports]
+        if rank > 0:
+            command += ["--model-control-mode=explicit", "--load-model=tensorrt_llm"]
+        command += ["--disable-auto-complete-config", f"--backend-config=python,shm-region-prefix-name=prefix{rank}_", ":"]
+    return command[:-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m triton_repo.launch_gpu", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="build directory (make build TARGET=gpu OUT=...)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--tritonserver", default=TRITONSERVER)
+    parser.add_argument("--print-only", action="store_true", help="print the command instead of running it")
+    args = parser.parse_args()
+    command = server_command(args.out, world_size(args.out), args.http_port, args.grpc_port, args.metrics_port, args.tritonserver)
+    if args.print_only:
+        print(" ".join(command))
+        return
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)}
+    os.execvpe(command[0], command, env)  # the server (or mpirun) replaces this process
+
+
+if __name__ == "__main__":
+    main()
