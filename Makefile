@@ -1,8 +1,14 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv on first use.
+# TARGET=gpu (build, serve) runs inside the TensorRT-LLM Triton container with its own Python.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
-VENV := .venv
-PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+TARGET ?= cpu
+ifeq ($(TARGET),gpu)
+PY ?= python3
+STAMP := .gpu-installed
+else
+PY := .venv/bin/python
+STAMP := .venv/.installed
+endif
 
 MODEL ?= artifacts/checkpoints/tiny-qwen3
 OUT ?= artifacts/build
@@ -14,11 +20,15 @@ METRICS_PORT ?= 8002
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+.venv/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv
+	.venv/bin/python -m pip install -q --upgrade pip
 	# torch==2.13.0 (CPU build) resolves to the file on this machine's disk; see pyproject.toml
-	$(PY) -m pip install -q -e '.[test]'
+	.venv/bin/python -m pip install -q -e '.[cpu,test]'
+	touch $@
+
+.gpu-installed: pyproject.toml
+	$(PY) -m pip install -q --extra-index-url https://pypi.nvidia.com -e '.[gpu,test]'
 	touch $@
 
 test: setup
@@ -27,10 +37,11 @@ test: setup
 demo: setup
 	$(PY) -m client.demo
 
-# The default MODEL is the generated tiny checkpoint (created on first use).
+# The default MODEL is the generated tiny checkpoint (created on first use). BUILD_ARGS adds flags
+# (python -m build.repository --help), e.g. BUILD_ARGS="--tp-size 2 --llm-gpus 1,2" for TARGET=gpu.
 build: setup
 	@[ "$(MODEL)" != "artifacts/checkpoints/tiny-qwen3" ] || $(PY) -m build.checkpoint --preset tiny --llm qwen3 --out $(MODEL) >/dev/null
-	$(PY) -m build.repository --model $(MODEL) --out $(OUT)
+	$(PY) -m build.repository --model $(MODEL) --out $(OUT) --target $(TARGET) $(BUILD_ARGS)
 
 # Serving benchmark (concurrency sweep) against a tritonserver started from OUT; BENCH_ARGS adds flags.
 bench: build
@@ -40,8 +51,9 @@ bench: build
 bench-components: setup
 	$(PY) -m client.bench_components --out artifacts/bench $(BENCH_ARGS)
 
+SERVER := $(if $(filter gpu,$(TARGET)),triton_repo.launch_gpu,triton_repo.server)
 serve: setup
-	$(PY) -m triton_repo.server --out $(OUT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m $(SERVER) --out $(OUT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 clean:
-	rm -rf artifacts .pytest_cache
+	rm -rf artifacts .pytest_cache .gpu-installed

@@ -17,6 +17,7 @@ vision graph's code changed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import string
@@ -129,6 +130,9 @@ def build_gpu(checkpoint: str | Path, out: str | Path, settings: BuildSettings, 
 
     config = ModelConfig.from_pretrained(checkpoint)
     conversion_plan(config, gpu)  # refuses an unsupported LLM family before the vision build
+    missing = [m for m in ("tensorrt", "tensorrt_llm") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"{' and '.join(missing)} not installed: build the GPU path inside the TensorRT-LLM Triton container (docs/GPU.md)")
     out = Path(out).resolve()
     vision_dir = out / "vision"
     print(f"[1/3] vision encoder → TensorRT plan ({gpu.dtype}, strongly typed) ...", flush=True)
@@ -155,12 +159,15 @@ def main() -> None:
     add_arguments(parser, GpuSettings)
     args = vars(parser.parse_args())
     model, out, target = args.pop("model"), args.pop("out"), args.pop("target")
-    gpu = from_arguments(GpuSettings, args)
-    settings = from_arguments(BuildSettings, args)
-    if target == "gpu":
-        build_gpu(model, out, settings, gpu)
-    else:
-        build(model, out, settings)
+    try:
+        gpu = from_arguments(GpuSettings, args)
+        settings = from_arguments(BuildSettings, args)
+        if target == "gpu":
+            build_gpu(model, out, settings, gpu)
+        else:
+            build(model, out, settings)
+    except (ValueError, RuntimeError) as error:  # ConfigError and ExtractError are ValueErrors
+        parser.exit(2, f"error: {error}\n")
 
 
 if __name__ == "__main__":

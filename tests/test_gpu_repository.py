@@ -1,0 +1,228 @@
+"""`make build TARGET=gpu`, the parts that need no GPU: the generated repository (parses, wires the
+same ensemble as the CPU target, places models, carries the engines' dtype and names), the llm
+wrapper's requests against the tensorrt_llm config, and the leader-mode launch command."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from tritonclient.grpc import model_config_pb2
+
+from build.repository import TARGET_MODELS, gpu_values, write_repository
+from build.settings import BuildSettings, GpuSettings
+from build.trt_vision import default_profile, engine_metadata
+from engine.config import ModelConfig
+from engine.prompt import PromptBuilder
+from engine.protocol import stop_words_list
+from engine.tokenizer import TextTokenizer
+from engine.trtllm_request import image_key, response_tokens, tensorrt_llm_inputs
+from tests.repository_checks import assert_ensemble_wired, full_dims, parse_configs
+from triton_repo.launch_gpu import server_command, world_size
+
+MODELS = TARGET_MODELS["gpu"]
+TYPE = {"float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
+
+
+def write_gpu_repository(tiny, tmp_path, settings=BuildSettings(), gpu=GpuSettings()):
+    config = ModelConfig.from_pretrained(tiny)
+    metadata = engine_metadata(config, gpu.dtype, default_profile(config, settings), "10.14.1.48")
+    values = gpu_values(config, settings, gpu, metadata, tmp_path / "llm" / "engine")
+    write_repository(tmp_path / "model_repository", "gpu", values)
+    (tmp_path / "build.json").write_text(json.dumps({"target": "gpu", "values": values}))
+    return config, parse_configs(tmp_path / "model_repository", MODELS)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_repository_parses_and_wires_the_ensemble(tiny, tmp_path, dtype):
+    config, configs = write_gpu_repository(tiny, tmp_path, gpu=GpuSettings(dtype=dtype))
+    assert_ensemble_wired(configs)
+    for m in MODELS:
+        assert "${" not in (tmp_path / "model_repository" / m / "config.pbtxt").read_text()
+    table = {m: {t.name: t for t in configs[m].input} for m in ("llm", "tensorrt_llm")}
+    # the prompt table crosses vision → llm → tensorrt_llm in the engines' dtype
+    assert configs["vision_encoder"].output[0].data_type == table["llm"]["prompt_embedding_table"].data_type
+    assert table["tensorrt_llm"]["prompt_embedding_table"].data_type == configs["vision_encoder"].output[0].data_type
+    assert model_config_pb2.DataType.Name(configs["vision_encoder"].output[0].data_type) == TYPE[dtype]
+
+
+def test_same_ensemble_and_pre_and_postprocessing_as_the_cpu_target(tiny, tmp_path):
+    from build.repository import build
+
+    write_gpu_repository(tiny, tmp_path / "gpu")
+    build(tiny, tmp_path / "cpu")
+    for model in ("internvl", "preprocess", "postprocess"):
+        cpu, gpu = ((tmp_path / t / "model_repository" / model / "config.pbtxt").read_text() for t in ("cpu", "gpu"))
+        assert cpu == gpu, model
+    cpu_llm, gpu_llm = (parse_configs(tmp_path / t / "model_repository", ["llm"])["llm"] for t in ("cpu", "gpu"))
+    assert [(t.name, t.data_type) for t in cpu_llm.output] == [(t.name, t.data_type) for t in gpu_llm.output]
+    assert {t.name for t in cpu_llm.input} == {t.name for t in gpu_llm.input}
+
+
+def test_vision_plan_model_batches_ragged_tiles_on_the_chosen_gpus(tiny, tmp_path):
+    settings = BuildSettings(max_batch_size=4)
+    config, configs = write_gpu_repository(tiny, tmp_path, settings, GpuSettings(vision_gpus=(0, 3), vision_instances=2))
+    vision = configs["vision_encoder"]
+    assert vision.platform == "tensorrt_plan" and vision.max_batch_size == 4
+    (pixels,), (table,) = vision.input, vision.output
+    assert (pixels.name, table.name) == ("pixel_values", "prompt_embedding_table")  # the engine's names (metadata)
+    assert pixels.allow_ragged_batch and list(pixels.dims) == [-1, 3, 448, 448]
+    assert list(table.dims) == [-1, config.vision.tokens_per_tile, config.text.hidden_size]
+    (scatter,) = vision.batch_output
+    assert list(scatter.target_name) == ["prompt_embedding_table"] and list(scatter.source_input) == ["pixel_values"]
+    assert scatter.kind == scatter.BATCH_SCATTER_WITH_INPUT_SHAPE
+    (group,) = vision.instance_group
+    assert list(group.gpus) == [0, 3] and group.count == 2 and group.kind == group.KIND_GPU
+
+
+def test_tensorrt_llm_model_settings_and_llm_placement(tiny, tmp_path):
+    gpu = GpuSettings(tp_size=2, llm_gpus=(1, 2), batch_scheduler_policy="max_utilization", kv_cache_free_gpu_mem_fraction=0.7)
+    settings = BuildSettings(llm_max_batch_size=6)
+    config, configs = write_gpu_repository(tiny, tmp_path, settings, gpu)
+    trtllm = configs["tensorrt_llm"]
+    params = {k: v.string_value for k, v in trtllm.parameters.items()}
+    assert trtllm.backend == "tensorrtllm" and trtllm.model_transaction_policy.decoupled
+    assert trtllm.max_batch_size == 6
+    assert params["gpt_model_type"] == "inflight_fused_batching"
+    assert params["gpt_model_path"] == str((tmp_path / "llm" / "engine").resolve())
+    assert params["batch_scheduler_policy"] == "max_utilization"
+    assert float(params["kv_cache_free_gpu_mem_fraction"]) == 0.7
+    assert params["enable_kv_cache_reuse"] == "true" and params["enable_chunked_context"] == "true"
+    assert params["gpu_device_ids"] == "1,2"  # TP rank 0 on GPU 1, rank 1 on GPU 2; vision stays on GPU 0
+    assert list(configs["vision_encoder"].instance_group[0].gpus) == [0]
+    llm_params = {k: v.string_value for k, v in configs["llm"].parameters.items()}
+    assert int(llm_params["max_seq_len"]) == settings.limits(config)["max_seq_len"]
+    _, unplaced = write_gpu_repository(tiny, tmp_path / "default")
+    assert "gpu_device_ids" not in unplaced["tensorrt_llm"].parameters
+
+
+def test_llm_wrapper_requests_match_the_tensorrt_llm_config(tiny, tmp_path):
+    """What the GPU llm model sends for a real two-image prompt is declared by tensorrt_llm with the
+    same dtype and rank, every required input is there, and the extra ids mark exactly the image slots."""
+    config, configs = write_gpu_repository(tiny, tmp_path)
+    tokenizer = TextTokenizer(tiny)
+    prompt = PromptBuilder(config, tokenizer).build("Image-1: <image>\nImage-2: <image>\nDescribe both pictures.", [5, 2], [], None)
+    rows = 7 * config.vision.tokens_per_tile
+    item = {
+        "input_ids": prompt.input_ids,
+        "input_lengths": np.array([len(prompt.input_ids)], np.int32),
+        "request_output_len": np.array([64], np.int32),
+        "end_id": np.array([config.stop_token_id], np.int32),
+        "stop_words_list": stop_words_list(tokenizer, ["END"]),
+        "streaming": np.array([True]),
+        "temperature": np.array([0.7], np.float32),
+        "runtime_top_k": np.array([20], np.int32),
+        "seed": np.array([7], np.uint64),
+        "min_tokens": np.array([3], np.int32),
+        "repetition_penalty": np.array([1.1], np.float32),
+    }
+    key = image_key(b"request-1")
+    sent = tensorrt_llm_inputs(item, config.text.vocab_size, rows, key, max_seq_len=100_000)
+    trtllm = configs["tensorrt_llm"]
+    declared = {t.name: t for t in trtllm.input}
+    for name, value in sent.items():
+        assert name in declared, name
+        assert value.dtype == _numpy_dtype(declared[name].data_type), name
+        assert value.ndim == len(full_dims(trtllm, declared[name])), name
+        assert value.shape[0] == 1
+    assert {t.name for t in trtllm.input if not t.optional} <= set(sent)
+    extra = sent["prompt_table_extra_ids"][0]
+    assert len(extra) == len(prompt.input_ids)  # the backend ignores them otherwise
+    assert set(extra[prompt.input_ids >= config.text.vocab_size]) == {key} and not extra[prompt.input_ids < config.text.vocab_size].any()
+    assert image_key(b"request-1") == key != image_key(b"request-2")
+    assert sent["temperature"][0, 0] == np.float32(0.7) and sent["runtime_top_p"][0, 0] == 1.0  # full-vocabulary sampling
+    assert sent["runtime_top_k"][0, 0] == 20 and sent["pad_id"][0, 0] == config.stop_token_id
+
+
+def test_llm_wrapper_request_semantics(tiny):
+    config = ModelConfig.from_pretrained(tiny)
+    vocab = config.text.vocab_size
+    ids = np.array([1, 2, vocab, vocab + 1, 3], np.int32)
+    base = {"input_ids": ids, "input_lengths": np.array([5], np.int32), "request_output_len": np.array([50], np.int32)}
+    greedy = tensorrt_llm_inputs({**base, "runtime_top_k": np.array([40], np.int32)}, vocab, 2, 9, max_seq_len=20)
+    assert greedy["runtime_top_k"][0, 0] == 1 and "temperature" not in greedy  # no temperature: greedy, as on CPU
+    assert greedy["request_output_len"][0, 0] == 15  # clamped to the context length, as on CPU
+    assert greedy["exclude_input_in_output"][0, 0] and not greedy["streaming"][0, 0]
+    assert "prompt_table_extra_ids" not in tensorrt_llm_inputs({**base, "input_ids": ids.clip(max=5)}, vocab, 0, 9, 20)
+    with pytest.raises(ValueError, match="2 image-token slots but the prompt table has 3 rows"):
+        tensorrt_llm_inputs(base, vocab, 3, 9, 20)
+    with pytest.raises(ValueError, match="does not match the 5 input_ids"):
+        tensorrt_llm_inputs({**base, "input_lengths": np.array([4], np.int32)}, vocab, 2, 9, 20)
+    with pytest.raises(ValueError, match="max_seq_len is 5"):
+        tensorrt_llm_inputs(base, vocab, 2, 9, 5)
+    with pytest.raises(ValueError, match="request_output_len must be ≥ 1"):
+        tensorrt_llm_inputs({**base, "request_output_len": np.array([0], np.int32)}, vocab, 2, 9, 20)
+    # responses: [1, beams, N] padded; sequence_length says how many are real
+    assert response_tokens(np.array([[[5, 6, -1]]], np.int32), np.array([[2]], np.int32)).tolist() == [5, 6]
+
+
+def test_vision_plan_and_llm_engine_must_agree(tiny, tmp_path):
+    config = ModelConfig.from_pretrained(tiny)
+    settings = BuildSettings()
+    metadata = engine_metadata(config, "float16", default_profile(config, settings), "10.14.1.48")
+    with pytest.raises(ValueError, match="the prompt table needs one dtype"):
+        gpu_values(config, settings, GpuSettings(dtype="bfloat16"), metadata, tmp_path)
+    with pytest.raises(ValueError, match="rebuild it"):
+        gpu_values(config, BuildSettings(max_batch_size=16), GpuSettings(), metadata, tmp_path)
+    wrong = {**metadata, "output": {**metadata["output"], "shape": [-1, 64, config.text.hidden_size]}}
+    with pytest.raises(ValueError, match="this checkpoint needs"):
+        gpu_values(config, settings, GpuSettings(), wrong, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tp_size": 2, "llm_gpus": (1,)}, "one GPU per rank"),
+        ({"llm_gpus": (1, 1), "tp_size": 2}, "repeats a GPU"),
+        ({"dtype": "float32"}, "dtype must be one of"),
+        ({"quantization": "int3"}, "quantization must be one of"),
+        ({"vision_gpus": ()}, "vision_gpus must list GPU ids"),
+        ({"kv_cache_free_gpu_mem_fraction": 1.5}, r"must be in \(0, 1\)"),
+    ],
+)
+def test_gpu_settings_refuse_inconsistent_placement(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GpuSettings(**kwargs)
+
+
+def test_launch_command_follows_tensorrt_llm_leader_mode(tiny, tmp_path):
+    write_gpu_repository(tiny, tmp_path, gpu=GpuSettings(tp_size=2, pp_size=2))
+    assert world_size(tmp_path) == 4
+    command = server_command(tmp_path, 4, 8000, 8001, 8002, "tritonserver")
+    assert command[:2] == ["mpirun", "--allow-run-as-root"]
+    ranks = " ".join(command[2:]).split(" : ")
+    assert len(ranks) == 4
+    repository = f"--model-repository={(tmp_path / 'model_repository').resolve()}"
+    for rank, part in enumerate(ranks):
+        args = part.split()
+        assert args[:3] == ["-n", "1", "tritonserver"] and repository in args
+        assert f"--backend-config=python,shm-region-prefix-name=prefix{rank}_" in args
+        assert "--disable-auto-complete-config" in args
+        assert ("--load-model=tensorrt_llm" in args) == (rank > 0) == ("--model-control-mode=explicit" in args)
+    single = server_command(tmp_path, 1, 8000, 8001, 8002, "tritonserver")
+    assert single[0] == "tritonserver" and "mpirun" not in single
+
+
+def test_launcher_refuses_a_cpu_build(tiny, tmp_path):
+    from build.repository import build
+
+    build(tiny, tmp_path)
+    with pytest.raises(ValueError, match="holds no GPU build"):
+        world_size(tmp_path)
+
+
+def _numpy_dtype(data_type: int) -> np.dtype:
+    from tritonclient.utils import triton_to_np_dtype
+
+    return np.dtype(triton_to_np_dtype(model_config_pb2.DataType.Name(data_type).removeprefix("TYPE_")))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_gpu_build_without_the_toolchain_stops_before_any_work(tiny, tmp_path):
+    from build.repository import build_gpu
+
+    with pytest.raises(RuntimeError, match="not installed: build the GPU path inside the TensorRT-LLM Triton container"):
+        build_gpu(tiny, tmp_path, BuildSettings(), GpuSettings())
+    assert not any(tmp_path.iterdir())
