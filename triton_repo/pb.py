@@ -72,3 +72,32 @@ def error_response(error: Exception) -> pb_utils.InferenceResponse:
 def tensor(name: str, array: np.ndarray, dtype: np.dtype) -> pb_utils.Tensor:
     """An output tensor for one request: adds the batch dimension."""
     return pb_utils.Tensor(name, np.asarray(array, dtype=dtype)[None])
+
+
+# The llm step (CPU engine or the GPU wrapper over tensorrt_llm) answers every response with these,
+# because a step after a decoupled model may read only that model's outputs.
+def stream_echo(request, default_key: str) -> dict[str, np.ndarray]:
+    """The request's request_key and stop_words_list, echoed in each of its llm responses."""
+    stop_words = item(request, "stop_words_list", required=False)
+    return {
+        "request_key": np.array([scalar(request, "request_key", default_key).encode()]),
+        "stop_words_list": np.zeros((2, 0), np.int32) if stop_words is None else stop_words,
+    }
+
+
+def llm_response(dtypes: dict, tokens, final: bool, echo: dict[str, np.ndarray]) -> pb_utils.InferenceResponse:
+    """One llm response: new tokens, their count, is_final and the stream's echo."""
+    return pb_utils.InferenceResponse(
+        [
+            tensor("output_ids", tokens, dtypes["output_ids"]),
+            tensor("sequence_length", [len(tokens)], dtypes["sequence_length"]),
+            tensor("is_final", [final], dtypes["is_final"]),
+            *(tensor(name, value, dtypes[name]) for name, value in echo.items()),
+        ]
+    )
+
+
+def decoupled_output_dtypes(config: dict, model: str) -> dict[str, np.dtype]:
+    if not pb_utils.using_decoupled_model_transaction_policy(config):
+        raise ValueError(f"the {model} model must be decoupled (model_transaction_policy {{ decoupled: true }})")
+    return output_dtypes(config)

@@ -34,9 +34,7 @@ class _Stream:
 class TritonPythonModel:
     def initialize(self, args):
         config, params = pb.model_parameters(args)
-        if not pb_utils.using_decoupled_model_transaction_policy(config):
-            raise ValueError("the llm model must be decoupled (model_transaction_policy { decoupled: true })")
-        self.dtypes = pb.output_dtypes(config)
+        self.dtypes = pb.decoupled_output_dtypes(config, "llm")
         model_config = ModelConfig.from_pretrained(params["checkpoint"])
         self.engine = LLMEngine(
             DecoderLM.from_pretrained(params["checkpoint"], model_config.text),
@@ -64,13 +62,7 @@ class TritonPythonModel:
             request_id = uuid.uuid4().hex
             try:
                 ids, table, params, streaming = self._parse(request)
-                echo = {
-                    "request_key": np.array([pb.scalar(request, "request_key", request_id).encode()]),
-                    "stop_words_list": pb.item(request, "stop_words_list", required=False),
-                }
-                if echo["stop_words_list"] is None:
-                    echo["stop_words_list"] = np.zeros((2, 0), np.int32)
-                self.streams[request_id] = _Stream(sender, streaming, echo)
+                self.streams[request_id] = _Stream(sender, streaming, pb.stream_echo(request, request_id))
                 self.engine.add_request(request_id, ids, table, params)
             except Exception as error:  # noqa: BLE001 — this request fails alone
                 self.streams.pop(request_id, None)
@@ -135,16 +127,7 @@ class TritonPythonModel:
                 return
         if stream.streaming or final:
             tokens = ([event.token_id] if event.token_id is not None else []) if stream.streaming else stream.tokens
-            d = self.dtypes
-            response = pb_utils.InferenceResponse(
-                [
-                    pb.tensor("output_ids", tokens, d["output_ids"]),
-                    pb.tensor("sequence_length", [len(tokens)], d["sequence_length"]),
-                    pb.tensor("is_final", [final], d["is_final"]),
-                    *(pb.tensor(name, value, d[name]) for name, value in stream.echo.items()),
-                ]
-            )
-            stream.sender.send(response, flags=FINAL if final else 0)
+            stream.sender.send(pb.llm_response(self.dtypes, tokens, final, stream.echo), flags=FINAL if final else 0)
 
     def finalize(self):
         self.stopping = True

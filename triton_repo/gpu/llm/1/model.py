@@ -28,9 +28,7 @@ INPUTS = (
 class TritonPythonModel:
     def initialize(self, args):
         config, params = pb.model_parameters(args)
-        if not pb_utils.using_decoupled_model_transaction_policy(config):
-            raise ValueError("the llm model must be decoupled (model_transaction_policy { decoupled: true })")
-        self.dtypes = pb.output_dtypes(config)
+        self.dtypes = pb.decoupled_output_dtypes(config, "llm")
         self.vocab_size = ModelConfig.from_pretrained(params["checkpoint"]).text.vocab_size
         self.target = params["tensorrt_llm_model"]
         self.max_seq_len = int(params["max_seq_len"])
@@ -43,12 +41,8 @@ class TritonPythonModel:
     def _serve(self, request):
         sender = request.get_response_sender()
         try:
-            key = pb.scalar(request, "request_key", uuid.uuid4().hex).encode()
-            stop_words = pb.item(request, "stop_words_list", required=False)
-            echo = {
-                "request_key": np.array([key]),
-                "stop_words_list": np.zeros((2, 0), np.int32) if stop_words is None else stop_words,
-            }
+            echo = pb.stream_echo(request, uuid.uuid4().hex)
+            key = bytes(echo["request_key"][0])
             item = {name: value for name in INPUTS if (value := pb.item(request, name, required=False)) is not None}
             table = pb_utils.get_input_tensor_by_name(request, "prompt_embedding_table")
             table = None if table is None else from_dlpack(table.to_dlpack())  # [1, T, Q, H]
@@ -87,13 +81,4 @@ class TritonPythonModel:
             sender.send(pb.error_response(error), flags=FINAL)
 
     def _send(self, sender, tokens, echo, final):
-        d = self.dtypes
-        response = pb_utils.InferenceResponse(
-            [
-                pb.tensor("output_ids", tokens, d["output_ids"]),
-                pb.tensor("sequence_length", [len(tokens)], d["sequence_length"]),
-                pb.tensor("is_final", [final], d["is_final"]),
-                *(pb.tensor(name, value, d[name]) for name, value in echo.items()),
-            ]
-        )
-        sender.send(response, flags=FINAL if final else 0)
+        sender.send(pb.llm_response(self.dtypes, tokens, final, echo), flags=FINAL if final else 0)
