@@ -6,14 +6,13 @@ import importlib.util
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from build.export_vision import export_vision_onnx
 from build.settings import BuildSettings
 from build.trt_vision import TilesProfile, build_vision_engine, default_profile, engine_metadata
+from build.vision_parity import compare, row_agreement
 from engine.config import ModelConfig
-from engine.vision import VisionEncoderModule
 from tests import reference_preprocess
 
 
@@ -74,31 +73,23 @@ def test_without_tensorrt_the_build_says_where_to_run_it(tiny, tmp_path):
         build_vision_engine(tmp_path / "x.onnx", tmp_path, config, TilesProfile(1, 1, 2), "float16")
 
 
-@pytest.mark.gpu
-def test_tensorrt_engine_matches_the_torch_module(tiny, tmp_path):
-    import tensorrt as trt
+def test_parity_metric_reports_the_worst_row():
+    expected = np.random.default_rng(1).standard_normal((2, 4, 8)).astype(np.float32)
+    assert row_agreement(expected, expected) == (pytest.approx(1.0), 0.0)
+    actual = expected.copy()
+    actual[1, 2] = -actual[1, 2]  # one row flipped: cosine -1, the others 1
+    cosine, max_abs = row_agreement(actual, expected)
+    assert cosine == pytest.approx(-1.0) and max_abs == pytest.approx(2 * np.abs(expected[1, 2]).max())
+    assert row_agreement(expected[:0], expected[:0]) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        row_agreement(expected[:1], expected)
 
+
+@pytest.mark.gpu
+def test_tensorrt_plan_matches_onnx_runtime(tiny, tmp_path):
+    """build.vision_parity on the tiny checkpoint's fp16 plan, an empty batch included."""
     config = ModelConfig.from_pretrained(tiny)
     onnx_file = export_vision_onnx(tiny, tmp_path / "vision_fp16.onnx", "float16", ragged=True)
     plan = build_vision_engine(onnx_file, tmp_path, config, TilesProfile(0, 2, 4), "float16")
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
-    context = engine.create_execution_context()
-    q, h = config.vision.tokens_per_tile, config.text.hidden_size
-    stream = torch.cuda.current_stream()
-
-    def run(pixels: torch.Tensor) -> torch.Tensor:
-        flat = pixels.reshape(-1).cuda()
-        out = torch.empty(len(pixels), q, h, dtype=torch.float16, device="cuda")
-        context.set_input_shape("pixel_values", tuple(flat.shape))
-        context.set_tensor_address("pixel_values", flat.data_ptr())
-        context.set_tensor_address("prompt_embedding_table", out.data_ptr())
-        assert context.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
-        return out
-
-    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 3, 448, 448), dtype=np.uint8))
-    with torch.inference_mode():
-        expected = VisionEncoderModule.from_pretrained(config)(pixels)
-    cosine = torch.nn.functional.cosine_similarity(run(pixels).float().cpu().reshape(-1, h), expected, dim=-1)
-    assert cosine.min() > 0.999
-    assert run(pixels[:0]).shape == (0, q, h)  # a batch of text-only requests
+    rows = compare(tiny, plan, [0, 1, 4])
+    assert all(row["min_cosine"] > 0.999 for row in rows), rows
