@@ -226,3 +226,100 @@ def test_gpu_build_without_the_toolchain_stops_before_any_work(tiny, tmp_path):
     with pytest.raises(RuntimeError, match="not installed: build the GPU path inside the TensorRT-LLM Triton container"):
         build_gpu(tiny, tmp_path, BuildSettings(), GpuSettings())
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def wrapper_server(tiny, tmp_path_factory):
+    """tritonserver with the generated GPU llm wrapper and, in place of the GPU-only tensorrtllm
+    backend, tests/doubles/tensorrt_llm under the generated tensorrt_llm config."""
+    import shutil
+    from pathlib import Path
+
+    from triton_repo.server import TritonServer, free_port
+
+    out = tmp_path_factory.mktemp("gpu_wrapper")
+    write_gpu_repository(tiny, out)
+    repository = out / "model_repository"
+    for model in ("internvl", "vision_encoder", "preprocess", "postprocess"):
+        shutil.rmtree(repository / model)
+    config = repository / "tensorrt_llm" / "config.pbtxt"
+    config.write_text(config.read_text().replace('backend: "tensorrtllm"', 'backend: "python"'))
+    shutil.copy2(Path(__file__).parent / "doubles" / "tensorrt_llm" / "model.py", repository / "tensorrt_llm" / "1" / "model.py")
+    with TritonServer(out, free_port(), free_port(), free_port(), log_file=out / "tritonserver.log") as server:
+        yield server
+
+
+def _call_llm(server, inputs: dict[str, np.ndarray]) -> list[dict]:
+    """Streams one request to the llm model over gRPC; -> its responses as dicts of arrays."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    received: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: received.put(error or result))
+    tensors = []
+    for name, value in inputs.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    client.async_stream_infer("llm", tensors, enable_empty_final_response=True)
+    responses = []
+    while True:
+        result = received.get(timeout=60)
+        if isinstance(result, Exception):
+            client.stop_stream()
+            raise result
+        final = result.get_response().parameters["triton_final_response"].bool_param
+        if result.get_response().outputs:
+            responses.append({o.name: result.as_numpy(o.name) for o in result.get_response().outputs})
+        if final:
+            break
+    client.stop_stream()
+    return responses
+
+
+def _llm_request(config, tiles: int, streaming: bool, output_len: int = 8) -> dict[str, np.ndarray]:
+    q, h, vocab = config.vision.tokens_per_tile, config.text.hidden_size, config.text.vocab_size
+    ids = np.array([[5, 6, *range(vocab, vocab + tiles * q), 7]], np.int32)
+    inputs = {
+        "input_ids": ids,
+        "input_lengths": np.array([[ids.shape[1]]], np.int32),
+        "request_output_len": np.array([[output_len]], np.int32),
+        "end_id": np.array([[config.stop_token_id]], np.int32),
+        "streaming": np.array([[streaming]]),
+        "request_key": np.array([[b"key-%d" % tiles]], dtype=object),
+        "stop_words_list": np.array([[[9, 0], [1, -1]]], np.int32),
+    }
+    if tiles:
+        inputs["prompt_embedding_table"] = np.ones((1, tiles, q, h), np.float16)
+    return inputs
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_gpu_llm_wrapper_through_tritonserver(wrapper_server, tiny, streaming):
+    """The wrapper's Triton mechanics on the real python backend: decoupled BLS to tensorrt_llm, the
+    [1, T, Q, H] table flattened through DLPack, extra ids on exactly the image slots, one
+    response per token when streaming (one in all otherwise), is_final on the last, echoes."""
+    config = ModelConfig.from_pretrained(tiny)
+    q = config.vision.tokens_per_tile
+    responses = _call_llm(wrapper_server, _llm_request(config, tiles=2, streaming=streaming))
+    tokens = [t for r in responses for t in r["output_ids"][0].tolist()]
+    assert tokens == [2 * q, 2 * q, 1, 2 * q + 3, 1, 100, 101, 102]
+    assert [bool(r["is_final"][0, 0]) for r in responses] == [False] * (len(responses) - 1) + [True]
+    assert len(responses) == (9 if streaming else 1)  # streaming ends with an empty is_final response
+    for r in responses:
+        assert r["request_key"][0, 0] == b"key-2" and r["stop_words_list"][0].tolist() == [[9, 0], [1, -1]]
+        assert r["sequence_length"][0, 0] == len(r["output_ids"][0])
+
+
+def test_gpu_llm_wrapper_text_only_and_bad_requests(wrapper_server, tiny):
+    config = ModelConfig.from_pretrained(tiny)
+    responses = _call_llm(wrapper_server, _llm_request(config, tiles=0, streaming=False, output_len=5))
+    assert responses[0]["output_ids"][0].tolist() == [0, 0, 0, 3, 1]  # no table, no extra ids
+    bad = _llm_request(config, tiles=2, streaming=False)
+    bad["prompt_embedding_table"] = bad["prompt_embedding_table"][:, :1]  # one tile short of the slots
+    with pytest.raises(Exception, match="image-token slots but the prompt table has"):
+        _call_llm(wrapper_server, bad)
+    assert _call_llm(wrapper_server, _llm_request(config, tiles=1, streaming=False))  # still serving

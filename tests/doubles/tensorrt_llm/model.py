@@ -1,0 +1,45 @@
+"""Test double of the `tensorrtllm` backend (it needs a GPU) for the GPU llm wrapper's tests: a
+decoupled python model with the generated tensorrt_llm config's inputs that answers with tokens
+describing what it received, in TensorRT-LLM's output layout (output_ids [1, beams, N],
+sequence_length [1, beams]; one response per token when streaming, else one response):
+[table rows, image slots marked in prompt_table_extra_ids, distinct extra ids, input length,
+ exclude_input_in_output, 100, 101, ...] cut to request_output_len."""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _get(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            ids = _get(request, "input_ids")
+            table = _get(request, "prompt_embedding_table")  # [1, rows, H]
+            extra = _get(request, "prompt_table_extra_ids")
+            extra = np.zeros((1, 0), np.uint64) if extra is None else extra
+            facts = [
+                0 if table is None else table.shape[1],
+                int((extra[0] > 0).sum()),
+                len(np.unique(extra[0][extra[0] > 0])),
+                ids.shape[1],
+                int(_get(request, "exclude_input_in_output").reshape(-1)[0]),
+            ]
+            length = int(_get(request, "request_output_len").reshape(-1)[0])
+            tokens = (facts + list(range(100, 100 + length)))[:length]
+            streaming = bool(_get(request, "streaming").reshape(-1)[0])
+            chunks = [[t] for t in tokens] if streaming else [tokens]
+            for i, chunk in enumerate(chunks):
+                response = pb_utils.InferenceResponse(
+                    [
+                        pb_utils.Tensor("output_ids", np.array([[chunk + [-1]]], np.int32)),  # padded, as beams are
+                        pb_utils.Tensor("sequence_length", np.array([[len(chunk)]], np.int32)),
+                    ]
+                )
+                last = i == len(chunks) - 1
+                sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
+        return None
