@@ -27,6 +27,8 @@ from pathlib import Path
 
 from build.export_vision import export_stamp, export_vision_onnx
 from build.settings import BuildSettings, GpuSettings, add_arguments, from_arguments
+from build.trt_vision import METADATA, build_vision_engine, default_profile
+from build.trtllm_engine import build_llm_engine, conversion_plan
 from engine.config import ModelConfig
 from engine.vision import ONNX_INPUT, ONNX_OUTPUT
 
@@ -125,9 +127,6 @@ def build(checkpoint: str | Path, out: str | Path, settings: BuildSettings = Bui
 
 def build_gpu(checkpoint: str | Path, out: str | Path, settings: BuildSettings, gpu: GpuSettings) -> Path:
     """The TensorRT vision plan, the TensorRT-LLM engine and the GPU repository (needs the container)."""
-    from build.trt_vision import METADATA, PLAN, build_vision_engine, default_profile
-    from build.trtllm_engine import build_llm_engine, conversion_plan
-
     config = ModelConfig.from_pretrained(checkpoint)
     conversion_plan(config, gpu)  # refuses an unsupported LLM family before the vision build
     missing = [m for m in ("tensorrt", "tensorrt_llm") if importlib.util.find_spec(m) is None]

@@ -24,8 +24,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from build.settings import BuildSettings
+from build.export_vision import export_vision_onnx
+from build.settings import GPU_DTYPES, BuildSettings, add_arguments, from_arguments
 from engine.config import ModelConfig
+from engine.preprocess import tile_grid
 from engine.vision import ONNX_INPUT, ONNX_OUTPUT
 
 PLAN, METADATA, TIMING_CACHE = "vision_encoder.plan", "vision_encoder.json", "timing.cache"
@@ -98,8 +100,6 @@ def default_profile(config: ModelConfig, settings: BuildSettings = BuildSettings
     """max: a full Triton batch of requests at the per-request tile limit (the vision model batches
     up to settings.max_batch_size requests); opt: the tiles of one 1920x1080 photo
     (engine.preprocess.tile_grid), the common request."""
-    from engine.preprocess import tile_grid
-
     max_tiles = settings.limits(config)["vision_max_tiles_per_run"]
     if opt_tiles is None:
         opt_tiles = tile_grid(1920, 1080, config.vision.image_size, config.max_num, config.min_num, config.use_thumbnail)[2]
@@ -107,9 +107,6 @@ def default_profile(config: ModelConfig, settings: BuildSettings = BuildSettings
 
 
 def main() -> None:
-    from build.export_vision import export_vision_onnx
-    from build.settings import GPU_DTYPES, add_arguments, from_arguments
-
     parser = argparse.ArgumentParser(prog="python -m build.trt_vision", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
