@@ -27,7 +27,7 @@ from pathlib import Path
 
 from build.export_vision import export_stamp, export_vision_onnx
 from build.settings import BuildSettings, GpuSettings, add_arguments, from_arguments
-from build.trt_vision import METADATA, build_vision_engine, default_profile
+from build.trt_vision import METADATA, build_vision_plan
 from build.trtllm_engine import build_llm_engine, conversion_plan
 from engine.config import ModelConfig
 from engine.vision import ONNX_INPUT, ONNX_OUTPUT
@@ -68,9 +68,9 @@ def gpu_values(config: ModelConfig, settings: BuildSettings, gpu: GpuSettings, v
     expected = (config.vision.tokens_per_tile, config.text.hidden_size)
     if tuple(vision_metadata["output"]["shape"][1:]) != expected:
         raise ValueError(f"the vision plan outputs {vision_metadata['output']['shape']}, this checkpoint needs [-1, {expected[0]}, {expected[1]}]")
-    plan_tiles = vision_metadata["tiles_profile"]["max_tiles"]
-    if plan_tiles < settings.limits(config)["vision_max_tiles_per_run"]:
-        raise ValueError(f"the vision plan takes {plan_tiles} tiles per run; these settings batch up to {settings.limits(config)['vision_max_tiles_per_run']}: rebuild it")
+    plan_tiles, run_tiles = vision_metadata["tiles_profile"]["max_tiles"], settings.limits(config)["vision_max_tiles_per_run"]
+    if plan_tiles < run_tiles:
+        raise ValueError(f"the vision plan takes {plan_tiles} tiles per run; these settings batch up to {run_tiles}: rebuild it")
     placement = (
         f'parameters {{ key: "gpu_device_ids" value: {{ string_value: "{",".join(map(str, gpu.llm_gpus))}" }} }}'
         if gpu.llm_gpus
@@ -135,8 +135,7 @@ def build_gpu(checkpoint: str | Path, out: str | Path, settings: BuildSettings, 
     out = Path(out).resolve()
     vision_dir = out / "vision"
     print(f"[1/3] vision encoder → TensorRT plan ({gpu.dtype}, strongly typed) ...", flush=True)
-    onnx_file = export_vision_onnx(config.path, vision_dir / f"vision_encoder.{gpu.dtype}.onnx", gpu.dtype, ragged=True)
-    plan = build_vision_engine(onnx_file, vision_dir, config, default_profile(config, settings), gpu.dtype)
+    plan = build_vision_plan(config, vision_dir, settings, gpu.dtype)
     print(f"[2/3] language model → TensorRT-LLM engine ({gpu.dtype}, TP {gpu.tp_size} × PP {gpu.pp_size}, {gpu.quantization}) ...", flush=True)
     engine_dir = build_llm_engine(config.path, out / "llm", settings, gpu)
     metadata = json.loads((vision_dir / METADATA).read_text(encoding="utf-8"))

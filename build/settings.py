@@ -12,7 +12,15 @@ from dataclasses import dataclass, fields
 
 from engine.config import ModelConfig
 
-QUANTIZATIONS = ("none", "int8_weight_only", "int4_weight_only", "fp8")
+# --quantization -> (quant_algo, kv_cache_quant_algo): names of tensorrt_llm.quantization.QuantAlgo
+# (examples/models/core/qwen/convert_checkpoint.py: weight-only int8 -> W8A16, int4 -> W4A16)
+QUANT_ALGOS = {
+    "none": (None, None),
+    "int8_weight_only": ("W8A16", None),
+    "int4_weight_only": ("W4A16", None),
+    "fp8": ("FP8", "FP8"),  # weights, activations and KV cache; Hopper and newer
+}
+QUANTIZATIONS = tuple(QUANT_ALGOS)
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 GPU_DTYPES = ("float16", "bfloat16")
 

@@ -106,6 +106,12 @@ def default_profile(config: ModelConfig, settings: BuildSettings = BuildSettings
     return TilesProfile(0, min(opt_tiles, max_tiles), max_tiles)
 
 
+def build_vision_plan(config: ModelConfig, out: Path, settings: BuildSettings, dtype: str, opt_tiles: int | None = None) -> Path:
+    """The ragged ONNX in `dtype` (out/vision_encoder.<dtype>.onnx), then its plan (out/vision_encoder.plan)."""
+    onnx_file = export_vision_onnx(config.path, out / f"vision_encoder.{dtype}.onnx", dtype, ragged=True)
+    return build_vision_engine(onnx_file, out, config, default_profile(config, settings, opt_tiles), dtype)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m build.trt_vision", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory")
@@ -115,10 +121,7 @@ def main() -> None:
     add_arguments(parser, BuildSettings)
     args = vars(parser.parse_args())
     model, out, dtype, opt_tiles = (args.pop(k) for k in ("model", "out", "dtype", "opt_tiles"))
-    config = ModelConfig.from_pretrained(model)
-    profile = default_profile(config, from_arguments(BuildSettings, args), opt_tiles)
-    onnx_file = export_vision_onnx(model, out / f"vision_encoder.{dtype}.onnx", dtype, ragged=True)
-    print(build_vision_engine(onnx_file, out, config, profile, dtype))
+    print(build_vision_plan(ModelConfig.from_pretrained(model), out, from_arguments(BuildSettings, args), dtype, opt_tiles))
 
 
 if __name__ == "__main__":

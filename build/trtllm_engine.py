@@ -26,16 +26,9 @@ import json
 from pathlib import Path
 
 from build.llm_checkpoint import ExtractError, extract_llm_checkpoint, trtllm_support
-from build.settings import BuildSettings, GpuSettings, add_arguments, from_arguments
+from build.settings import QUANT_ALGOS, BuildSettings, GpuSettings, add_arguments, from_arguments
 from engine.config import ModelConfig
 
-# QuantConfig(quant_algo, kv_cache_quant_algo) by --quantization; names of tensorrt_llm.quantization.QuantAlgo
-QUANT_ALGOS = {
-    "none": (None, None),
-    "int8_weight_only": ("W8A16", None),
-    "int4_weight_only": ("W4A16", None),
-    "fp8": ("FP8", "FP8"),  # weights, activations and KV cache; Hopper and newer
-}
 ENGINE_DIR, HF_DIR = "engine", "hf"
 
 
@@ -112,6 +105,7 @@ def build_llm_engine(checkpoint: str | Path, out: str | Path, settings: BuildSet
     if plan["quant_algo"]:
         kv = plan["kv_cache_quant_algo"]
         quant_config = QuantConfig(quant_algo=QuantAlgo[plan["quant_algo"]], kv_cache_quant_algo=kv and QuantAlgo[kv])
+    build_config = build_config_dict(config, settings)
     quantized_dir = out / "quantized"
     if gpu.quantization == "fp8":  # calibrated scales: ModelOpt writes a TensorRT-LLM checkpoint for all ranks
         model_class.quantize(
@@ -124,11 +118,11 @@ def build_llm_engine(checkpoint: str | Path, out: str | Path, settings: BuildSet
             model = model_class.from_hugging_face(
                 str(hf_dir), plan["dtype"], mapping=Mapping(**mapping), quant_config=quant_config
             )
-        engine = build(model, BuildConfig.from_dict(build_config_dict(config, settings)))
+        engine = build(model, BuildConfig.from_dict(build_config))  # from_dict copies its input
         engine.save(str(engine_dir))
     (out / "llm_build.json").write_text(
         json.dumps(
-            {"tensorrt_llm": tensorrt_llm.__version__, "plan": plan, "build_config": build_config_dict(config, settings)},
+            {"tensorrt_llm": tensorrt_llm.__version__, "plan": plan, "build_config": build_config},
             indent=2,
         ),
         encoding="utf-8",
