@@ -35,33 +35,36 @@ class IncrementalDetokenizer:
 
 
 class TextStream:
-    """Turns raw text deltas into deltas of the final reply: stripped, and cut at a stop string.
+    """Turns raw text deltas into deltas of the final reply: cut at a stop string, stripped.
 
-    Leading whitespace is dropped, trailing whitespace is held until more text follows, and the last
-    `max(len(stop)) - 1` characters are held until they cannot start a stop string. Generation
-    stops at the first delta after which the text holds a stop string (as servers do: later text
-    is never generated); the reply is cut at the earliest occurrence at that moment.
+    Stop strings are searched in the text as generated (a stop may begin with whitespace, e.g.
+    "\nUser:"); the reply is what precedes the cut, stripped. Leading whitespace is dropped,
+    trailing whitespace is held until more text follows, and the last `max(len(stop)) - 1`
+    characters are held until they cannot start a stop string. Generation stops at the first delta
+    after which the text holds a stop string (as servers do: later text is never generated); the
+    reply is cut at the earliest occurrence at that moment.
     """
 
     def __init__(self, stop_strings: tuple[str, ...] = ()):
         self._stops = tuple(s for s in stop_strings if s)
         self._hold = max((len(s) for s in self._stops), default=1) - 1
-        self._text = ""  # the reply so far (left-stripped, not yet cut)
-        self._sent = 0
+        self._raw = ""  # the text as generated, cut at the stop string once found
+        self._sent = 0  # characters of the stripped reply released so far
         self.stopped = False
 
     def push(self, delta: str) -> str:
         if self.stopped:
             return ""
-        self._text = (self._text + delta).lstrip() if not self._text else self._text + delta
-        found = [i for stop in self._stops if (i := self._text.find(stop, self._sent)) >= 0]
+        start = max(len(self._raw) - self._hold, 0)  # earlier starts were searched by earlier pushes
+        self._raw += delta
+        found = [i for stop in self._stops if (i := self._raw.find(stop, start)) >= 0]
         if found:  # the earliest occurrence of any stop string
-            self._text, self.stopped = self._text[: min(found)], True
-        ready = self._text if self.stopped else self._text[: max(len(self._text) - self._hold, 0)]
-        return self._release(ready.rstrip())
+            self._raw, self.stopped = self._raw[: min(found)], True
+        ready = self._raw if self.stopped else self._raw[: max(len(self._raw) - self._hold, 0)]
+        return self._release(ready.strip())
 
     def finish(self) -> str:
-        return self._release(self._text.rstrip())
+        return self._release(self._raw.strip())
 
     def _release(self, upto: str) -> str:
         if len(upto) <= self._sent:
@@ -71,7 +74,7 @@ class TextStream:
 
     @property
     def text(self) -> str:
-        return self._text.strip()
+        return self._raw.strip()
 
 
 class ReplyStream:

@@ -2,12 +2,14 @@
 
 `generate` is the one path; `stream` yields its text deltas as they come and `chat` returns its
 text like the InternVL cards' `model.chat`. The Triton models wrap the same stages one per model.
+Requests from several threads, or several open streams, run concurrently: the engine loop
+(engine/llm/runner.py) batches them as the server does.
 """
 
 from __future__ import annotations
 
 import itertools
-import threading
+import queue
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +21,17 @@ from engine.config import ModelConfig
 from engine.detokenize import ReplyStream
 from engine.llm.engine import LLMEngine
 from engine.llm.model import DecoderLM
-from engine.llm.sampling import SamplingParams
+from engine.llm.runner import EngineRunner
 from engine.preprocess import load_images
 from engine.prompt import Prompt, PromptBuilder
+from engine.sampling_params import SamplingParams
 from engine.templates import Turn
 from engine.tokenizer import TextTokenizer
 from engine.vision import load_vision_encoder
+
+
+class GenerationError(RuntimeError):
+    """The engine failed this request (the message says why); other requests are unaffected."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +57,18 @@ class Pipeline:
         self.prompts = PromptBuilder(config, tokenizer)
         self.vision = vision_encoder
         self.llm = llm
+        self.runner = EngineRunner(llm)
         self._request_ids = itertools.count()
-        self._lock = threading.Lock()  # one generation drives the engine at a time in-process
+
+    def close(self) -> None:
+        """Stops the engine loop's thread (it is a daemon thread: exiting without close is fine)."""
+        self.runner.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def from_pretrained(
@@ -127,6 +144,7 @@ class Pipeline:
         top_k: int = 50,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
+        min_new_tokens: int = 0,
         max_tiles: int | None = None,
         system_message: str | None = None,
         stop: Sequence[str] = (),
@@ -139,6 +157,7 @@ class Pipeline:
             top_k=top_k,
             repetition_penalty=repetition_penalty,
             seed=seed,
+            min_new_tokens=min_new_tokens,
         )
         request = self.prepare(question, images, history, max_tiles, system_message)
         table = self.vision.encode(request.pixel_values) if request.num_tiles else None
@@ -146,21 +165,23 @@ class Pipeline:
         reply = ReplyStream(self.tokenizer, tuple(stop))
         token_ids: list[int] = []
         finish_reason = None
-        with self._lock:
-            self.llm.add_request(request_id, request.prompt.input_ids, table, params)
-            try:
-                while finish_reason is None:
-                    for event in self.llm.step():
-                        if event.token_id is not None:
-                            token_ids.append(event.token_id)
-                            delta = reply.add([event.token_id])
-                            if delta:
-                                yield delta
-                        finish_reason = "stop" if reply.stopped else event.finish_reason
-            finally:
-                if finish_reason is None or reply.stopped:  # closed early, or cut at a stop string
-                    self.llm.abort(request_id)
-                    self.llm.step()  # retires it: the engine is left idle for the next caller
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        self.runner.submit(request_id, request.prompt.input_ids, table, params, events.put)
+        try:
+            while finish_reason is None:
+                event = events.get()
+                if event.finish_reason == "error":
+                    finish_reason = "error"
+                    raise GenerationError(event.error)
+                if event.token_id is not None:
+                    token_ids.append(event.token_id)
+                    delta = reply.add([event.token_id])
+                    if delta:
+                        yield delta
+                finish_reason = "stop" if reply.stopped else event.finish_reason
+        finally:
+            if finish_reason is None or reply.stopped:  # closed early, or cut at a stop string
+                self.runner.cancel(request_id)
         tail = reply.finish()
         if tail:
             yield tail

@@ -27,7 +27,7 @@ class PromptError(ValueError):
 class Prompt:
     input_ids: np.ndarray  # int32 [L]; image-context positions hold vocab_size + k
     num_image_tokens: int  # T·Q: rows of the prompt table this prompt reads
-    question: str  # as entered in the history (with the `<image>\n` model.chat may prepend)
+    question: str  # as entered in the history (with the `<image>\n` tags prepended to an untagged first turn)
 
 
 class PromptBuilder:
@@ -47,7 +47,9 @@ class PromptBuilder:
         system_message None means the checkpoint's (e.g. R1_SYSTEM_PROMPT switches on thinking mode).
         """
         if history is None and num_images and IMAGE_PLACEHOLDER not in question:
-            question = f"{IMAGE_PLACEHOLDER}\n{question}"
+            # model.chat prepends one tag; with several images the cards' scripts prepend one per
+            # image (Skywork-R1V3's inference script: "<image>\n" * len(images) + question)
+            question = f"{IMAGE_PLACEHOLDER}\n" * num_images + question
         system = self._system_message if system_message is None else system_message
         query = self._template.render(system, list(history or ()), question)
         return query, question

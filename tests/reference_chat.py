@@ -24,7 +24,9 @@ TEMPLATES = {
 def chat_query(template, system, question, num_patches_list, history=None, tokens_per_tile=256):
     """-> (query with images expanded, question as it enters the history)."""
     if history is None and num_patches_list and "<image>" not in question:
-        question = "<image>\n" + question
+        # model.chat prepends one tag (one image); the cards' multi-image scripts one per image
+        # (Skywork-R1V3's: "<image>\n" * len(image_paths) + question)
+        question = "<image>\n" * len(num_patches_list) + question
     system_template, (user, assistant), sep = TEMPLATES[template]
     query = system_template.format(system) + sep
     for old_question, old_answer in history or []:

@@ -185,11 +185,11 @@ def test_special_tokens_produce_no_text_and_do_not_split_characters(tok, byte_id
 
 def ref_stream(deltas: list[str], stops: tuple[str, ...]) -> tuple[str, bool]:
     """Streaming stop semantics, as a server applies them: generation ends at the first delta after
-    which the left-stripped text contains a stop string (later text is never generated); the reply
+    which the text as generated contains a stop string (later text is never generated); the reply
     is cut at the earliest occurrence in the text at that moment, then stripped."""
     t = ""
     for delta in deltas:
-        t = (t + delta).lstrip()
+        t += delta
         cuts = [t.find(s) for s in stops if s and s in t]
         if cuts:
             return t[: min(cuts)].strip(), True
@@ -284,6 +284,14 @@ def test_stream_stops_at_the_first_delta_that_completes_a_stop_string():
     split, stream = _run_stream(stops, ["abc", "d"])  # "c" completes first: "d" is never generated
     assert whole == "a"
     assert split == stream.text == "ab"
+
+
+def test_stop_string_starting_with_whitespace_does_not_leak_into_the_reply():
+    for deltas in (["\nUser: hi"], ["\n", "User:", " hi"], list("\nUser: hi")):
+        out, stream = _run_stream(("\nUser:",), deltas)
+        assert stream.stopped and out == stream.text == "", deltas
+    out, stream = _run_stream(("\nUser:",), ["Sure.", "\n", "User: more"])
+    assert out == stream.text == "Sure."
 
 
 def test_stream_strips_leading_and_holds_trailing_whitespace():

@@ -14,7 +14,7 @@ from transformers import InternVLForConditionalGeneration
 from engine.config import ModelConfig
 from engine.llm.engine import LLMEngine, TokenEvent
 from engine.llm.model import DecoderLM, SequenceInput
-from engine.llm.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.weights import load_weights
 
 FAMILIES = ("qwen2", "qwen3", "llama")
@@ -333,7 +333,8 @@ def test_stop_token_ids_end_the_request_without_emitting_the_stop_token(qwen3):
     ids = text_ids(np.random.default_rng(21), 12)
     greedy = tokens_of(run_alone(qwen3, ids, SamplingParams(max_new_tokens=10)))
     k = _first_new_index(greedy, 4)
-    events = run_alone(qwen3, ids, SamplingParams(max_new_tokens=10, stop_token_ids=(12345, greedy[k])))
+    unused = next(t for t in range(qwen3.vocab) if t not in greedy)
+    events = run_alone(qwen3, ids, SamplingParams(max_new_tokens=10, stop_token_ids=(unused, greedy[k])))
     assert [e.token_id for e in events] == greedy[:k] + [None]
     check_stream_shape(events, "stop")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from client.synthetic import synthetic_image
@@ -71,6 +74,9 @@ def test_closing_a_stream_early_leaves_the_engine_idle(pipe):
     stream = pipe.stream("Tell me a story.", max_new_tokens=50)
     next(stream)
     stream.close()
+    deadline = time.monotonic() + 10  # the engine loop retires it at its next step
+    while pipe.llm.has_work() and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not pipe.llm.has_work()
     assert pipe.chat("Tell me a story.", max_new_tokens=5)  # the engine still serves
 
@@ -112,3 +118,60 @@ def test_invalid_sampling_parameters_are_rejected(pipe):
         pipe.chat("Hi", top_p=0.0, do_sample=True)
     with pytest.raises(ValueError, match="max_new_tokens"):
         pipe.chat("Hi", max_new_tokens=0)
+
+
+def _finish_within(seconds: float, work) -> object:
+    """Runs work() on a thread; a deadlock fails the test instead of hanging it."""
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("value", work()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "deadlock: the requests never finished"
+    return out["value"]
+
+
+def test_two_interleaved_streams_in_one_thread_do_not_deadlock(pipe):
+    questions = ("Tell me a story.", "Describe a lake.")
+    sampling = [dict(max_new_tokens=12, do_sample=True, top_k=0, seed=seed) for seed in (1, 2)]
+    solo = [pipe.chat(q, **kw) for q, kw in zip(questions, sampling)]
+
+    def interleave():
+        streams = [pipe.stream(q, **kw) for q, kw in zip(questions, sampling)]
+        parts = [[], []]
+        live = [0, 1]
+        while live:
+            for i in list(live):
+                try:
+                    parts[i].append(next(streams[i]))
+                except StopIteration:
+                    live.remove(i)
+        return ["".join(p) for p in parts]
+
+    assert _finish_within(120, interleave) == solo
+    assert solo[0] != solo[1]
+
+
+def test_chats_from_several_threads_run_batched_and_each_gets_its_solo_reply(pipe, monkeypatch):
+    questions = [f"Question {i}: tell me about number {i}." for i in range(4)]
+    sampling = dict(max_new_tokens=16, do_sample=True, top_k=0, seed=7)  # same seed: the prompt decides
+    solo = [pipe.chat(q, **sampling) for q in questions]
+    assert len(set(solo)) > 1
+    sizes = []
+    monkeypatch.setattr(pipe.runner, "_on_step", sizes.append)
+    barrier = threading.Barrier(len(questions))
+
+    def ask(q):
+        barrier.wait()
+        return pipe.chat(q, **sampling)
+
+    def all_threads():
+        results = [None] * len(questions)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(questions[i]))) for i in range(len(questions))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+    assert _finish_within(120, all_threads) == solo
+    assert max(sizes) > 1  # they shared engine steps

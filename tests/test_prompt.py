@@ -33,6 +33,7 @@ CASES = [  # (question, tiles per image, history)
     ("Hello, who are you?", [], None),
     ("Describe the image.", [7], None),  # model.chat prepends "<image>\n"
     ("What is in <image> here?", [1], None),
+    ("Compare them.", [2, 1], None),  # no tag, two images: one tag per image
     ("Image-1: <image>\nImage-2: <image>\nCompare them.", [3, 13], None),
     ("And the colours?", [5], [("<image>\nDescribe the image.", "A red boat on a lake.")]),
     ("Frame1: <image>\nFrame2: <image>\nFrame3: <image>\nWhat happens?", [1, 1, 1], None),

@@ -16,7 +16,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from engine.llm.sampling import Sampler, SamplingParams
+from engine.llm.sampling import Sampler
+from engine.sampling_params import SamplingParams
 
 VOCAB = 1000
 

@@ -75,7 +75,7 @@ def test_engine_reads_the_prompt_table_like_the_cpu_engine(tiny, tmp_path):
 
     from engine.llm.engine import LLMEngine
     from engine.llm.model import DecoderLM
-    from engine.llm.sampling import SamplingParams
+    from engine.sampling_params import SamplingParams
 
     config = ModelConfig.from_pretrained(tiny)
     engine_dir = build_llm_engine(tiny, tmp_path, BuildSettings(max_images=1, llm_max_batch_size=1), GpuSettings())

@@ -37,7 +37,7 @@ def decode_weight_bytes(model) -> dict:
 
 def run_engine(engine, prompts: list[np.ndarray], new_tokens: int) -> dict:
     """Adds every prompt, steps until all are done; -> per-step times and the generated ids."""
-    from engine.llm.sampling import SamplingParams
+    from engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, do_sample=False)
     for i, ids in enumerate(prompts):
@@ -197,7 +197,7 @@ def _profile_decode(engine, prompt: np.ndarray) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from engine.llm.sampling import SamplingParams
+    from engine.sampling_params import SamplingParams
 
     engine.add_request("profile", prompt, None, SamplingParams(max_new_tokens=12, do_sample=False))
     engine.step()  # prefill

@@ -3,7 +3,11 @@
 One `step()` = the scheduler picks work (one token for every decoding sequence, then prompt chunks
 of newly admitted sequences within a token budget), the model runs it as one batch, and each
 sequence that reached the end of its input samples a token. `add_request` and `abort` are safe to
-call from other threads while a loop thread calls `step()`.
+call from other threads while a loop thread calls `step()` (engine/llm/runner.py runs that loop).
+
+A failure that belongs to one sequence — its prompt table, its KV-cache allocation, its sampling —
+finishes that sequence with an "error" event; the others in the step go on. When a batched forward
+fails, each sequence of it runs alone (rewriting the same cache positions) to find the failing one.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ import numpy as np
 import torch
 
 from engine.llm.model import DecoderLM, KVCache, SequenceInput
-from engine.llm.sampling import Sampler, SamplingParams
+from engine.llm.sampling import Sampler
+from engine.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
     request_id: str
     token_id: int | None  # None when the step produced no visible token (stop token, abort)
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
+    error: str | None = None  # what went wrong, when finish_reason == "error"
 
 
 @dataclass(slots=True, eq=False)
@@ -38,6 +44,7 @@ class _Sequence:
     cache: KVCache | None = None
     num_cached: int = 0  # prompt tokens already run through the model
     generated: list[int] = field(default_factory=list)
+    aborted: bool = False
 
 
 class LLMEngine:
@@ -50,7 +57,6 @@ class LLMEngine:
         self.max_num_tokens = max_num_tokens  # tokens per step: bounds how long a prefill stalls decodes
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
-        self._aborted: set[str] = set()
         self._lock = threading.Lock()
         self.last_batch_size = 0  # sequences in the most recent step (observability)
 
@@ -75,6 +81,10 @@ class LLMEngine:
                 raise ValueError(
                     f"prompt_table must be [P, {self.model.config.hidden_size}], got {list(table.shape)}"
                 )
+        for name, token_ids in (("stop token id", params.stop_token_ids), ("stop sequence id", _flat(params.stop_sequences))):
+            outside = [t for t in token_ids if not 0 <= t < self.vocab_size]
+            if outside:
+                raise ValueError(f"{name} {outside[0]} is not in the vocabulary [0, {self.vocab_size})")
         fake_rows = ids[ids >= self.vocab_size] - self.vocab_size
         if len(fake_rows) and (table is None or int(fake_rows.max()) >= len(table)):
             rows = 0 if table is None else len(table)
@@ -91,11 +101,36 @@ class LLMEngine:
             max_new_tokens=min(params.max_new_tokens, self.max_seq_len - len(ids)),
         )
         with self._lock:
+            if any(s.request_id == request_id for s in self._live()):
+                raise ValueError(f"request id {request_id!r} is already in flight")
             self._waiting.append(seq)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> bool:
+        """Marks the live request with this id; it finishes with "abort" at the next step. An id that
+        is not in flight (finished, or never added) is ignored: -> False."""
         with self._lock:
-            self._aborted.add(request_id)
+            for seq in self._live():
+                if seq.request_id == request_id:
+                    seq.aborted = True
+                    return True
+        return False
+
+    def fail_running(self, error: str) -> list[TokenEvent]:
+        """Finishes every running sequence with an error, without scheduling anything: the recovery
+        when a step failed as a whole. Waiting requests (e.g. added meanwhile) are left to run."""
+        with self._lock:
+            failed, self._running = self._running, []
+        for seq in failed:
+            seq.cache = None
+        return [TokenEvent(s.request_id, None, "error", error) for s in failed]
+
+    def live_ids(self) -> list[str]:
+        """Requests waiting or running."""
+        with self._lock:
+            return [s.request_id for s in self._live()]
+
+    def _live(self):
+        return (*self._waiting, *self._running)
 
     def has_work(self) -> bool:
         with self._lock:
@@ -103,7 +138,7 @@ class LLMEngine:
 
     def step(self) -> list[TokenEvent]:
         events = self._retire_aborted()
-        batch = self._schedule()
+        batch = self._schedule(events)
         self.last_batch_size = len(batch)
         if not batch:
             return events
@@ -115,8 +150,10 @@ class LLMEngine:
             else:  # decode: feed the last sampled token
                 tokens = torch.tensor([seq.generated[-1]])
                 inputs.append(SequenceInput(tokens, len(seq.token_ids) + len(seq.generated) - 1, seq.cache, None))
-        logits = self.model.forward(inputs)
-        for (seq, n), row in zip(batch, logits):
+        for (seq, n), row in zip(batch, self._forward(inputs)):
+            if isinstance(row, Exception):
+                events.append(self._fail(seq, row))
+                continue
             if seq.num_cached < len(seq.token_ids):
                 seq.num_cached += n
                 if seq.num_cached < len(seq.token_ids):
@@ -124,16 +161,40 @@ class LLMEngine:
             events.append(self._sample(seq, row))
         return events
 
+    def _forward(self, inputs: list[SequenceInput]) -> list[torch.Tensor | Exception]:
+        """-> logits [V] per sequence, or the error that sequence raised when run alone."""
+        try:
+            return list(self.model.forward(inputs))
+        except Exception as error:  # noqa: BLE001 — find which sequence it belongs to
+            if len(inputs) == 1:
+                return [error]
+        rows = []
+        for one in inputs:
+            try:
+                rows.append(self.model.forward([one])[0])
+            except Exception as error:  # noqa: BLE001
+                rows.append(error)
+        return rows
+
     def _sample(self, seq: _Sequence, logits: torch.Tensor) -> TokenEvent:
-        may_stop = len(seq.generated) >= seq.params.min_new_tokens
-        if not may_stop:  # as transformers' MinNewTokensLengthLogitsProcessor: stop ids cannot win
+        try:
+            return self._next_token(seq, logits)
+        except Exception as error:  # noqa: BLE001 — this sequence fails alone
+            return self._fail(seq, error)
+
+    def _next_token(self, seq: _Sequence, logits: torch.Tensor) -> TokenEvent:
+        if len(seq.generated) < seq.params.min_new_tokens:
+            # as transformers' MinNewTokensLengthLogitsProcessor: stop ids cannot win
             logits = logits.index_fill(0, torch.tensor(sorted(seq.stop_ids)), float("-inf"))
         token = seq.sampler(logits)
         if token in seq.stop_ids:
             self._finish(seq)
             return TokenEvent(seq.request_id, None, "stop")
         seq.generated.append(token)
-        if may_stop and any(seq.generated[-len(stop) :] == list(stop) for stop in seq.params.stop_sequences):
+        # checked after appending: a stop sequence completed by token number min_new_tokens ends it
+        if len(seq.generated) >= seq.params.min_new_tokens and any(
+            seq.generated[-len(stop) :] == list(stop) for stop in seq.params.stop_sequences
+        ):
             self._finish(seq)
             return TokenEvent(seq.request_id, token, "stop")
         if len(seq.generated) >= seq.max_new_tokens:
@@ -141,27 +202,38 @@ class LLMEngine:
             return TokenEvent(seq.request_id, token, "length")
         return TokenEvent(seq.request_id, token, None)
 
+    def _fail(self, seq: _Sequence, error: Exception) -> TokenEvent:
+        self._finish(seq)
+        return TokenEvent(seq.request_id, None, "error", f"{type(error).__name__}: {error}")
+
     def _finish(self, seq: _Sequence) -> None:
         with self._lock:
-            self._running.remove(seq)
+            if seq in self._running:
+                self._running.remove(seq)
         seq.cache = None
 
     def _retire_aborted(self) -> list[TokenEvent]:
         with self._lock:
-            if not self._aborted:
+            gone = [s for s in self._live() if s.aborted]
+            if not gone:
                 return []
-            gone = [s for s in (*self._waiting, *self._running) if s.request_id in self._aborted]
-            self._waiting = deque(s for s in self._waiting if s.request_id not in self._aborted)
-            self._running = [s for s in self._running if s.request_id not in self._aborted]
-            self._aborted.clear()
+            self._waiting = deque(s for s in self._waiting if not s.aborted)
+            self._running = [s for s in self._running if not s.aborted]
+        for seq in gone:
+            seq.cache = None
         return [TokenEvent(s.request_id, None, "abort") for s in gone]
 
-    def _schedule(self) -> list[tuple[_Sequence, int]]:
-        """Decodes first (one token each), then prompt chunks, oldest first, within the token budget."""
+    def _schedule(self, events: list[TokenEvent]) -> list[tuple[_Sequence, int]]:
+        """Decodes first (one token each), then prompt chunks, oldest first, within the token budget.
+        A sequence whose KV cache cannot be allocated fails with an event added to `events`."""
         with self._lock:
             while self._waiting and len(self._running) < self.max_batch_size:
                 seq = self._waiting.popleft()
-                seq.cache = self.model.new_cache(len(seq.token_ids) + seq.max_new_tokens)
+                try:
+                    seq.cache = self.model.new_cache(len(seq.token_ids) + seq.max_new_tokens)
+                except Exception as error:  # noqa: BLE001 — e.g. MemoryError, for this request alone
+                    events.append(TokenEvent(seq.request_id, None, "error", f"{type(error).__name__}: {error}"))
+                    continue
                 self._running.append(seq)
             running = list(self._running)
         batch = [(s, 1) for s in running if s.num_cached == len(s.token_ids)]
@@ -173,3 +245,7 @@ class LLMEngine:
                 batch.append((seq, n))
                 budget -= n
         return batch
+
+
+def _flat(sequences: tuple[tuple[int, ...], ...]) -> list[int]:
+    return [t for seq in sequences for t in seq]

@@ -7,39 +7,10 @@ Each request owns a torch.Generator, so a seeded request is reproducible whateve
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50  # 0 disables; 50 is transformers' default
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    min_new_tokens: int = 0  # stop token and stop sequences are ignored until this many (benchmarks)
-    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's stop token
-    # Token sequences that end generation once the output ends with one (TensorRT-LLM stop_words);
-    # unlike stop token ids they stay in the output.
-    stop_sequences: tuple[tuple[int, ...], ...] = ()
-
-    def __post_init__(self):
-        checks = (
-            (self.max_new_tokens >= 1, "max_new_tokens must be ≥ 1"),
-            (self.min_new_tokens >= 0, "min_new_tokens must be ≥ 0"),
-            (self.temperature > 0 or not self.do_sample, "temperature must be > 0 when sampling"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be ≥ 0"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (all(self.stop_sequences), "stop_sequences must not contain an empty sequence"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"{message} (got {self})")
+from engine.sampling_params import SamplingParams
 
 
 class Sampler:
@@ -62,7 +33,7 @@ class Sampler:
         if not p.do_sample:
             token = int(logits.argmax())
         else:
-            token = self._sample(logits.float() / p.temperature)
+            token = self._sample(logits.float() / p.effective_temperature)
         if self.seen is not None:
             self.seen[token] = True
         return token
@@ -79,4 +50,6 @@ class Sampler:
             remove[-1] = False  # keep at least the most likely token
             logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
         probs = logits.softmax(-1)
+        if not bool(torch.isfinite(probs).all()):  # the parameter limits prevent it; this names it if not
+            raise FloatingPointError(f"sampling produced non-finite probabilities (temperature {p.temperature}, repetition_penalty {p.repetition_penalty})")
         return int(torch.multinomial(probs, 1, generator=self.generator))

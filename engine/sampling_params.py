@@ -1,0 +1,105 @@
+"""Sampling parameters and their rules: one set of checks for the in-process Pipeline, the Triton
+llm step (CPU engine and the GPU wrapper over tensorrt_llm) and the clients, which check a request
+before sending it. No torch here, so the clients can import it.
+
+Limits keep every sampling step finite: the sampler divides logits by the temperature and multiplies
+or divides them by the repetition penalty, so values near 0 would overflow float32 (inf - inf =
+NaN probabilities). A temperature below MIN_TEMPERATURE is raised to it, as vLLM does
+(vllm/sampling_params.py: _MAX_TEMP = 1e-2, "may cause numerical errors nan or inf"); a repetition
+penalty outside REPETITION_PENALTY_RANGE is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MIN_TEMPERATURE = 1e-2
+REPETITION_PENALTY_RANGE = (1e-3, 1e3)
+
+# SamplingParams field -> the name a Triton / OpenAI-style request uses for it (the ensemble's inputs)
+REQUEST_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+class SamplingParamError(ValueError):
+    """One sampling value breaks its rule; the message names the field, the rule and the value."""
+
+    def __init__(self, field: str, rule: str, value):
+        self.field, self.rule, self.value = field, rule, value
+        shown = f"{value:.6g}" if isinstance(value, float) else repr(value)  # FP32 requests: 1e-38, not 9.99e-39
+        super().__init__(f"{field} {rule}, got {shown}")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0  # values in (0, MIN_TEMPERATURE) sample as MIN_TEMPERATURE
+    top_p: float = 1.0
+    top_k: int = 50  # 0 disables; 50 is transformers' default
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    min_new_tokens: int = 0  # stop token and stop sequences are ignored until this many (benchmarks)
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's stop token
+    # Token sequences that end generation once the output ends with one (TensorRT-LLM stop_words);
+    # unlike stop token ids they stay in the output.
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self):
+        low, high = REPETITION_PENALTY_RANGE
+        checks = (
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be ≥ 1"),
+            ("min_new_tokens", self.min_new_tokens >= 0, "must be ≥ 0"),
+            ("temperature", math.isfinite(self.temperature), "must be a finite number"),
+            ("temperature", self.temperature > 0 or not self.do_sample, "must be > 0 when sampling"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be ≥ 0 (0 = off)"),
+            ("repetition_penalty", low <= self.repetition_penalty <= high, f"must be in [{low:g}, {high:g}] (1 = off)"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**64, "must be in [0, 2^64)"),
+            ("stop_sequences", all(self.stop_sequences), "must not contain an empty sequence"),
+            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be ≥ 0"),
+        )
+        for field, ok, rule in checks:
+            if not ok:
+                raise SamplingParamError(field, rule, getattr(self, field))
+
+    @property
+    def effective_temperature(self) -> float:
+        return max(self.temperature, MIN_TEMPERATURE)
+
+    @classmethod
+    def from_request(
+        cls,
+        max_tokens: int,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        min_tokens: int | None = None,
+        stop_token_ids: tuple[int, ...] = (),
+        stop_sequences: tuple[tuple[int, ...], ...] = (),
+    ) -> SamplingParams:
+        """A request's fields with TensorRT-LLM's semantics (absent = default): temperature absent or 0
+        is greedy, top_p absent or 0 and top_k absent or 0 switch those filters off. Errors name the
+        request's fields (max_tokens, min_tokens, ...)."""
+        if temperature is not None and not temperature >= 0:
+            raise SamplingParamError("temperature", "must be ≥ 0 (0 = greedy)", temperature)
+        if top_p is not None and not 0 <= top_p <= 1:
+            raise SamplingParamError("top_p", "must be in [0, 1] (0 = off)", top_p)
+        sampling = bool(temperature)
+        try:
+            return cls(
+                max_new_tokens=int(max_tokens),
+                do_sample=sampling,
+                temperature=float(temperature) if sampling else 1.0,
+                top_p=float(top_p) if top_p else 1.0,
+                top_k=0 if top_k is None else int(top_k),
+                repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
+                seed=None if seed is None else int(seed),
+                min_new_tokens=0 if min_tokens is None else int(min_tokens),
+                stop_token_ids=tuple(stop_token_ids),
+                stop_sequences=tuple(stop_sequences),
+            )
+        except SamplingParamError as e:
+            raise SamplingParamError(REQUEST_NAMES.get(e.field, e.field), e.rule, e.value) from None
