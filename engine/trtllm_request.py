@@ -14,6 +14,8 @@ import hashlib
 
 import numpy as np
 
+from engine.sampling_params import SamplingParams
+
 # our name -> dtype tensorrt_llm declares; sent when the client sent it
 _SAMPLING = {"runtime_top_k": np.int32, "repetition_penalty": np.float32, "seed": np.uint64, "min_tokens": np.int32}
 
@@ -43,6 +45,19 @@ def tensorrt_llm_inputs(
         raise ValueError(f"request_output_len must be ≥ 1, got {requested}")
     if len(ids) >= max_seq_len:
         raise ValueError(f"the prompt has {len(ids)} tokens; this engine's max_seq_len is {max_seq_len}")
+    # the CPU llm's rules, so both targets refuse the same values with the same message
+    params = SamplingParams.from_request(
+        requested,
+        temperature=_value(item, "temperature"),
+        top_p=_value(item, "runtime_top_p"),
+        top_k=_value(item, "runtime_top_k"),
+        repetition_penalty=_value(item, "repetition_penalty"),
+        seed=_value(item, "seed"),
+        min_tokens=_value(item, "min_tokens"),
+    )
+    end_id = _value(item, "end_id")
+    if end_id is not None and not 0 <= end_id < vocab_size:
+        raise ValueError(f"stop token id {end_id} is not in the vocabulary [0, {vocab_size})")
 
     def scalar(value, dtype) -> np.ndarray:
         return np.asarray(value, dtype).reshape(1, 1)
@@ -55,20 +70,18 @@ def tensorrt_llm_inputs(
         "streaming": scalar(bool(_value(item, "streaming", False)), np.bool_),
         "exclude_input_in_output": scalar(True, np.bool_),
     }
-    if "end_id" in item:
-        out["end_id"] = out["pad_id"] = scalar(_value(item, "end_id"), np.int32)
+    if end_id is not None:
+        out["end_id"] = out["pad_id"] = scalar(end_id, np.int32)
     stop_words = item.get("stop_words_list")
     if stop_words is not None and stop_words.shape[-1] > 0:
         out["stop_words_list"] = np.asarray(stop_words, np.int32)[None]
-    temperature = float(_value(item, "temperature", 0.0))
-    if temperature > 0:  # sampling; without top-k/top-p TensorRT-LLM would be greedy, so top_p 1 = the whole vocabulary
-        top_p = float(_value(item, "runtime_top_p", 0.0))
-        out["temperature"] = scalar(temperature, np.float32)
-        out["runtime_top_p"] = scalar(top_p if top_p > 0 else 1.0, np.float32)
+    if params.do_sample:  # without top-k/top-p TensorRT-LLM would be greedy, so top_p 1 = the whole vocabulary
+        out["temperature"] = scalar(params.effective_temperature, np.float32)
+        out["runtime_top_p"] = scalar(params.top_p, np.float32)
     else:  # absent or 0: greedy, as on the CPU path
         out["runtime_top_k"] = scalar(1, np.int32)
     for name, dtype in _SAMPLING.items():
-        if name in item and not (name == "runtime_top_k" and temperature <= 0):
+        if name in item and not (name == "runtime_top_k" and not params.do_sample):
             out[name] = scalar(_value(item, name), dtype)
     if table_rows:
         out["prompt_table_extra_ids"] = np.where(image_slots, image_key, 0).astype(np.uint64)[None]

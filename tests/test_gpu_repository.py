@@ -17,6 +17,7 @@ from build.trt_vision import default_profile, engine_metadata
 from engine.config import ModelConfig
 from engine.prompt import PromptBuilder
 from engine.protocol import stop_words_list
+from engine.sampling_params import MIN_TEMPERATURE
 from engine.tokenizer import TextTokenizer
 from engine.trtllm_request import image_key, response_tokens, tensorrt_llm_inputs
 from tests.repository_checks import assert_ensemble_wired, full_dims, parse_configs
@@ -156,6 +157,31 @@ def test_llm_wrapper_request_semantics(tiny):
         tensorrt_llm_inputs({**base, "request_output_len": np.array([0], np.int32)}, vocab, 2, 9, 20)
     # responses: [1, beams, N] padded; sequence_length says how many are real
     assert response_tokens(np.array([[[5, 6, -1]]], np.int32), np.array([[2]], np.int32)).tolist() == [5, 6]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("temperature", np.float32(-1), r"^temperature must be ≥ 0 \(0 = greedy\), got -1$"),
+        ("runtime_top_p", np.float32(2), r"^top_p must be in \[0, 1\] \(0 = off\), got 2$"),
+        ("repetition_penalty", np.float32(1e-38), r"^repetition_penalty must be in \[0.001, 1000\] \(1 = off\), got 1e-38$"),
+        ("end_id", np.int32(10**6), r"^stop token id 1000000 is not in the vocabulary \[0, \d+\)$"),
+    ],
+)
+def test_gpu_llm_step_refuses_what_the_cpu_llm_refuses(tiny, field, value, message):
+    """Same rules, same one-line message on both targets (engine/sampling_params.py)."""
+    vocab = ModelConfig.from_pretrained(tiny).text.vocab_size
+    item = {"input_ids": np.array([1, 2, 3], np.int32), "input_lengths": np.array([3], np.int32),
+            "request_output_len": np.array([8], np.int32), field: np.array([value])}  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        tensorrt_llm_inputs(item, vocab, 0, 9, 100)
+
+
+def test_gpu_llm_step_sends_tiny_temperatures_as_the_cpu_engine_samples_them(tiny):
+    vocab = ModelConfig.from_pretrained(tiny).text.vocab_size
+    item = {"input_ids": np.array([1, 2, 3], np.int32), "input_lengths": np.array([3], np.int32),
+            "request_output_len": np.array([8], np.int32), "temperature": np.array([1e-38], np.float32)}  # fmt: skip
+    assert tensorrt_llm_inputs(item, vocab, 0, 9, 100)["temperature"][0, 0] == np.float32(MIN_TEMPERATURE)
 
 
 def test_vision_plan_and_llm_engine_must_agree(tiny, tmp_path):
