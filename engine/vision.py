@@ -125,7 +125,8 @@ class OnnxVisionEncoder:
 
         if not Path(onnx_file).is_file():
             raise FileNotFoundError(
-                f"{onnx_file} not found: export it with `python -m build.export_vision --model <checkpoint>`"
+                f"{onnx_file} not found: export it with `python -m build.export_vision --model <checkpoint>`, "
+                "pass vision_onnx=<OUT>/vision_encoder.onnx from `make build`, or use vision_backend='torch'"
             )
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
