@@ -1,22 +1,26 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv on first use.
-# TARGET=gpu (build, serve) runs inside the TensorRT-LLM Triton container with its own Python.
+# TARGET=gpu (setup, build, serve) runs inside the TensorRT-LLM Triton container with its Python
+# and its own default OUT, so a GPU build never overwrites the CPU one.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 TARGET ?= cpu
+# the container's server (TARGET=gpu)
+TRITONSERVER ?= /opt/tritonserver/bin/tritonserver
 ifeq ($(TARGET),gpu)
 PY ?= python3
 STAMP := .gpu-installed
+OUT ?= artifacts/build-gpu
 else
 PY := .venv/bin/python
 STAMP := .venv/.installed
+OUT ?= artifacts/build
 endif
 
 MODEL ?= artifacts/checkpoints/tiny-qwen3
-OUT ?= artifacts/build
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup test demo build serve bench bench-components clean
+.PHONY: setup gpu-container test demo build serve bench bench-components clean
 
 setup: $(STAMP)
 
@@ -27,7 +31,14 @@ setup: $(STAMP)
 	.venv/bin/python -m pip install -q -e '.[cpu,test]'
 	touch $@
 
-.gpu-installed: pyproject.toml
+# TARGET=gpu pip-installs into $(PY): only where that is the container's Python (tensorrt_llm
+# importable, the container's tritonserver present), never into whichever python3 is first elsewhere.
+gpu-container:
+	@[ -x "$(TRITONSERVER)" ] || { echo "TARGET=gpu runs inside nvcr.io/nvidia/tritonserver:26.04-trtllm-python-py3 (docs/GPU.md); $(TRITONSERVER) is missing here: start the container, or leave TARGET unset for the CPU build" >&2; exit 1; }
+	@$(PY) -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("tensorrt_llm") is None)' 2>/dev/null \
+	|| { echo "TARGET=gpu installs into and runs with the container's Python, which has tensorrt_llm; $(PY) has none: set PY= to the container's python3" >&2; exit 1; }
+
+.gpu-installed: pyproject.toml | gpu-container
 	$(PY) -m pip install -q --extra-index-url https://pypi.nvidia.com -e '.[gpu,test]'
 	touch $@
 
@@ -51,7 +62,7 @@ bench: build
 bench-components: setup
 	$(PY) -m client.bench_components --out artifacts/bench $(BENCH_ARGS)
 
-SERVER := $(if $(filter gpu,$(TARGET)),triton_repo.launch_gpu,triton_repo.server)
+SERVER := $(if $(filter gpu,$(TARGET)),triton_repo.launch_gpu --tritonserver $(TRITONSERVER),triton_repo.server)
 serve: setup
 	$(PY) -m $(SERVER) --out $(OUT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 

@@ -22,11 +22,11 @@ import json
 import shutil
 import string
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from build.export_vision import export_stamp, export_vision_onnx
-from build.settings import BuildSettings, GpuSettings, add_arguments, from_arguments
+from build.settings import BuildSettings, GpuSettings, HelpFormatter, add_arguments, from_arguments
 from build.trt_vision import METADATA, build_vision_plan
 from build.trtllm_engine import build_llm_engine, conversion_plan
 from engine.config import ModelConfig
@@ -148,13 +148,21 @@ def build_gpu(checkpoint: str | Path, out: str | Path, settings: BuildSettings, 
     return out
 
 
+def refuse_gpu_flags(gpu: GpuSettings) -> None:
+    """A GPU flag on a CPU build would be ignored silently."""
+    default = GpuSettings()
+    given = [f"--{f.name.replace('_', '-')}" for f in fields(GpuSettings) if getattr(gpu, f.name) != getattr(default, f.name)]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --target gpu only (make build TARGET=gpu)")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m build.repository", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--target", choices=sorted(TARGET_MODELS), default="cpu")
-    add_arguments(parser, BuildSettings)
-    add_arguments(parser, GpuSettings)
+    parser.add_argument("--out", type=Path, required=True, help="output directory (engines, model_repository/, build.json)")
+    parser.add_argument("--target", choices=sorted(TARGET_MODELS), default="cpu", help="cpu: ONNX Runtime + python-backend LLM; gpu: TensorRT + TensorRT-LLM (in its container)")
+    add_arguments(parser, BuildSettings, title="limits and instances (both targets)")
+    add_arguments(parser, GpuSettings, title="GPU target only (--target gpu)")
     args = vars(parser.parse_args())
     model, out, target = args.pop("model"), args.pop("out"), args.pop("target")
     try:
@@ -163,6 +171,7 @@ def main() -> None:
         if target == "gpu":
             build_gpu(model, out, settings, gpu)
         else:
+            refuse_gpu_flags(gpu)
             build(model, out, settings)
     except (ValueError, RuntimeError) as error:  # ConfigError and ExtractError are ValueErrors
         parser.exit(2, f"error: {error}\n")

@@ -8,7 +8,7 @@ TensorRT-LLM BuildConfig, so the three can never disagree.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from engine.config import ModelConfig
 
@@ -25,16 +25,21 @@ SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 GPU_DTYPES = ("float16", "bfloat16")
 
 
+def _setting(default, help: str):
+    """A settings field with its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class BuildSettings:
-    max_images: int = 4  # images per request
-    max_batch_size: int = 8  # requests per Triton batch (the batch dimension of every model)
-    llm_max_batch_size: int = 8  # sequences decoding together (in-flight batching)
-    max_num_tokens: int = 2048  # tokens per engine step (bounds how long a prefill stalls decodes)
-    text_budget: int = 2048  # prompt tokens beyond the image tokens
-    max_output_len: int = 4096  # generated tokens per request the GPU engine is built for
-    preprocess_instances: int = 2
-    vision_queue_delay_us: int = 0  # requests arriving during a run still batch; waiting only adds TTFT
+    max_images: int = _setting(4, "images per request")
+    max_batch_size: int = _setting(8, "requests per Triton batch (the batch dimension of every model; requests per vision run)")
+    llm_max_batch_size: int = _setting(8, "sequences decoding together (in-flight batching)")
+    max_num_tokens: int = _setting(2048, "tokens per engine step (bounds how long a prefill stalls decodes)")
+    text_budget: int = _setting(2048, "prompt tokens beyond the image tokens")
+    max_output_len: int = _setting(4096, "generated tokens per request the GPU engine is built for (GPU target only)")
+    preprocess_instances: int = _setting(2, "preprocess model instances (CPU processes)")
+    vision_queue_delay_us: int = _setting(0, "vision dynamic-batching delay; requests arriving during a run still batch, waiting only adds TTFT")
 
     def __post_init__(self):
         for f in fields(self):
@@ -61,16 +66,16 @@ class BuildSettings:
 
 @dataclass(frozen=True)
 class GpuSettings:
-    dtype: str = "float16"  # both engines; the prompt table crosses between them in this dtype
-    tp_size: int = 1
-    pp_size: int = 1
-    quantization: str = "none"  # LLM weights: int8/int4 weight-only (Ampere–Hopper), fp8 (Hopper+)
-    vision_gpus: tuple[int, ...] = (0,)  # GPUs that each run vision_instances copies of the plan
-    vision_instances: int = 1
-    llm_gpus: tuple[int, ...] = ()  # one per TP×PP rank; empty: the backend uses the visible GPUs
-    kv_cache_free_gpu_mem_fraction: float = 0.85  # of the memory left after the engines load
-    batch_scheduler_policy: str = "guaranteed_no_evict"
-    enable_kv_cache_reuse: bool = True  # prompt_table_extra_ids keep different images apart
+    dtype: str = _setting("float16", "both engines; the prompt table crosses between them in this dtype")
+    tp_size: int = _setting(1, "TensorRT-LLM tensor-parallel ranks")
+    pp_size: int = _setting(1, "TensorRT-LLM pipeline-parallel ranks")
+    quantization: str = _setting("none", "LLM weights: int8/int4 weight-only (Ampere–Hopper), fp8 (Hopper+)")
+    vision_gpus: tuple[int, ...] = _setting((0,), "comma-separated GPU ids that each run --vision-instances copies of the plan")
+    vision_instances: int = _setting(1, "vision plan instances per listed GPU")
+    llm_gpus: tuple[int, ...] = _setting((), "comma-separated GPU ids, one per TP×PP rank (default: the visible GPUs in order)")
+    kv_cache_free_gpu_mem_fraction: float = _setting(0.85, "KV-cache share of the GPU memory left after the engines load")
+    batch_scheduler_policy: str = _setting("guaranteed_no_evict", "tensorrt_llm batch scheduler")
+    enable_kv_cache_reuse: bool = _setting(True, "true or false; prompt_table_extra_ids keep different images apart")
 
     def __post_init__(self):
         if self.dtype not in GPU_DTYPES:
@@ -100,22 +105,36 @@ class GpuSettings:
 _CHOICES = {"dtype": GPU_DTYPES, "quantization": QUANTIZATIONS, "batch_scheduler_policy": SCHEDULER_POLICIES}
 
 
-def add_arguments(parser: argparse.ArgumentParser, settings_class: type) -> None:
-    """One --flag per field of a settings dataclass (GPU id lists as comma-separated values)."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, except flags without one (required, switches) and
+    those whose help says what the default means."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_arguments(parser: argparse.ArgumentParser, settings_class: type, only: tuple[str, ...] | None = None, title: str | None = None) -> None:
+    """One --flag per field of a settings dataclass, or per field named in `only` (what the tool
+    reads; the others keep their defaults). GPU id lists are comma-separated values."""
+    group = parser.add_argument_group(title) if title else parser
     defaults = settings_class()
     for f in fields(settings_class):
-        flag, default = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name)
-        if isinstance(default, tuple):
-            parser.add_argument(flag, type=_gpu_ids, default=default, help="comma-separated GPU ids")
+        if only is not None and f.name not in only:
+            continue
+        flag, default, help = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name), f.metadata["help"]
+        if isinstance(default, tuple):  # a string default goes through type= and shows as typed
+            group.add_argument(flag, type=_gpu_ids, default=",".join(map(str, default)), help=help)
         elif isinstance(default, bool):
-            parser.add_argument(flag, type=_boolean, default=default, help="true or false")
+            group.add_argument(flag, type=_boolean, default=str(default).lower(), help=help)
         else:
-            parser.add_argument(flag, type=type(default), default=default, choices=_CHOICES.get(f.name))
+            group.add_argument(flag, type=type(default), default=default, choices=_CHOICES.get(f.name), help=help)
 
 
 def from_arguments(settings_class: type, args: dict):
-    """The settings dataclass from parsed arguments; its fields are popped from `args`."""
-    return settings_class(**{f.name: args.pop(f.name) for f in fields(settings_class)})
+    """The settings dataclass from parsed arguments; its fields present in `args` are popped."""
+    return settings_class(**{f.name: args.pop(f.name) for f in fields(settings_class) if f.name in args})
 
 
 def _gpu_ids(text: str) -> tuple[int, ...]:

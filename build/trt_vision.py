@@ -1,7 +1,7 @@
 """Compile the vision encoder's fp16/bf16 ONNX into a TensorRT plan (GPU path; needs CUDA + TensorRT).
 
     python -m build.trt_vision --model <checkpoint> --out <dir> [--dtype float16] [--opt-tiles N]
-        [BuildSettings flags: --max-images 4 --max-batch-size 8 ...]
+        [--max-images 4 --max-batch-size 8]  (the settings that size the profile)
 
 Writes <dir>/vision_encoder.plan, <dir>/vision_encoder.json (dtype, tiles profile, Q, hidden size,
 tensor names, TensorRT version) and keeps <dir>/timing.cache for the next build. The network is
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from build.export_vision import export_vision_onnx
-from build.settings import GPU_DTYPES, BuildSettings, add_arguments, from_arguments
+from build.settings import GPU_DTYPES, BuildSettings, HelpFormatter, add_arguments, from_arguments
 from engine.config import ModelConfig
 from engine.preprocess import tile_grid
 from engine.vision import ONNX_INPUT, ONNX_OUTPUT
@@ -112,13 +112,17 @@ def build_vision_plan(config: ModelConfig, out: Path, settings: BuildSettings, d
     return build_vision_engine(onnx_file, out, config, default_profile(config, settings, opt_tiles), dtype)
 
 
+# what default_profile reads (the profile's max tiles per run); the other settings do not touch the plan
+PLAN_SETTINGS = ("max_images", "max_batch_size")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m build.trt_vision", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m build.trt_vision", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--dtype", choices=GPU_DTYPES, default="float16")
+    parser.add_argument("--dtype", choices=GPU_DTYPES, default="float16", help="precision of the exported graph and so of the plan")
     parser.add_argument("--opt-tiles", type=int, help="the shape TensorRT tunes for (default: a 16:9 photo's tiles)")
-    add_arguments(parser, BuildSettings)
+    add_arguments(parser, BuildSettings, only=PLAN_SETTINGS)
     args = vars(parser.parse_args())
     model, out, dtype, opt_tiles = (args.pop(k) for k in ("model", "out", "dtype", "opt_tiles"))
     print(build_vision_plan(ModelConfig.from_pretrained(model), out, from_arguments(BuildSettings, args), dtype, opt_tiles))

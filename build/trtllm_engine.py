@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 
 from build.llm_checkpoint import ExtractError, extract_llm_checkpoint, trtllm_support
-from build.settings import QUANT_ALGOS, BuildSettings, GpuSettings, add_arguments, from_arguments
+from build.settings import QUANT_ALGOS, BuildSettings, GpuSettings, HelpFormatter, add_arguments, from_arguments
 from engine.config import ModelConfig
 
 ENGINE_DIR, HF_DIR = "engine", "hf"
@@ -130,12 +130,18 @@ def build_llm_engine(checkpoint: str | Path, out: str | Path, settings: BuildSet
     return engine_dir
 
 
+# what build_config_dict and conversion_plan read; the rest configures Triton, not the engine
+ENGINE_SETTINGS = ("max_images", "llm_max_batch_size", "max_num_tokens", "text_budget", "max_output_len")
+ENGINE_GPU_SETTINGS = ("dtype", "tp_size", "pp_size", "quantization")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m build.trtllm_engine", description=__doc__.split("\n")[0])
+    summary = " ".join(__doc__.split("\n\n")[0].split())
+    parser = argparse.ArgumentParser(prog="python -m build.trtllm_engine", description=summary, formatter_class=HelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="InternVL checkpoint directory")
-    parser.add_argument("--out", type=Path, required=True)
-    add_arguments(parser, BuildSettings)
-    add_arguments(parser, GpuSettings)
+    parser.add_argument("--out", type=Path, required=True, help="output directory (hf/, engine/, llm_build.json)")
+    add_arguments(parser, BuildSettings, only=ENGINE_SETTINGS)
+    add_arguments(parser, GpuSettings, only=ENGINE_GPU_SETTINGS)
     args = vars(parser.parse_args())
     model, out = args.pop("model"), args.pop("out")
     gpu = from_arguments(GpuSettings, args)

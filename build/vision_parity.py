@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from build.settings import HelpFormatter
 from engine.config import ModelConfig
 from engine.vision import ONNX_INPUT, ONNX_OUTPUT
 
@@ -86,11 +87,11 @@ def compare(checkpoint: Path, plan: Path, tile_counts: list[int], seed: int = 0)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m build.vision_parity", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m build.vision_parity", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     parser.add_argument("--plan", type=Path, required=True, help="vision_encoder.plan from build.trt_vision")
     parser.add_argument("--tiles", default="1,4,13", help="comma-separated batch sizes (tiles per run)")
-    parser.add_argument("--min-cosine", type=float, default=0.999)
+    parser.add_argument("--min-cosine", type=float, default=0.999, help="exit 1 when a row's cosine similarity is lower")
     args = parser.parse_args()
     rows = compare(args.model, args.plan, [int(t) for t in args.tiles.split(",")])
     for row in rows:

@@ -4,6 +4,10 @@
     client = InternVLClient("127.0.0.1:8000", protocol="http")
     for delta in client.stream("Describe the image.", images=[open("a.jpg", "rb").read()]):
         print(delta, end="")
+
+Errors: `SamplingParamError` (a ValueError) for invalid sampling values, checked with the server's own
+rules (engine/sampling_params.py) before anything is sent; `ServerUnavailable` (a ConnectionError)
+when no server answers at the URL; `ServerError` with the server's one-line message otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import queue
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,11 +23,23 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.sampling_params import SamplingParamError, SamplingParams
+
 Turn = tuple[str, str]
+
+__all__ = ["InternVLClient", "Request", "SamplingParamError", "ServerError", "ServerUnavailable"]
 
 
 class ServerError(RuntimeError):
     """The server answered the request with an error (the message is the server's)."""
+
+
+class ServerUnavailable(ConnectionError):
+    """Nothing that speaks the protocol answers at the URL (no server, wrong port, or it went away)."""
+
+    def __init__(self, url: str, protocol: str, detail: str = ""):
+        self.url, self.protocol, self.detail = url, protocol, detail
+        super().__init__(f"no server answers at {url}")
 
 
 @dataclass
@@ -41,6 +58,13 @@ class Request:
     history: Sequence[Turn] | None = None
     system_prompt: str | None = None
     extra: dict = field(default_factory=dict)
+
+    def check(self) -> SamplingParams:
+        """The sampling values by the server's rules (TensorRT-LLM request semantics); raises
+        SamplingParamError with the message the server would give."""
+        return SamplingParams.from_request(
+            self.max_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed, self.min_tokens
+        )
 
     def image_bytes(self) -> list[bytes]:
         return [Path(i).read_bytes() if isinstance(i, (str, Path)) else bytes(i) for i in self.images]
@@ -68,30 +92,61 @@ class Request:
 
 
 class InternVLClient:
-    def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", model: str = "internvl", timeout: float = 600):
+    """check_sampling=False sends sampling values unchecked (to test the server's own validation)."""
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        protocol: str = "grpc",
+        model: str = "internvl",
+        timeout: float = 600,
+        check_sampling: bool = True,
+    ):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         self.url, self.protocol, self.model, self.timeout = url, protocol, model, timeout
+        self.check_sampling = check_sampling
 
     def stream(self, question: str, images: Sequence = (), keep_empty: bool = False, **kwargs) -> Iterator[str]:
         """Text deltas as the server produces them (one response per generated token; keep_empty also
-        yields the responses whose token completed no character yet)."""
-        request = Request(question, images, **kwargs)
-        deltas = self._grpc(request, True) if self.protocol == "grpc" else self._http_stream(request)
-        yield from (d for d in deltas if d or keep_empty)
+        yields the responses whose token completed no character yet). Invalid sampling values raise
+        SamplingParamError here, before the first delta is asked for and before anything is sent."""
+        return self._deltas(self._request(question, images, kwargs), keep_empty)
 
     def chat(self, question: str, images: Sequence = (), stream: bool = False, **kwargs) -> str:
         """The whole reply; stream=False asks the server for a single response."""
-        request = Request(question, images, **kwargs)
+        request = self._request(question, images, kwargs)
         if stream:
-            return "".join(self.stream(question, images, **kwargs))
+            return "".join(self._deltas(request, keep_empty=False))
         if self.protocol == "grpc":
             return "".join(self._grpc(request, False))
         return self._http_generate(request)
 
+    def _deltas(self, request: Request, keep_empty: bool) -> Iterator[str]:
+        deltas = self._grpc(request, True) if self.protocol == "grpc" else self._http_stream(request)
+        try:
+            for delta in deltas:
+                if delta or keep_empty:
+                    yield delta
+        finally:
+            deltas.close()  # closing the stream early cancels the request
+
+    def _request(self, question: str, images: Sequence, kwargs: dict) -> Request:
+        request = Request(question, images, **kwargs)
+        if self.check_sampling:
+            request.check()
+        return request
+
+    def _error(self, error) -> Exception:
+        """A tritonclient error as ServerUnavailable (transport) or ServerError (the server's answer)."""
+        if str(getattr(error, "status", lambda: None)()) == "StatusCode.UNAVAILABLE":
+            return ServerUnavailable(self.url, self.protocol, _message(error))
+        return ServerError(_message(error))
+
     # gRPC: bidirectional stream; a decoupled model cannot answer a plain unary infer.
     def _grpc(self, request: Request, stream: bool) -> Iterator[str]:
         import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
 
         inputs = []
         for name, (dtype, value) in request.fields(stream).items():
@@ -103,11 +158,19 @@ class InternVLClient:
         client = grpcclient.InferenceServerClient(self.url)
         try:
             client.start_stream(callback=lambda result, error: responses.put((result, error)), stream_timeout=self.timeout)
-            client.async_stream_infer(self.model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+            try:
+                client.async_stream_infer(self.model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+            except InferenceServerException as e:
+                # The stream already failed (e.g. nothing listens at the URL); its callback has the cause.
+                try:
+                    _, error = responses.get(timeout=10)
+                except queue.Empty:
+                    error = e
+                raise self._error(error) from None
             while True:
                 result, error = responses.get(timeout=self.timeout)
                 if error is not None:
-                    raise ServerError(_message(error))
+                    raise self._error(error)
                 text = result.as_numpy("text_output")
                 if text is not None:
                     yield b"".join(text.reshape(-1)).decode("utf-8")
@@ -127,6 +190,7 @@ class InternVLClient:
         return json.dumps(body).encode()
 
     def _http_post(self, endpoint: str, request: Request, stream: bool):
+        import http.client
         import urllib.error
         import urllib.request
 
@@ -134,8 +198,12 @@ class InternVLClient:
         http_request = urllib.request.Request(url, self._http_body(request, stream), {"Content-Type": "application/json"})
         try:
             return urllib.request.urlopen(http_request, timeout=self.timeout)
-        except urllib.error.HTTPError as e:
+        except urllib.error.HTTPError as e:  # the server's answer: JSON, or one server-sent event
             raise ServerError(_message(e.read().decode("utf-8", "replace"))) from None
+        except urllib.error.URLError as e:  # nothing listens there (refused, unknown host, ...)
+            raise ServerUnavailable(self.url, self.protocol, str(e.reason)) from None
+        except (http.client.HTTPException, ConnectionError) as e:  # something that does not speak HTTP
+            raise ServerUnavailable(self.url, self.protocol, f"{type(e).__name__}: {e}") from None
 
     def _http_generate(self, request: Request) -> str:
         with self._http_post("generate", request, False) as response:
@@ -157,10 +225,16 @@ _NUMPY = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "UINT64": np.
 
 
 def _message(error) -> str:
-    """One clear line from a Triton error (gRPC exception, HTTP JSON body, or SSE error string)."""
+    """One clear line from a Triton error: a gRPC exception, an HTTP JSON body `{"error": ...}`, or a
+    server-sent event `data: {"error": ...}` (generate_stream's error body). Drops Triton's
+    "in ensemble 'internvl', " prefix: the client asked the ensemble."""
     text = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
+    text = text.strip()
+    if text.startswith("data:"):  # SSE framing
+        text = text[len("data:") :].strip()
     try:
         text = json.loads(text).get("error", text)
     except (json.JSONDecodeError, AttributeError):
         pass
+    text = re.sub(r"^in ensemble '[^']*', ", "", str(text).strip())
     return " ".join(text.split())

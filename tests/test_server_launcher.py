@@ -1,4 +1,5 @@
-"""`make serve`: the launcher stops cleanly on SIGTERM and reports a model's load error."""
+"""`make serve`: the launcher stops cleanly on SIGTERM and reports a model's load error.
+(Stopping at any moment: test_launcher_stop.py; one-line failures: test_launcher_errors.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 
 from build.repository import build
 from triton_repo.server import TritonServer, free_port
-
 
 
 def test_serve_command_is_ready_then_stops_cleanly_on_sigterm(tiny, tmp_path):
@@ -38,10 +38,11 @@ def test_serve_command_is_ready_then_stops_cleanly_on_sigterm(tiny, tmp_path):
         process.kill()
 
 
-def test_model_load_failure_shows_the_models_error(tiny, tmp_path):
+def test_model_load_failure_shows_the_models_error_without_a_log_file(tiny, tmp_path):
     build(tiny, tmp_path)
     config = tmp_path / "model_repository" / "llm" / "config.pbtxt"
     config.write_text(config.read_text().replace(str(tiny.resolve()), str(tmp_path / "no-such-checkpoint")))
-    server = TritonServer(tmp_path, free_port(), free_port(), free_port(), log_file=tmp_path / "log.txt")
-    with pytest.raises(RuntimeError, match=r"(?s)failed to load 'llm'.*no-such-checkpoint"):
+    server = TritonServer(tmp_path, free_port(), free_port(), free_port())  # no log_file: OUT/tritonserver.log
+    with pytest.raises(RuntimeError, match=r"(?s)llm failed to load.*failed to load 'llm'.*no-such-checkpoint"):
         server.start(timeout=180)
+    assert (tmp_path / "tritonserver.log").is_file()

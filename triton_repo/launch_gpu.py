@@ -18,6 +18,9 @@ import json
 import os
 from pathlib import Path
 
+from build.settings import HelpFormatter
+from triton_repo.server import LaunchError, check_ports
+
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"  # in the NGC tritonserver containers
 
 
@@ -46,15 +49,20 @@ def server_command(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m triton_repo.launch_gpu", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m triton_repo.launch_gpu", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="build directory (make build TARGET=gpu OUT=...)")
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--tritonserver", default=TRITONSERVER)
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP endpoint (KServe v2, generate)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC endpoint (KServe v2, streaming)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics")
+    parser.add_argument("--tritonserver", default=TRITONSERVER, help="the server binary (the container's)")
     parser.add_argument("--print-only", action="store_true", help="print the command instead of running it")
     args = parser.parse_args()
-    command = server_command(args.out, world_size(args.out), args.http_port, args.grpc_port, args.metrics_port, args.tritonserver)
+    try:
+        command = server_command(args.out, world_size(args.out), args.http_port, args.grpc_port, args.metrics_port, args.tritonserver)
+        if not args.print_only:  # tritonserver finds a taken port only after loading the engines
+            check_ports("0.0.0.0", {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port})
+    except (ValueError, LaunchError) as error:
+        parser.exit(2, f"error: {error}\n")
     if args.print_only:
         print(" ".join(command))
         return
