@@ -143,3 +143,17 @@ def test_bad_request_is_refused_at_submit_and_never_called_back(qwen3, runner):
     ok = Collector()
     runner.submit("bad", text_ids(np.random.default_rng(45), 4), None, SamplingParams(max_new_tokens=2), ok)  # id free again
     assert ok.wait()[-1].finish_reason == "length"
+
+
+def test_a_failing_step_observer_loses_no_event(qwen3, engine):
+    def broken_metric(batch_size):
+        raise RuntimeError("metrics backend down")
+
+    runner = EngineRunner(engine, on_step=broken_metric, idle_wait=0.05)
+    try:
+        ids, params = text_ids(np.random.default_rng(46), 6), SamplingParams(max_new_tokens=5)
+        events = Collector()
+        runner.submit("m", ids, None, params, events)
+        assert tokens_of(events.wait()) == tokens_of(run_alone(qwen3, ids, params))
+    finally:
+        runner.close()

@@ -88,11 +88,10 @@ class EngineRunner:
         except Exception as error:  # noqa: BLE001 — a step failed as a whole
             log.exception("llm engine step")
             events = self._recover(f"{type(error).__name__}: {error}")
-        else:
-            if self._on_step and self.engine.last_batch_size:
-                self._on_step(self.engine.last_batch_size)
         for event in events:
             self._deliver(event)
+        if self._on_step and self.engine.last_batch_size:  # after delivery: a failing metric loses no event
+            self._on_step(self.engine.last_batch_size)
 
     def _recover(self, error: str) -> list[TokenEvent]:
         """Fails the running requests and any request the failed step had dropped, without scheduling:
