@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from build.export_vision import export_stamp, export_vision_onnx
+from engine.vision_export import export_stamp, export_vision_onnx
 from build.settings import BuildSettings, GpuSettings, HelpFormatter, add_arguments, from_arguments
 from build.trt_vision import METADATA, build_vision_plan
 from build.trtllm_engine import build_llm_engine, conversion_plan

@@ -24,7 +24,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from build.export_vision import export_vision_onnx
+from engine.vision_export import export_vision_onnx
 from build.settings import GPU_DTYPES, BuildSettings, HelpFormatter, add_arguments, from_arguments
 from engine.config import ModelConfig
 from engine.preprocess import tile_grid

@@ -67,7 +67,7 @@ class PlanRunner:
 def compare(checkpoint: Path, plan: Path, tile_counts: list[int], seed: int = 0) -> list[dict]:
     import onnxruntime as ort
 
-    from build.export_vision import export_vision_onnx
+    from engine.vision_export import export_vision_onnx
 
     config = ModelConfig.from_pretrained(checkpoint)
     runner = PlanRunner(plan, config)

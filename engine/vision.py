@@ -3,8 +3,8 @@ and two runtimes.
 
 Both runtimes map `pixel_values` [T, 3, S, S] uint8 (the tiles' RGB values,
 `load_images(normalize=False)`) to the prompt table [T·Q, H] float32: `TorchVisionEncoder` runs the
-module eagerly, `OnnxVisionEncoder` runs its ONNX export (build/export_vision.py) with ONNX Runtime
-on the CPU. The ImageNet normalization is the module's first step, so tiles cross process and
+module eagerly, `OnnxVisionEncoder` runs its ONNX export (engine/vision_export.py; made on first use
+when no file is given) with ONNX Runtime on the CPU. The ImageNet normalization is the module's first step, so tiles cross process and
 device boundaries as uint8 (4× fewer bytes than float32).
 """
 
@@ -125,8 +125,8 @@ class OnnxVisionEncoder:
 
         if not Path(onnx_file).is_file():
             raise FileNotFoundError(
-                f"{onnx_file} not found: export it with `python -m build.export_vision --model <checkpoint>`, "
-                "pass vision_onnx=<OUT>/vision_encoder.onnx from `make build`, or use vision_backend='torch'"
+                f"{onnx_file} not found: export it with `python -m build.export_vision --model <checkpoint> --out {onnx_file}`, "
+                "or leave vision_onnx unset to export on first use"
             )
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -160,5 +160,9 @@ def load_vision_encoder(config: ModelConfig, backend: str, onnx_file: str | Path
     if backend == "torch":
         return TorchVisionEncoder(config)
     if backend == "onnxruntime":
-        return OnnxVisionEncoder(onnx_file or default_onnx_path(config.path))
+        if onnx_file is None:
+            from engine.vision_export import ensure_vision_onnx  # it imports this module
+
+            onnx_file = ensure_vision_onnx(config.path)
+        return OnnxVisionEncoder(onnx_file)
     raise ValueError(f"vision_backend must be 'onnxruntime' or 'torch', got {backend!r}")

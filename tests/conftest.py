@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from build.checkpoint import generate
-from build.export_vision import export_vision_onnx
+from engine.vision_export import ensure_vision_onnx
 from build.repository import build
 from build.settings import BuildSettings
 from engine.vision import default_onnx_path
@@ -40,8 +40,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         path = generate("tiny", family, root / f"tiny-{family}", seed=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            export_vision_onnx(path)
-        assert default_onnx_path(path).is_file()
+            assert ensure_vision_onnx(path, log=lambda message: None) == default_onnx_path(path)
         return path
 
     return _LazyDict(make)

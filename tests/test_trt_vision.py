@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from build.export_vision import export_vision_onnx
+from engine.vision_export import export_vision_onnx
 from build.settings import BuildSettings
 from build.trt_vision import TilesProfile, build_vision_engine, default_profile, engine_metadata
 from build.vision_parity import compare, row_agreement

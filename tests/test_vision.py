@@ -8,7 +8,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.preprocess import normalize_tiles
-from build.export_vision import export_vision_onnx
+from engine.vision_export import export_vision_onnx
 from engine.vision import Float32Norm, OnnxVisionEncoder, TorchVisionEncoder, VisionEncoderModule, default_onnx_path, load_vision_encoder
 from tests import reference_chat
 

@@ -27,7 +27,7 @@ def _cached(target: Path, stamp: dict, make) -> tuple[Path, float | None]:
 
 def vision_artifacts(out: Path, checkpoint: Path, variants: bool) -> dict:
     from build.checkpoint import generate
-    from build.export_vision import export_stamp, export_vision_onnx
+    from engine.vision_export import export_stamp, export_vision_onnx
 
     generate("internvl3_5-1b", "qwen3", checkpoint)
     stamp = export_stamp(checkpoint)

@@ -1,0 +1,117 @@
+"""The vision encoder (ViT → pixel shuffle → projector) as ONNX with a dynamic tiles axis, and the
+cached export the ONNX Runtime backend loads (exported on first use, reused while its stamp holds).
+
+Output `prompt_embedding_table` [T·Q, H] float32 for input `pixel_values` [T, 3, S, S] uint8 (RGB
+tiles; the graph starts with the ImageNet normalization), T dynamic. The GPU path compiles the
+`--ragged` variant to a TensorRT plan: input flat [T·3·S·S] (how Triton's TensorRT backend hands a
+model a ragged batch of requests), output [T, Q, H] (so Triton can scatter it back per request).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from engine.config import ModelConfig
+from engine.vision import ONNX_INPUT, ONNX_OUTPUT, VisionEncoderModule, default_onnx_path
+
+OPSET = 18
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_GRAPH_SOURCES = ("engine/vision.py", "engine/vision_export.py")
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
+
+
+def export_stamp(checkpoint: str | Path) -> dict:
+    """What an exported ONNX depends on: the checkpoint's files and the graph's code (and torch).
+    A cached export is valid while this is unchanged."""
+    path = Path(checkpoint).resolve()
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(torch.__version__.encode())
+    for name in _GRAPH_SOURCES:
+        digest.update((root / name).read_bytes())
+    files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
+    return {
+        "checkpoint": str(path),
+        "files": {f.name: f.stat().st_mtime_ns for f in files},
+        "vision_graph": digest.hexdigest()[:16],
+    }
+
+
+def export_vision_onnx(
+    checkpoint: str | Path, out: str | Path | None = None, dtype: str = "float32", ragged: bool = False
+) -> Path:
+    """dtype float16 / bfloat16: the graph for TensorRT's strongly typed build (matmuls in dtype, the
+    input normalization and the norm layers in float32; output in dtype). The CPU path uses float32.
+    ragged: flat uint8 input [T·3·S·S] -> [T, Q, H] (VisionEncoderModule.forward)."""
+    config = ModelConfig.from_pretrained(checkpoint)
+    out = Path(out) if out else default_onnx_path(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    module = VisionEncoderModule.from_pretrained(config).to_compute_dtype(DTYPES[dtype])
+    size = config.vision.image_size
+    tiles = torch.export.Dim("tiles", min=1, max=4096)
+    if ragged:
+        example, dynamic = torch.zeros(2 * 3 * size * size, dtype=torch.uint8), {0: 3 * size * size * tiles}
+    else:
+        example, dynamic = torch.zeros(2, 3, size, size, dtype=torch.uint8), {0: tiles}
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            input_names=[ONNX_INPUT],
+            output_names=[ONNX_OUTPUT],
+            dynamic_shapes={ONNX_INPUT: dynamic},
+            opset_version=OPSET,
+            verbose=False,
+        )
+    _read_shapes_after_the_cast(program.model.graph)
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    program.save(str(out), external_data=weight_bytes > 1.8e9)  # protobuf's 2 GB limit
+    return out
+
+
+def _read_shapes_after_the_cast(graph) -> None:
+    """TensorRT accepts a uint8 network input only as the input of a Cast; the exporter also reads
+    the tiles count with Shape(pixel_values). Shape(Cast(pixel_values)) is the same value."""
+    (pixels,) = graph.inputs
+    uses = list(pixels.uses())
+    casts = [node for node, _ in uses if node.op_type == "Cast"]
+    if len(casts) != 1 or any(node.op_type not in ("Cast", "Shape") for node, _ in uses):
+        raise RuntimeError(f"unexpected consumers of {pixels.name}: {[node.op_type for node, _ in uses]}")
+    for node, index in uses:
+        if node.op_type == "Shape":
+            node.replace_input_with(index, casts[0].outputs[0])
+
+
+def ensure_vision_onnx(checkpoint: str | Path, log=lambda message: print(message, file=sys.stderr, flush=True)) -> Path:
+    """The checkpoint's float32 ONNX, exported on first use: <checkpoint>/onnx/vision_encoder.onnx,
+    or, when the checkpoint folder is not writable (a shared model store), a per-user cache folder
+    keyed by the export stamp. Re-exported when the checkpoint or the graph's code changed."""
+    stamp = export_stamp(checkpoint)
+    key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "internvl-serve" / "vision" / key
+    places = (default_onnx_path(checkpoint), cache / "vision_encoder.onnx")
+    for onnx_file in places:
+        stamp_file = onnx_file.with_suffix(".stamp.json")
+        if onnx_file.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text(encoding="utf-8")) == stamp:
+            return onnx_file
+    for onnx_file in places:
+        existing = next(p for p in (onnx_file.parent, *onnx_file.parents) if p.exists())
+        if not os.access(existing, os.W_OK):
+            continue
+        log(f"exporting the vision encoder to {onnx_file} (first use; reused until the checkpoint changes) ...")
+        started = time.perf_counter()
+        export_vision_onnx(checkpoint, onnx_file)
+        onnx_file.with_suffix(".stamp.json").write_text(json.dumps(stamp), encoding="utf-8")
+        log(f"exported in {time.perf_counter() - started:.1f} s")
+        return onnx_file
+    raise PermissionError(f"cannot write the vision ONNX next to {checkpoint} nor to {cache}")
