@@ -2,7 +2,10 @@
 
 Named templates follow InternVL's conversation.py (MPT separator style): the prompt is
 `system_template.format(system) + sep`, then `role + message + sep` per turn, then the open
-assistant role. The stop token is `sep` stripped, as `model.chat` does.
+assistant role. The stop token is `sep` stripped, as `model.chat` does, or `sep2` stripped when the
+template has one: MPT_TWO (internvl3_5_gpt_oss, OpenGVLab/InternVL internvl_chat_gpt_oss/internvl/
+model/internvl_chat/conversation.py) ends only a final assistant message with sep2, which a
+generation prompt never has, so it renders as MPT; its chat() stops at sep2.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ Turn = tuple[str, str]  # (user message, assistant reply)
 _INTERNVL_SYSTEM = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
+_GPT_OSS_SYSTEM = (
+    "You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: 2024-06\n"
+    "Current date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be included for every message."
+)
 _INTERNVL2_SYSTEM = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 )
@@ -31,10 +38,11 @@ class Template:
     user_role: str
     assistant_role: str
     sep: str
+    sep2: str | None = None
 
     @property
     def stop_token(self) -> str:
-        return self.sep.strip()
+        return (self.sep2 or self.sep).strip()
 
     def render(self, system_message: str, history: list[Turn], question: str) -> str:
         parts = [self.system_template.format(system_message=system_message), self.sep]
@@ -68,6 +76,15 @@ TEMPLATES: dict[str, Template] = {
             user_role="<|user|>\n",
             assistant_role="<|assistant|>\n",
             sep="<|end|>",
+        ),
+        Template(
+            name="internvl3_5_gpt_oss",
+            system_template="<|start|>system<|message|>{system_message}",
+            system_message=_GPT_OSS_SYSTEM,
+            user_role="<|start|>user<|message|>",
+            assistant_role="<|start|>assistant",
+            sep="<|end|>",
+            sep2="<|return|>",
         ),
     )
 }

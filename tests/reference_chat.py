@@ -12,13 +12,29 @@ from functools import cache
 import torch
 from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-# name: (system template, roles, sep)
+# name: (system template, roles, sep[, sep2]): conversation.py's MPT, or MPT_TWO with sep2
 TEMPLATES = {
     "internvl2_5": ("<|im_start|>system\n{}", ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>\n"),
     "Hermes-2": ("<|im_start|>system\n{}", ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>"),
     "internlm2-chat": ("<|im_start|>system\n{}", ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>"),
     "phi3-chat": ("<|system|>\n{}", ("<|user|>\n", "<|assistant|>\n"), "<|end|>"),
+    "internvl3_5_gpt_oss": (
+        "<|start|>system<|message|>{}", ("<|start|>user<|message|>", "<|start|>assistant"), "<|end|>", "<|return|>"
+    ),
 }
+
+
+def mpt_two_prompt(template, system, messages):
+    """conversation.py's MPT_TWO get_prompt: sep after each message, but sep2 after a final assistant
+    message; messages: [(role index, text or None)]."""
+    system_template, roles, sep, sep2 = TEMPLATES[template]
+    out = system_template.format(system) + sep
+    for i, (role, text) in enumerate(messages):
+        if text is None:
+            out += roles[role]
+        else:
+            out += roles[role] + text + (sep2 if i == len(messages) - 1 and role == 1 else sep)
+    return out
 
 
 def chat_query(template, system, question, num_patches_list, history=None, tokens_per_tile=256):
@@ -27,7 +43,7 @@ def chat_query(template, system, question, num_patches_list, history=None, token
         # model.chat prepends one tag (one image); the cards' multi-image scripts one per image
         # (Skywork-R1V3's: "<image>\n" * len(image_paths) + question)
         question = "<image>\n" * len(num_patches_list) + question
-    system_template, (user, assistant), sep = TEMPLATES[template]
+    system_template, (user, assistant), sep = TEMPLATES[template][:3]
     query = system_template.format(system) + sep
     for old_question, old_answer in history or []:
         query += user + old_question + sep + assistant + old_answer + sep

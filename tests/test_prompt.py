@@ -151,3 +151,22 @@ def test_config_holds_the_real_internvl_shapes(tiny):
     assert (config.max_num, config.max_tiles_per_image) == (12, 13)
     with pytest.raises(ConfigError, match="not found"):
         ModelConfig.from_pretrained(tiny / "nowhere")
+
+
+def test_gpt_oss_template_renders_as_mpt_two_and_stops_at_sep2():
+    """InternVL3.5-GPT-OSS: chat() stops at sep2 (<|return|>); history replies end with sep (<|end|>)."""
+    template = TEMPLATES["internvl3_5_gpt_oss"]
+    history = [("<image>\nDescribe.", "A lake."), ("And the sky?", "Blue.")]
+    messages = [(r, text) for user, reply in history for r, text in ((0, user), (1, reply))] + [(0, "Why?"), (1, None)]
+    expected = reference_chat.mpt_two_prompt("internvl3_5_gpt_oss", template.system_message, messages)
+    assert template.render(template.system_message, history, "Why?") == expected
+    assert template.stop_token == "<|return|>" and TEMPLATES["internvl2_5"].stop_token == "<|im_end|>"
+    assert "Reasoning: low" in template.system_message
+    # a final assistant message is where sep2 goes (training data), never in a generation prompt
+    assert reference_chat.mpt_two_prompt("internvl3_5_gpt_oss", "", [(0, "q"), (1, "a")]).endswith("a<|return|>")
+
+
+def test_a_template_whose_stop_token_the_tokenizer_lacks_is_refused(tiny, tmp_path):
+    path = _copy_checkpoint_config(tiny, tmp_path, lambda c: c.update(template="internvl3_5_gpt_oss"))
+    with pytest.raises(ConfigError, match=r"no '<\|return\|>' token"):
+        ModelConfig.from_pretrained(path)
