@@ -9,7 +9,9 @@ path is the real one. Speed depends on shapes, not weight values: `internvl3_5-1
 Freshly initialised models ignore their input (near-uniform attention, tiny image features) and
 repeat one token, which would let a broken feature hand-off still "match" a reference. So the
 weights are scaled to make the output depend on the image and the prompt: sharper attention,
-larger projector output, and special or padding tokens that can never win the argmax.
+larger projector output, and special or padding tokens that can never win the argmax. A Qwen3-MoE
+language model (`--llm qwen3_moe`, tiny preset only) also gets a sharper router, so tokens spread
+over distinct experts, and larger experts, so the route changes the reply.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ LLM_VARIANTS = {
     "qwen3": dict(model_type="qwen3", rope_theta=1_000_000.0),
     "qwen2": dict(model_type="qwen2", rope_theta=1_000_000.0),
     "llama": dict(model_type="llama", rope_theta=500_000.0, attention_bias=False, mlp_bias=False),
+    # Expert counts and widths come from the preset (Preset.moe); layers in mlp_only_layers stay dense.
+    "qwen3_moe": dict(model_type="qwen3_moe", rope_theta=1_000_000.0, norm_topk_prob=True, decoder_sparse_step=1),
 }
 
 
@@ -55,6 +59,7 @@ class Preset:
     dtype: torch.dtype
     tie_word_embeddings: bool
     sharpen: dict = field(default_factory=dict)  # weight-scale knobs, see _make_input_sensitive
+    moe: dict | None = None  # Qwen3-MoE expert shape (--llm qwen3_moe); None: the preset has none
 
 
 PRESETS = {
@@ -73,7 +78,9 @@ PRESETS = {
         tokenizer_vocab=1024,
         dtype=torch.float32,
         tie_word_embeddings=False,
-        sharpen=dict(qk=4.0, projector=8.0, embed=4.0, lm_head=25.0),
+        sharpen=dict(qk=4.0, projector=8.0, embed=4.0, lm_head=25.0, router=10.0, experts=3.0),
+        # Layer 0 dense (mlp_only_layers), layer 1 sparse: both MLP paths run.
+        moe=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96, mlp_only_layers=[0]),
     ),
     # InternVL3.5-1B: InternViT-300M-448px-V2.5 + Qwen3-0.6B.
     "internvl3_5-1b": Preset(
@@ -123,6 +130,10 @@ def build_config(preset: Preset, llm: str, tokenizer: PreTrainedTokenizerFast) -
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {vocab_size} < tokenizer size {len(tokenizer)}")
     text = dict(preset.text, **LLM_VARIANTS[llm], vocab_size=vocab_size, tie_word_embeddings=preset.tie_word_embeddings)
+    if llm == "qwen3_moe":
+        if preset.moe is None:
+            raise ValueError("this preset has no MoE shape (Preset.moe); --llm qwen3_moe needs --preset tiny")
+        text.update(preset.moe)
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
     vision = dict(
         preset.vision,
@@ -153,6 +164,9 @@ def _make_input_sensitive(model: InternVLForConditionalGeneration, tokenizer, kn
     for layer in lm.layers:
         layer.self_attn.q_proj.weight.mul_(knobs.get("qk", 1.0))
         layer.self_attn.k_proj.weight.mul_(knobs.get("qk", 1.0))
+        if hasattr(layer.mlp, "experts"):  # Qwen3-MoE: distinct routes per token, experts that matter
+            layer.mlp.gate.weight.mul_(knobs.get("router", 1.0))
+            layer.mlp.experts.gate_up_proj.mul_(knobs.get("experts", 1.0))
     model.model.multi_modal_projector.linear_2.weight.mul_(knobs.get("projector", 1.0))
     lm.embed_tokens.weight.mul_(knobs.get("embed", 1.0))
     model.lm_head.weight.mul_(knobs.get("lm_head", 1.0))  # wide logit spread: clear top-1/top-2 margins
@@ -188,6 +202,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.llm == "qwen3_moe" and PRESETS[args.preset].moe is None:
+        parser.error(f"--preset {args.preset} has no MoE shape; --llm qwen3_moe needs --preset tiny")
     print(generate(args.preset, args.llm, args.out, args.seed))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from engine.templates import TEMPLATES, ChatTemplate, Template
 
-SUPPORTED_TEXT_MODELS = ("qwen2", "qwen3", "llama")
+SUPPORTED_TEXT_MODELS = ("qwen2", "qwen3", "qwen3_moe", "llama")
 SUPPORTED_ROPE_TYPES = ("default",)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
@@ -39,7 +39,7 @@ class VisionConfig:
 
 @dataclass(frozen=True, slots=True)
 class TextConfig:
-    model_type: str  # qwen2 | qwen3 | llama
+    model_type: str  # qwen2 | qwen3 | qwen3_moe | llama
     hidden_size: int  # H
     vocab_size: int  # rows of the embedding matrix; ids ≥ this index the prompt table
     num_layers: int
@@ -51,7 +51,13 @@ class TextConfig:
     rope_theta: float
     max_position_embeddings: int
     attention_bias: bool  # q/k/v biases (qwen2)
-    qk_norm: bool  # per-head RMSNorm on q and k (qwen3)
+    qk_norm: bool  # per-head RMSNorm on q and k (qwen3, qwen3_moe)
+    # Mixture of experts (qwen3_moe); dense models: no sparse layers, num_experts 0.
+    sparse_layers: tuple[int, ...] = ()  # layers whose MLP is the routed experts
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k experts per token
+    moe_intermediate_size: int = 0  # width of one expert (dense layers use intermediate_size)
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +187,10 @@ def _text_config(tc: dict) -> TextConfig:
     where = "text_config"
     model_type = tc.get("model_type")
     if model_type not in SUPPORTED_TEXT_MODELS:
-        raise ConfigError(f"text_config model_type {model_type!r} is not supported; supported: {SUPPORTED_TEXT_MODELS}")
+        raise ConfigError(
+            f"text_config.model_type {model_type!r} is not supported by the CPU engine; "
+            f"supported: {', '.join(SUPPORTED_TEXT_MODELS)}"
+        )
     hidden = _field(tc, "hidden_size", int, where)
     heads = _field(tc, "num_attention_heads", int, where)
     kv_heads = int(tc.get("num_key_value_heads") or heads)
@@ -197,11 +206,13 @@ def _text_config(tc: dict) -> TextConfig:
         raise ConfigError(f"text_config hidden_act must be 'silu', got {tc.get('hidden_act')!r}")
     if tc.get("use_sliding_window"):
         raise ConfigError("sliding-window attention is not supported")
+    num_layers = _field(tc, "num_hidden_layers", int, where)
+    moe = _moe_fields(tc, num_layers) if model_type == "qwen3_moe" else {}
     return TextConfig(
         model_type=model_type,
         hidden_size=hidden,
         vocab_size=_field(tc, "vocab_size", int, where),
-        num_layers=_field(tc, "num_hidden_layers", int, where),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -210,7 +221,41 @@ def _text_config(tc: dict) -> TextConfig:
         rope_theta=rope_theta,
         max_position_embeddings=_field(tc, "max_position_embeddings", int, where),
         attention_bias=bool(tc.get("attention_bias", model_type == "qwen2")),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        **moe,
+    )
+
+
+def _moe_fields(tc: dict, num_layers: int) -> dict:
+    """Qwen3-MoE routing fields, validated; the sparse layers as transformers' Qwen3MoeDecoderLayer
+    picks them (models/qwen3_moe/modeling_qwen3_moe.py)."""
+
+    def positive(name: str, value) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"text_config {name!r} must be a positive int, got {value!r}")
+        return value
+
+    # transformers 5 saves num_experts under its attribute_map name num_local_experts
+    num_experts = tc.get("num_experts", tc.get("num_local_experts"))
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 0:
+        raise ConfigError(f"text_config 'num_experts' must be an int ≥ 0, got {num_experts!r}")
+    top_k = positive("num_experts_per_tok", tc.get("num_experts_per_tok"))
+    if num_experts and top_k > num_experts:
+        raise ConfigError(f"text_config 'num_experts_per_tok' {top_k} exceeds num_experts {num_experts}")
+    step = positive("decoder_sparse_step", tc.get("decoder_sparse_step", 1))
+    dense = tc.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(i, int) and 0 <= i < num_layers for i in dense):
+        raise ConfigError(f"text_config 'mlp_only_layers' must list layer indices in [0, {num_layers}), got {dense!r}")
+    norm_topk_prob = tc.get("norm_topk_prob", False)
+    if not isinstance(norm_topk_prob, bool):
+        raise ConfigError(f"text_config 'norm_topk_prob' must be a bool, got {norm_topk_prob!r}")
+    sparse = tuple(i for i in range(num_layers) if num_experts and i not in dense and (i + 1) % step == 0)
+    return dict(
+        sparse_layers=sparse,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=positive("moe_intermediate_size", tc.get("moe_intermediate_size")),
+        norm_topk_prob=norm_topk_prob,
     )
 
 

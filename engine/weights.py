@@ -4,6 +4,11 @@ transformers saves InternVLForConditionalGeneration as `vision_tower.*`, `multi_
 `language_model.model.*`, `language_model.lm_head.*`; the in-memory layout is `model.vision_tower.*`,
 `model.language_model.*`, `lm_head.*`. Both map to: `vision_tower.*`, `multi_modal_projector.*`,
 `language_model.*` (decoder, without `model.`), `lm_head.*`.
+
+Mixture-of-experts weights are canonical per expert, as the hub's Qwen3-MoE checkpoints and
+transformers 5's `save_pretrained` store them (`mlp.experts.{e}.gate_proj.weight`, …); the fused
+in-memory layout of transformers 5 (`mlp.experts.gate_up_proj` [E, 2I, H] = gate rows then up rows,
+`mlp.experts.down_proj` [E, H, I]) is split into those names on load.
 """
 
 from __future__ import annotations
@@ -50,7 +55,20 @@ def load_weights(
             for key in f.keys():
                 name = canonical_name(key)
                 if name.startswith(prefix):
-                    out[name[len(prefix) :]] = f.get_tensor(key).to(dtype)
+                    out.update(_per_expert(name[len(prefix) :], f.get_tensor(key).to(dtype)))
     if required and not out:
         raise KeyError(f"checkpoint {path} has no weights under {prefix!r}")
+    return out
+
+
+def _per_expert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Splits a fused expert tensor into per-expert weights (views); other tensors pass through."""
+    base, _, leaf = name.rpartition(".")
+    if not base.endswith("experts") or leaf not in ("gate_up_proj", "down_proj") or tensor.ndim != 3:
+        return {name: tensor}
+    if leaf == "down_proj":
+        return {f"{base}.{e}.down_proj.weight": w for e, w in enumerate(tensor)}
+    out = {}
+    for e, w in enumerate(tensor):
+        out[f"{base}.{e}.gate_proj.weight"], out[f"{base}.{e}.up_proj.weight"] = w.chunk(2)
     return out

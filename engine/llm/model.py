@@ -1,10 +1,11 @@
-"""A lean Qwen2 / Qwen3 / Llama decoder that runs several sequences per step (in-flight batching).
+"""A lean Qwen2 / Qwen3 / Qwen3-MoE / Llama decoder that runs several sequences per step (in-flight batching).
 
 All new tokens of a step — whole prompts of sequences being prefilled and one token of each
 sequence being decoded — go through the projections and the MLP as one flat batch [N, H], so the
-weights are read once per step. Attention runs per sequence against that sequence's own
-preallocated KV cache. Token ids ≥ vocab_size read their embedding from the sequence's prompt
-table (TensorRT-LLM's prompt-table convention).
+weights are read once per step (a Qwen3-MoE layer routes that whole batch: engine/llm/moe.py).
+Attention runs per sequence against that sequence's own preallocated KV cache. Token ids
+≥ vocab_size read their embedding from the sequence's prompt table (TensorRT-LLM's prompt-table
+convention).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from engine.config import TextConfig
 from engine.llm.linear import Linear
+from engine.llm.moe import SparseMoE
 from engine.weights import load_weights
 
 
@@ -74,11 +76,17 @@ class DecoderLM:
                 # Fused projections: one matmul for q|k|v and one for gate|up.
                 "qkv": Linear(torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")]), qkv_bias),
                 "o": Linear(w("self_attn.o_proj.weight")),
-                "gate_up": Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])),
-                "down": Linear(w("mlp.down_proj.weight")),
+                "gate_up": None,
+                "down": None,
+                "moe": None,
                 "q_norm": None,
                 "k_norm": None,
             }
+            if i in c.sparse_layers:
+                layer["moe"] = SparseMoE.from_weights(w, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob)
+            else:
+                layer["gate_up"] = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]))
+                layer["down"] = Linear(w("mlp.down_proj.weight"))
             if c.qk_norm:
                 layer["q_norm"], layer["k_norm"] = w("self_attn.q_norm.weight"), w("self_attn.k_norm.weight")
             self.layers.append(layer)
@@ -143,8 +151,11 @@ class DecoderLM:
                 offset += n
             x = x + layer["o"](attn.view(-1, q_size))
             h = _rms_norm(x, layer["post_norm"], c.rms_norm_eps)
-            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
-            x = x + layer["down"](F.silu(gate) * up)
+            if layer["moe"] is not None:
+                x = x + layer["moe"](h)
+            else:
+                gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+                x = x + layer["down"](F.silu(gate) * up)
         last = torch.tensor(lengths).cumsum(0) - 1
         return self.lm_head(_rms_norm(x[last], self.final_norm, c.rms_norm_eps))
 
