@@ -47,6 +47,17 @@ TRTLLM_SUPPORT = {
     "qwen3": TrtllmSupport("Qwen3ForCausalLM", "tensorrt_llm.models.QWenForCausalLM.from_hugging_face"),
     "llama": TrtllmSupport("LlamaForCausalLM", "tensorrt_llm.models.LLaMAForCausalLM.from_hugging_face"),
     "internlm2": TrtllmSupport("InternLM2ForCausalLM", "examples/models/core/internlm2/convert_checkpoint.py"),
+    # MODEL_MAP maps Qwen3MoeForCausalLM to QWenForCausalLM (PR #6470, TensorRT-LLM 1.0), but
+    # models/qwen/config.py builds every Qwen MoE config with MoeConfig normalization NONE and never
+    # reads norm_topk_prob (layers/moe.py: NONE = top-k of the softmax, not renormalised), while the
+    # InternVL3.5 MoE checkpoints ship norm_topk_prob true: the engine would route differently.
+    "qwen3_moe": TrtllmSupport(
+        None,
+        None,
+        "TensorRT-LLM's QWenForCausalLM.from_hugging_face builds Qwen3-MoE with MoE normalization NONE and ignores "
+        "norm_topk_prob (models/qwen/config.py), so its routing would differ from the checkpoint's; "
+        "serve it on the CPU path, or with vLLM",
+    ),
     "gpt_oss": TrtllmSupport(
         None, None, "TensorRT-LLM 1.2.1 runs GPT-OSS only on its PyTorch backend: no TensorRT engine, no prompt table"
     ),

@@ -60,7 +60,11 @@ def test_re_extracting_into_the_same_directory_replaces_old_shards(checkpoints, 
 
 @pytest.mark.parametrize(
     "model_type, message",
-    [("gpt_oss", "'gpt_oss' cannot be built for the GPU path: .*PyTorch backend"), ("mamba", "'mamba' is unknown")],
+    [
+        ("gpt_oss", "'gpt_oss' cannot be built for the GPU path: .*PyTorch backend"),
+        ("qwen3_moe", "'qwen3_moe' cannot be built for the GPU path: .*normalization NONE and ignores norm_topk_prob"),
+        ("mamba", "'mamba' is unknown"),
+    ],
 )
 def test_families_without_a_tensorrt_engine_path_are_refused_by_name(model_type, message):
     with pytest.raises(ExtractError, match=message):
