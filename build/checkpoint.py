@@ -12,18 +12,33 @@ weights are scaled to make the output depend on the image and the prompt: sharpe
 larger projector output, and special or padding tokens that can never win the argmax. A Qwen3-MoE
 language model (`--llm qwen3_moe`, tiny preset only) also gets a sharper router, so tokens spread
 over distinct experts, and larger experts, so the route changes the reply.
+
+`--vision internvit-6b` gives the tower InternViT-6B's structure (RMSNorm, q/k RMSNorm over the whole
+embed dim, no q/k/v bias, layer scale) at the preset's sizes; such towers, and custom-format ones,
+get random layer scales and norm weights so a swapped name cannot pass a test. `--format custom
+[--ps-version v1|v2] [--model-type internvl_chat|skywork_chat]` writes InternVL's custom ("GitHub")
+layout instead: the HF-native checkpoint is made first, then renamed by the inverse of
+engine/custom_format.py (q/k/v concatenated into attn.qkv, mlp1.*, llm_config / vision_config
+fields as InternVLChatConfig and InternVisionConfig name them), in two safetensors shards + index.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
+
+from engine.custom_format import custom_name
+from engine.weights import checkpoint_files
 
 CORPUS = Path(__file__).with_name("corpus.txt")
 # (token, special): special tokens are dropped when decoding; <think> tags stay visible (Qwen3 style).
@@ -48,6 +63,13 @@ LLM_VARIANTS = {
     # Expert counts and widths come from the preset (Preset.moe); layers in mlp_only_layers stay dense.
     "qwen3_moe": dict(model_type="qwen3_moe", rope_theta=1_000_000.0, norm_topk_prob=True, decoder_sparse_step=1),
 }
+
+VISION_VARIANTS = {
+    "internvit-300m": dict(attention_bias=True, norm_type="layer_norm", use_qk_norm=False),
+    "internvit-6b": dict(attention_bias=False, norm_type="rms_norm", use_qk_norm=True),
+}
+CAUSAL_LM = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+CUSTOM_ARCHITECTURES = {"internvl_chat": "InternVLChatModel", "skywork_chat": "SkyworkChatModel"}
 
 
 @dataclass(frozen=True)
@@ -125,7 +147,7 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_config(preset: Preset, llm: str, tokenizer: PreTrainedTokenizerFast) -> InternVLConfig:
+def build_config(preset: Preset, llm: str, tokenizer: PreTrainedTokenizerFast, vision_variant: str = "internvit-300m") -> InternVLConfig:
     vocab_size = preset.vocab_size or -(-len(tokenizer) // 64) * 64
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {vocab_size} < tokenizer size {len(tokenizer)}")
@@ -139,10 +161,8 @@ def build_config(preset: Preset, llm: str, tokenizer: PreTrainedTokenizerFast) -
         preset.vision,
         image_size=448,
         patch_size=14,
-        attention_bias=True,
-        norm_type="layer_norm",
         layer_norm_eps=1e-6,
-        use_qk_norm=False,
+        **VISION_VARIANTS[vision_variant],
     )
     return InternVLConfig(
         vision_config=vision,
@@ -176,35 +196,152 @@ def _make_input_sensitive(model: InternVLForConditionalGeneration, tokenizer, kn
     model.lm_head.weight[len(tokenizer) :] = 0.0
 
 
-def generate(preset_name: str, llm: str, out: Path, seed: int = 0) -> Path:
+@torch.no_grad()
+def _vary_vision(model: InternVLForConditionalGeneration) -> None:
+    """Distinct layer scales and norm weights per layer (initialised constant, so a swapped
+    ls1/ls2, norm1/norm2 or q_norm/k_norm name would otherwise go unnoticed)."""
+    for layer in model.model.vision_tower.encoder.layer:
+        for scale in (layer.lambda_1, layer.lambda_2):
+            scale.uniform_(0.05, 0.4)
+        for norm in (layer.layernorm_before, layer.layernorm_after, layer.attention.q_norm, layer.attention.k_norm):
+            if hasattr(norm, "weight"):
+                norm.weight.normal_(1.0, 0.15)
+
+
+def generate(
+    preset_name: str,
+    llm: str,
+    out: Path,
+    seed: int = 0,
+    vision: str = "internvit-300m",
+    fmt: str = "hf",
+    ps_version: str = "v2",
+    model_type: str = "internvl_chat",
+) -> Path:
     """Write the checkpoint to `out` (skipped when `out` already holds this exact one)."""
     stamp = {"preset": preset_name, "llm": llm, "seed": seed, "corpus_bytes": CORPUS.stat().st_size}
+    if vision != "internvit-300m":
+        stamp["vision"] = vision
+    if fmt != "hf":
+        stamp.update(format=fmt, ps_version=ps_version, model_type=model_type)
     stamp_file = out / "generated_by.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text(encoding="utf-8")) == stamp:
         return out
     preset = PRESETS[preset_name]
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(preset.tokenizer_vocab)
-    config = build_config(preset, llm, tokenizer)
+    config = build_config(preset, llm, tokenizer, vision)
     model = InternVLForConditionalGeneration(config).eval()
     _make_input_sensitive(model, tokenizer, preset.sharpen)
+    if vision != "internvit-300m" or fmt != "hf":
+        _vary_vision(model)
     out.mkdir(parents=True, exist_ok=True)
-    model.to(preset.dtype).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if fmt == "custom":
+        with tempfile.TemporaryDirectory() as hf_dir:
+            model.to(preset.dtype).save_pretrained(hf_dir)
+            tokenizer.save_pretrained(hf_dir)
+            write_custom(Path(hf_dir), out, ps_version, model_type)
+    else:
+        model.to(preset.dtype).save_pretrained(out)
+        tokenizer.save_pretrained(out)
     stamp_file.write_text(json.dumps(stamp), encoding="utf-8")
     return out
+
+
+def write_custom(hf_dir: Path, out: Path, ps_version: str, model_type: str) -> None:
+    """An HF-native checkpoint rewritten in the custom layout: vision + mlp1 in shard 1, the language
+    model in shard 2, model.safetensors.index.json; tokenizer files copied."""
+    hf = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    vision, language = {}, {}
+    for file in checkpoint_files(hf_dir):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                (language if key.startswith("language_model.") else vision)[custom_name(key)] = f.get_tensor(key)
+    for key in [k for k in vision if k.endswith(("attn.q_proj.weight", "attn.q_proj.bias"))]:
+        stem, leaf = key.rsplit(".q_proj.", 1)
+        vision[f"{stem}.qkv.{leaf}"] = torch.cat([vision.pop(f"{stem}.{p}_proj.{leaf}") for p in "qkv"])
+    shards = {"model-00001-of-00002.safetensors": vision, "model-00002-of-00002.safetensors": language}
+    weight_map = {}
+    for name, tensors in shards.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    total = sum(t.numel() * t.element_size() for tensors in shards.values() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    (out / "config.json").write_text(json.dumps(custom_config(hf, ps_version, model_type), indent=2), encoding="utf-8")
+    for file in hf_dir.iterdir():
+        if file.suffix != ".safetensors" and file.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(file, out / file.name)
+
+
+def custom_config(hf: dict, ps_version: str, model_type: str) -> dict:
+    """config.json of InternVLChatConfig.to_dict() for the HF-native config `hf`."""
+    vc, tc = hf["vision_config"], dict(hf["text_config"])
+    rope = tc.pop("rope_parameters", None) or {}
+    tc.update(  # as transformers 4.x configs (the hub's custom checkpoints) store them
+        architectures=[CAUSAL_LM[tc["model_type"]]], rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=None
+    )
+    size = vc["image_size"][0] if isinstance(vc["image_size"], list) else vc["image_size"]
+    vision_config = dict(
+        architectures=["InternVisionModel"],
+        model_type="intern_vit_6b",
+        hidden_size=vc["hidden_size"],
+        num_hidden_layers=vc["num_hidden_layers"],
+        num_attention_heads=vc["num_attention_heads"],
+        intermediate_size=vc["intermediate_size"],
+        image_size=size,
+        patch_size=vc["patch_size"][0] if isinstance(vc["patch_size"], list) else vc["patch_size"],
+        num_channels=3,
+        qkv_bias=vc["attention_bias"],
+        qk_normalization=vc["use_qk_norm"],
+        norm_type=vc["norm_type"],
+        layer_norm_eps=vc["layer_norm_eps"],
+        hidden_act=vc["hidden_act"],
+        use_flash_attn=False,
+        drop_path_rate=0.0,
+        dropout=0.0,
+        attention_dropout=0.0,
+        initializer_factor=0.1,
+    )
+    return dict(
+        architectures=[CUSTOM_ARCHITECTURES[model_type]],
+        model_type=model_type,
+        llm_config=tc,
+        vision_config=vision_config,
+        template=hf.get("template"),
+        ps_version=ps_version,
+        select_layer=hf.get("vision_feature_layer", -1),
+        force_image_size=size,
+        downsample_ratio=hf["downsample_ratio"],
+        dynamic_image_size=True,
+        use_thumbnail=hf.get("use_thumbnail", True),
+        min_dynamic_patch=hf.get("min_dynamic_patch", 1),
+        max_dynamic_patch=hf.get("max_dynamic_patch", 12),
+        pad2square=False,
+        use_backbone_lora=0,
+        use_llm_lora=0,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        torch_dtype=hf.get("dtype", hf.get("torch_dtype", "float32")),
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--llm", choices=sorted(LLM_VARIANTS), default="qwen3")
+    parser.add_argument("--vision", choices=sorted(VISION_VARIANTS), default="internvit-300m", help="tower structure at the preset's sizes (default internvit-300m)")
+    parser.add_argument("--format", choices=("hf", "custom"), default="hf", help="HF-native, or InternVL's custom (GitHub) layout (default hf)")
+    parser.add_argument("--ps-version", choices=("v1", "v2"), help="custom format: pixel shuffle version (default v2)")
+    parser.add_argument("--model-type", choices=sorted(CUSTOM_ARCHITECTURES), help="custom format (default internvl_chat)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.llm == "qwen3_moe" and PRESETS[args.preset].moe is None:
         parser.error(f"--preset {args.preset} has no MoE shape; --llm qwen3_moe needs --preset tiny")
-    print(generate(args.preset, args.llm, args.out, args.seed))
+    if args.format == "hf" and (args.ps_version or args.model_type):
+        parser.error("--ps-version and --model-type need --format custom")
+    ps_version, model_type = args.ps_version or "v2", args.model_type or "internvl_chat"
+    print(generate(args.preset, args.llm, args.out, args.seed, args.vision, args.format, ps_version, model_type))
 
 
 if __name__ == "__main__":

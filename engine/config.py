@@ -1,7 +1,9 @@
 """The single source of every shape and limit: a validated config read once from the checkpoint.
 
 Reads HF-native InternVL checkpoints (`InternVLForConditionalGeneration`: config.json with
-`vision_config`, `text_config`, `image_token_id`, `downsample_ratio`, `vision_feature_layer`) plus
+`vision_config`, `text_config`, `image_token_id`, `downsample_ratio`, `vision_feature_layer`) and
+custom ("GitHub") ones (`internvl_chat` / `skywork_chat`: `llm_config`, `vision_config`,
+`select_layer`, `ps_version`, …; engine/custom_format.py reads them as the HF-native fields), plus
 the tokenizer's special tokens. Every other module copies the fields it needs from here.
 """
 
@@ -31,6 +33,7 @@ class VisionConfig:
     final_layernorm: bool  # last_hidden_state carries the tower's final LayerNorm
     downsample_ratio: float
     tokens_per_tile: int  # Q = (S / patch)² · ratio²
+    ps_version: str = "v2"  # pixel shuffle token order: v2 row-major (HF-native), v1 transposed (custom)
 
     @property
     def projector_in_size(self) -> int:  # C · (1/ratio)²
@@ -82,9 +85,10 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
-        raw = _read_json(path / "config.json")
+        raw, custom = read_config(path)
         vocab = _tokenizer_vocab(path)
-        text = _text_config(_field(raw, "text_config", dict))
+        text_where = "llm_config" if custom else "text_config"  # errors name the field of the file's format
+        text = _text_config(_field(raw, "text_config", dict), text_where)
         vision = _vision_config(raw)
 
         template_name = raw.get("template")
@@ -131,9 +135,20 @@ class ModelConfig:
         )
 
 
+def read_config(path: Path) -> tuple[dict, bool]:
+    """-> (config.json with HF-native field names, whether the checkpoint is in the custom format)."""
+    raw = _read_json(Path(path) / "config.json")
+    from engine.custom_format import hf_view, is_custom  # it imports ConfigError from here
+
+    if is_custom(raw):
+        return hf_view(raw), True
+    # transformers' InternVL has neither field: pixel shuffle v2, tiles of vision_config.image_size
+    return {**raw, "ps_version": "v2", "force_image_size": None}, False
+
+
 def _read_json(file: Path) -> dict:
     if not file.is_file():
-        raise ConfigError(f"{file} not found: expected an HF-format InternVL checkpoint directory")
+        raise ConfigError(f"{file} not found: expected an InternVL checkpoint directory (HF-native or custom format)")
     return json.loads(file.read_text(encoding="utf-8"))
 
 
@@ -157,7 +172,7 @@ def _pair(value, name: str) -> int:
 def _vision_config(raw: dict) -> VisionConfig:
     vc = _field(raw, "vision_config", dict)
     where = "vision_config"
-    image_size = _pair(vc.get("image_size", 448), "image_size")
+    image_size = raw.get("force_image_size") or _pair(vc.get("image_size", 448), "image_size")
     patch_size = _pair(vc.get("patch_size", 14), "patch_size")
     ratio = float(raw.get("downsample_ratio", 0.5))
     if image_size % patch_size:
@@ -180,15 +195,15 @@ def _vision_config(raw: dict) -> VisionConfig:
         final_layernorm=layer == -1 and not vc.get("use_mean_pooling", True),
         downsample_ratio=ratio,
         tokens_per_tile=(side // scale) ** 2,
+        ps_version=raw.get("ps_version", "v2"),
     )
 
 
-def _text_config(tc: dict) -> TextConfig:
-    where = "text_config"
+def _text_config(tc: dict, where: str) -> TextConfig:
     model_type = tc.get("model_type")
     if model_type not in SUPPORTED_TEXT_MODELS:
         raise ConfigError(
-            f"text_config.model_type {model_type!r} is not supported by the CPU engine; "
+            f"{where}.model_type {model_type!r} is not supported by the CPU engine; "
             f"supported: {', '.join(SUPPORTED_TEXT_MODELS)}"
         )
     hidden = _field(tc, "hidden_size", int, where)
@@ -203,11 +218,11 @@ def _text_config(tc: dict) -> TextConfig:
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
     if tc.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"text_config hidden_act must be 'silu', got {tc.get('hidden_act')!r}")
+        raise ConfigError(f"{where} hidden_act must be 'silu', got {tc.get('hidden_act')!r}")
     if tc.get("use_sliding_window"):
         raise ConfigError("sliding-window attention is not supported")
     num_layers = _field(tc, "num_hidden_layers", int, where)
-    moe = _moe_fields(tc, num_layers) if model_type == "qwen3_moe" else {}
+    moe = _moe_fields(tc, num_layers, where) if model_type == "qwen3_moe" else {}
     return TextConfig(
         model_type=model_type,
         hidden_size=hidden,
@@ -226,29 +241,29 @@ def _text_config(tc: dict) -> TextConfig:
     )
 
 
-def _moe_fields(tc: dict, num_layers: int) -> dict:
+def _moe_fields(tc: dict, num_layers: int, where: str) -> dict:
     """Qwen3-MoE routing fields, validated; the sparse layers as transformers' Qwen3MoeDecoderLayer
     picks them (models/qwen3_moe/modeling_qwen3_moe.py)."""
 
     def positive(name: str, value) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"text_config {name!r} must be a positive int, got {value!r}")
+            raise ConfigError(f"{where} {name!r} must be a positive int, got {value!r}")
         return value
 
     # transformers 5 saves num_experts under its attribute_map name num_local_experts
     num_experts = tc.get("num_experts", tc.get("num_local_experts"))
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 0:
-        raise ConfigError(f"text_config 'num_experts' must be an int ≥ 0, got {num_experts!r}")
+        raise ConfigError(f"{where} 'num_experts' must be an int ≥ 0, got {num_experts!r}")
     top_k = positive("num_experts_per_tok", tc.get("num_experts_per_tok"))
     if num_experts and top_k > num_experts:
-        raise ConfigError(f"text_config 'num_experts_per_tok' {top_k} exceeds num_experts {num_experts}")
+        raise ConfigError(f"{where} 'num_experts_per_tok' {top_k} exceeds num_experts {num_experts}")
     step = positive("decoder_sparse_step", tc.get("decoder_sparse_step", 1))
     dense = tc.get("mlp_only_layers") or []
     if not isinstance(dense, list) or not all(isinstance(i, int) and 0 <= i < num_layers for i in dense):
-        raise ConfigError(f"text_config 'mlp_only_layers' must list layer indices in [0, {num_layers}), got {dense!r}")
+        raise ConfigError(f"{where} 'mlp_only_layers' must list layer indices in [0, {num_layers}), got {dense!r}")
     norm_topk_prob = tc.get("norm_topk_prob", False)
     if not isinstance(norm_topk_prob, bool):
-        raise ConfigError(f"text_config 'norm_topk_prob' must be a bool, got {norm_topk_prob!r}")
+        raise ConfigError(f"{where} 'norm_topk_prob' must be a bool, got {norm_topk_prob!r}")
     sparse = tuple(i for i in range(num_layers) if num_experts and i not in dense and (i + 1) % step == 0)
     return dict(
         sparse_layers=sparse,

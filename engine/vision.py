@@ -10,7 +10,6 @@ device boundaries as uint8 (4× fewer bytes than float32).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,19 +19,20 @@ from torch import nn
 from transformers import InternVLConfig, InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
-from engine.config import ModelConfig, VisionConfig
+from engine.config import ModelConfig, VisionConfig, read_config
 from engine.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from engine.weights import load_weights
 
 ONNX_INPUT, ONNX_OUTPUT = "pixel_values", "prompt_embedding_table"
 
 
-def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
-    # x: [T, side, side, C] -> [T, side/scale, side/scale, C·scale²]; tokens row-major ("v2")
+def pixel_shuffle(x: torch.Tensor, scale: int, ps_version: str = "v2") -> torch.Tensor:
+    # x: [T, side, side, C] -> [T, side/scale, side/scale, C·scale²]; tokens row-major ("v2"), or
+    # column-major ("v1": InternVLChatModel.pixel_shuffle leaves out the final swap, a transposed grid)
     t, rows, cols, c = x.shape
     x = x.reshape(t, rows, cols // scale, c * scale).transpose(1, 2)
-    x = x.reshape(t, cols // scale, rows // scale, c * scale * scale).transpose(1, 2)
-    return x.contiguous()
+    x = x.reshape(t, cols // scale, rows // scale, c * scale * scale)
+    return (x if ps_version == "v1" else x.transpose(1, 2)).contiguous()
 
 
 class Float32Norm(nn.Module):
@@ -62,6 +62,7 @@ class VisionEncoderModule(nn.Module):
         self.image_size = config.image_size
         self.side = config.image_size // config.patch_size
         self.scale = round(1 / config.downsample_ratio)
+        self.ps_version = config.ps_version
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.compute_dtype = torch.float32
@@ -94,16 +95,22 @@ class VisionEncoderModule(nn.Module):
         for layer in self.layers:
             x = layer(x)
         x = self.final_norm(x)[:, 1:]  # drop CLS
-        x = pixel_shuffle(x.reshape(tiles, self.side, self.side, -1), self.scale)
+        x = pixel_shuffle(x.reshape(tiles, self.side, self.side, -1), self.scale, self.ps_version)
         features = self.projector(x.reshape(-1, x.shape[-1]))
         return features.reshape(tiles, -1, features.shape[-1]) if ragged else features
 
     @classmethod
     def from_pretrained(cls, config: ModelConfig) -> VisionEncoderModule:
-        hf_config = InternVLConfig.from_dict(json.loads((config.path / "config.json").read_text(encoding="utf-8")))
+        raw, custom = read_config(config.path)  # a custom checkpoint's fields under HF-native names
+        hf_config = InternVLConfig.from_dict(raw)
         hf_config.vision_config._attn_implementation = "sdpa"
         tower = InternVLVisionModel(hf_config.vision_config)
         tower.load_state_dict(load_weights(config.path, "vision_tower."))
+        if custom:  # InternAttention's q_norm/k_norm use layer_norm_eps; transformers' fix 1e-6
+            for layer in tower.encoder.layer:
+                for norm in (layer.attention.q_norm, layer.attention.k_norm):
+                    if hasattr(norm, "variance_epsilon"):
+                        norm.variance_epsilon = hf_config.vision_config.layer_norm_eps
         projector = InternVLMultiModalProjector(hf_config)
         projector.load_state_dict(load_weights(config.path, "multi_modal_projector."))
         return cls(tower, projector, config.vision).eval()

@@ -25,7 +25,7 @@ from engine.vision import ONNX_INPUT, ONNX_OUTPUT, VisionEncoderModule, default_
 
 OPSET = 18
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_GRAPH_SOURCES = ("engine/vision.py", "engine/vision_export.py")
+_GRAPH_SOURCES = ("engine/vision.py", "engine/vision_export.py", "engine/custom_format.py", "engine/config.py", "engine/weights.py")
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
 
 

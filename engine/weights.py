@@ -9,6 +9,10 @@ Mixture-of-experts weights are canonical per expert, as the hub's Qwen3-MoE chec
 transformers 5's `save_pretrained` store them (`mlp.experts.{e}.gate_proj.weight`, …); the fused
 in-memory layout of transformers 5 (`mlp.experts.gate_up_proj` [E, 2I, H] = gate rows then up rows,
 `mlp.experts.down_proj` [E, H, I]) is split into those names on load.
+
+Custom-format checkpoints (`vision_model.*`, `mlp1.*`, `language_model.model.*`,
+`language_model.lm_head.*`) map to the same names (engine/custom_format.py: the InternViT names of
+transformers' converter, its fused `attn.qkv` split into q/k/v).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from engine.custom_format import hf_name, split_qkv
 
 _PREFIXES = (  # (stored prefix, canonical prefix), most specific first
     ("language_model.model.", "language_model."),
@@ -29,6 +35,8 @@ _PREFIXES = (  # (stored prefix, canonical prefix), most specific first
 
 
 def canonical_name(key: str) -> str:
+    if key.startswith(("vision_model.", "mlp1.")):  # custom format
+        key = hf_name(key)
     for stored, canonical in _PREFIXES:
         if key.startswith(stored):
             return canonical + key[len(stored) :]
@@ -55,7 +63,8 @@ def load_weights(
             for key in f.keys():
                 name = canonical_name(key)
                 if name.startswith(prefix):
-                    out.update(_per_expert(name[len(prefix) :], f.get_tensor(key).to(dtype)))
+                    for part, tensor in split_qkv(name, f.get_tensor(key).to(dtype)).items():
+                        out.update(_per_expert(part[len(prefix) :], tensor))
     if required and not out:
         raise KeyError(f"checkpoint {path} has no weights under {prefix!r}")
     return out

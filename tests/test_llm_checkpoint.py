@@ -74,3 +74,17 @@ def test_families_without_a_tensorrt_engine_path_are_refused_by_name(model_type,
 @pytest.mark.parametrize("model_type, architecture", [("qwen2", "Qwen2ForCausalLM"), ("internlm2", "InternLM2ForCausalLM")])
 def test_supported_families_get_their_causal_lm_architecture(model_type, architecture):
     assert text_config({"text_config": {"model_type": model_type}})["architectures"] == [architecture]
+
+
+def test_custom_format_checkpoint_extracts_to_the_same_llm(checkpoints, tmp_path):
+    """The GPU path's LLM extraction reads custom-format checkpoints (llm_config, language_model.*)
+    too: same weights as the HF-native checkpoint the custom one was written from, same logits."""
+    from build.checkpoint import generate
+
+    custom = generate("tiny", "qwen2", tmp_path / "custom", seed=0, fmt="custom", ps_version="v2")
+    assert "llm_config" in json.loads((custom / "config.json").read_text())
+    out = extract_llm_checkpoint(custom, tmp_path / "llm")
+    llm = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, len(reference_chat.tokenizer(checkpoints["qwen2"])), (1, 29), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(llm(input_ids=ids).logits, _reference_logits(checkpoints["qwen2"], ids), rtol=0, atol=1e-5)

@@ -1,5 +1,6 @@
-"""Through tritonserver, families beyond the dense default: a Qwen3-MoE checkpoint builds with the
-repository builder and answers over gRPC streaming exactly as in-process (issue 11)."""
+"""Through tritonserver, checkpoints beyond the HF-native dense default: a Qwen3-MoE one and a
+custom-format (skywork_chat, InternViT-6B-style tower, pixel shuffle v1) one build with the
+repository builder and answer over gRPC streaming exactly as in-process (issue 11)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from build.checkpoint import generate
 from build.repository import build
 from build.settings import BuildSettings
 from client.synthetic import synthetic_image
@@ -23,20 +25,29 @@ REQUESTS = [  # (question, images, max tokens)
 ]
 
 
-@pytest.fixture(scope="module")
-def moe_server(checkpoints, tmp_path_factory):
-    out = tmp_path_factory.mktemp("build-moe")
-    build(checkpoints["qwen3_moe"], out, BuildSettings(max_images=2))
+@pytest.fixture(scope="module", params=["qwen3_moe", "custom-skywork-6b"])
+def served(request, checkpoints, tmp_path_factory):
+    """-> (checkpoint, a tritonserver on its repository)."""
+    if request.param == "qwen3_moe":
+        checkpoint = checkpoints["qwen3_moe"]
+    else:
+        checkpoint = generate(
+            "tiny", "qwen2", tmp_path_factory.mktemp("custom") / "ckpt", fmt="custom", ps_version="v1",
+            vision="internvit-6b", model_type="skywork_chat",
+        )  # fmt: skip
+    out = tmp_path_factory.mktemp("build")
+    build(checkpoint, out, BuildSettings(max_images=2))
     with TritonServer(out, free_port(), free_port(), free_port()) as server:
-        yield server
+        yield checkpoint, server
 
 
-def test_moe_checkpoint_served_equals_in_process_also_when_batched(moe_server, checkpoints):
-    with Pipeline.from_pretrained(checkpoints["qwen3_moe"]) as pipe:
+def test_served_equals_in_process_also_when_batched(served):
+    checkpoint, server = served
+    with Pipeline.from_pretrained(checkpoint) as pipe:
         expected = [pipe.chat(q, images, max_new_tokens=n) for q, images, n in REQUESTS]
     assert len(set(expected)) == len(expected)  # input-sensitive: every request has its own reply
-    client = InternVLClient(moe_server.grpc_url)
+    client = InternVLClient(server.grpc_url)
     assert [client.chat(q, images, stream=True, max_tokens=n) for q, images, n in REQUESTS] == expected
-    with ThreadPoolExecutor(len(REQUESTS)) as pool:  # the MoE layers route the shared batch
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:  # requests share engine steps (and MoE routing)
         batched = list(pool.map(lambda r: client.chat(r[0], r[1], stream=True, max_tokens=r[2]), REQUESTS))
     assert batched == expected
