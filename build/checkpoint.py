@@ -20,25 +20,27 @@ get random layer scales and norm weights so a swapped name cannot pass a test. `
 layout instead: the HF-native checkpoint is made first, then renamed by the inverse of
 engine/custom_format.py (q/k/v concatenated into attn.qkv, mlp1.*, llm_config / vision_config
 fields as InternVLChatConfig and InternVisionConfig name them), in two safetensors shards + index.
+`--llm internlm2` (custom format only: transformers has no InternLM2 model) writes the language model
+as InternLM2ForCausalLM ships it: a Llama model is made (the same math, num_key_value_heads <
+num_attention_heads so the grouped wqkv matters), then renamed to InternLM2's names with q/k/v fused
+into the grouped `attention.wqkv` (engine/custom_format.py fuse_wqkv), an InternLM2Config llm_config
+and the `internlm2-chat` template.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
 
-from engine.custom_format import custom_name
-from engine.weights import checkpoint_files
+from build.custom_checkpoint import CUSTOM_ARCHITECTURES, write_custom
+
 
 CORPUS = Path(__file__).with_name("corpus.txt")
 # (token, special): special tokens are dropped when decoding; <think> tags stay visible (Qwen3 style).
@@ -62,14 +64,14 @@ LLM_VARIANTS = {
     "llama": dict(model_type="llama", rope_theta=500_000.0, attention_bias=False, mlp_bias=False),
     # Expert counts and widths come from the preset (Preset.moe); layers in mlp_only_layers stay dense.
     "qwen3_moe": dict(model_type="qwen3_moe", rope_theta=1_000_000.0, norm_topk_prob=True, decoder_sparse_step=1),
+    # Made as Llama, written as InternLM2 (custom format only; write_custom).
+    "internlm2": dict(model_type="llama", rope_theta=1_000_000.0, attention_bias=False, mlp_bias=False),
 }
 
 VISION_VARIANTS = {
     "internvit-300m": dict(attention_bias=True, norm_type="layer_norm", use_qk_norm=False),
     "internvit-6b": dict(attention_bias=False, norm_type="rms_norm", use_qk_norm=True),
 }
-CAUSAL_LM = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-CUSTOM_ARCHITECTURES = {"internvl_chat": "InternVLChatModel", "skywork_chat": "SkyworkChatModel"}
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,8 @@ def generate(
     model_type: str = "internvl_chat",
 ) -> Path:
     """Write the checkpoint to `out` (skipped when `out` already holds this exact one)."""
+    if llm == "internlm2" and fmt != "custom":
+        raise ValueError("--llm internlm2 needs --format custom: transformers has no HF-native InternLM2 layout")
     stamp = {"preset": preset_name, "llm": llm, "seed": seed, "corpus_bytes": CORPUS.stat().st_size}
     if vision != "internvit-300m":
         stamp["vision"] = vision
@@ -240,89 +244,12 @@ def generate(
         with tempfile.TemporaryDirectory() as hf_dir:
             model.to(preset.dtype).save_pretrained(hf_dir)
             tokenizer.save_pretrained(hf_dir)
-            write_custom(Path(hf_dir), out, ps_version, model_type)
+            write_custom(Path(hf_dir), out, ps_version, model_type, internlm2=llm == "internlm2")
     else:
         model.to(preset.dtype).save_pretrained(out)
         tokenizer.save_pretrained(out)
     stamp_file.write_text(json.dumps(stamp), encoding="utf-8")
     return out
-
-
-def write_custom(hf_dir: Path, out: Path, ps_version: str, model_type: str) -> None:
-    """An HF-native checkpoint rewritten in the custom layout: vision + mlp1 in shard 1, the language
-    model in shard 2, model.safetensors.index.json; tokenizer files copied."""
-    hf = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-    vision, language = {}, {}
-    for file in checkpoint_files(hf_dir):
-        with safe_open(file, "pt") as f:
-            for key in f.keys():
-                (language if key.startswith("language_model.") else vision)[custom_name(key)] = f.get_tensor(key)
-    for key in [k for k in vision if k.endswith(("attn.q_proj.weight", "attn.q_proj.bias"))]:
-        stem, leaf = key.rsplit(".q_proj.", 1)
-        vision[f"{stem}.qkv.{leaf}"] = torch.cat([vision.pop(f"{stem}.{p}_proj.{leaf}") for p in "qkv"])
-    shards = {"model-00001-of-00002.safetensors": vision, "model-00002-of-00002.safetensors": language}
-    weight_map = {}
-    for name, tensors in shards.items():
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-    total = sum(t.numel() * t.element_size() for tensors in shards.values() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    (out / "config.json").write_text(json.dumps(custom_config(hf, ps_version, model_type), indent=2), encoding="utf-8")
-    for file in hf_dir.iterdir():
-        if file.suffix != ".safetensors" and file.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy(file, out / file.name)
-
-
-def custom_config(hf: dict, ps_version: str, model_type: str) -> dict:
-    """config.json of InternVLChatConfig.to_dict() for the HF-native config `hf`."""
-    vc, tc = hf["vision_config"], dict(hf["text_config"])
-    rope = tc.pop("rope_parameters", None) or {}
-    tc.update(  # as transformers 4.x configs (the hub's custom checkpoints) store them
-        architectures=[CAUSAL_LM[tc["model_type"]]], rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=None
-    )
-    size = vc["image_size"][0] if isinstance(vc["image_size"], list) else vc["image_size"]
-    vision_config = dict(
-        architectures=["InternVisionModel"],
-        model_type="intern_vit_6b",
-        hidden_size=vc["hidden_size"],
-        num_hidden_layers=vc["num_hidden_layers"],
-        num_attention_heads=vc["num_attention_heads"],
-        intermediate_size=vc["intermediate_size"],
-        image_size=size,
-        patch_size=vc["patch_size"][0] if isinstance(vc["patch_size"], list) else vc["patch_size"],
-        num_channels=3,
-        qkv_bias=vc["attention_bias"],
-        qk_normalization=vc["use_qk_norm"],
-        norm_type=vc["norm_type"],
-        layer_norm_eps=vc["layer_norm_eps"],
-        hidden_act=vc["hidden_act"],
-        use_flash_attn=False,
-        drop_path_rate=0.0,
-        dropout=0.0,
-        attention_dropout=0.0,
-        initializer_factor=0.1,
-    )
-    return dict(
-        architectures=[CUSTOM_ARCHITECTURES[model_type]],
-        model_type=model_type,
-        llm_config=tc,
-        vision_config=vision_config,
-        template=hf.get("template"),
-        ps_version=ps_version,
-        select_layer=hf.get("vision_feature_layer", -1),
-        force_image_size=size,
-        downsample_ratio=hf["downsample_ratio"],
-        dynamic_image_size=True,
-        use_thumbnail=hf.get("use_thumbnail", True),
-        min_dynamic_patch=hf.get("min_dynamic_patch", 1),
-        max_dynamic_patch=hf.get("max_dynamic_patch", 12),
-        pad2square=False,
-        use_backbone_lora=0,
-        use_llm_lora=0,
-        tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        torch_dtype=hf.get("dtype", hf.get("torch_dtype", "float32")),
-    )
 
 
 def main() -> None:
@@ -338,6 +265,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.llm == "qwen3_moe" and PRESETS[args.preset].moe is None:
         parser.error(f"--preset {args.preset} has no MoE shape; --llm qwen3_moe needs --preset tiny")
+    if args.llm == "internlm2" and args.format != "custom":
+        parser.error("--llm internlm2 needs --format custom (transformers has no HF-native InternLM2 layout)")
     if args.format == "hf" and (args.ps_version or args.model_type):
         parser.error("--ps-version and --model-type need --format custom")
     ps_version, model_type = args.ps_version or "v2", args.model_type or "internvl_chat"

@@ -111,6 +111,15 @@ def extract_llm_checkpoint(checkpoint: str | Path, out: str | Path, shard_bytes:
     checkpoint, out = Path(checkpoint), Path(out)
     internvl = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     config = text_config(internvl)
+    converter = TRTLLM_SUPPORT[config["model_type"]].converter
+    if not converter.startswith("tensorrt_llm."):
+        # InternLM2: that converter loads the InternVL checkpoint itself (its "This is for InternVL2"
+        # branch drops vision_model.* and strips language_model.) and splits the grouped wqkv; nothing
+        # is written here.
+        raise ExtractError(
+            f"llm_config.model_type {config['model_type']!r} is not extracted: TensorRT-LLM converts it only with "
+            f"its {converter} run on the InternVL checkpoint itself (--model_dir <checkpoint>; see docs/GPU.md)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
         stale.unlink()

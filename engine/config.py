@@ -16,6 +16,9 @@ from pathlib import Path
 from engine.templates import TEMPLATES, ChatTemplate, Template
 
 SUPPORTED_TEXT_MODELS = ("qwen2", "qwen3", "qwen3_moe", "llama")
+# Families read only from custom-format checkpoints (llm_config): transformers has no HF-native layout
+# for them. InternLM2 is a Llama decoder under other weight names (engine/custom_format.py).
+CUSTOM_ONLY_TEXT_MODELS = ("internlm2",)
 SUPPORTED_ROPE_TYPES = ("default",)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
@@ -42,7 +45,7 @@ class VisionConfig:
 
 @dataclass(frozen=True, slots=True)
 class TextConfig:
-    model_type: str  # qwen2 | qwen3 | qwen3_moe | llama
+    model_type: str  # qwen2 | qwen3 | qwen3_moe | llama | internlm2 (custom format only; Llama-shaped)
     hidden_size: int  # H
     vocab_size: int  # rows of the embedding matrix; ids ≥ this index the prompt table
     num_layers: int
@@ -200,11 +203,19 @@ def _vision_config(raw: dict) -> VisionConfig:
 
 
 def _text_config(tc: dict, where: str) -> TextConfig:
-    model_type = tc.get("model_type")
-    if model_type not in SUPPORTED_TEXT_MODELS:
+    # custom-only families arrive Llama-shaped from engine/custom_format.py, named by llm_family
+    model_type = tc.get("llm_family") or tc.get("model_type")
+    supported = SUPPORTED_TEXT_MODELS + (CUSTOM_ONLY_TEXT_MODELS if where == "llm_config" else ())
+    if model_type not in supported:
+        hint = ""
+        if model_type in CUSTOM_ONLY_TEXT_MODELS:
+            hint = (
+                f" ({model_type} has no HF-native layout in transformers: serve the custom-format checkpoint, "
+                "llm_config, as its authors ship it)"
+            )
         raise ConfigError(
             f"{where}.model_type {model_type!r} is not supported by the CPU engine; "
-            f"supported: {', '.join(SUPPORTED_TEXT_MODELS)}"
+            f"supported: {', '.join(supported)}{hint}"
         )
     hidden = _field(tc, "hidden_size", int, where)
     heads = _field(tc, "num_attention_heads", int, where)

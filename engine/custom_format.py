@@ -9,7 +9,16 @@ and weights `vision_model.*`, `mlp1.*`, `language_model.*`. Followed:
   hidden_states, drop CLS, pixel_shuffle by ps_version, mlp1), modeling_intern_vit.py (no final
   norm after the encoder; q_norm/k_norm are RMSNorm with layer_norm_eps whatever norm_type is);
 - transformers' models/internvl/convert_internvl_weights_to_hf.py (weight names, the attn.qkv split
-  into thirds, qk_normalization → use_qk_norm, qkv_bias → attention_bias).
+  into thirds, qk_normalization → use_qk_norm, qkv_bias → attention_bias, the InternLM2 → Llama names);
+- internvl_chat/internvl/model/internlm2/configuration_internlm2.py and modeling_internlm2.py
+  (InternLM2ForCausalLM, the language model of InternVL2.5-2B/8B/26B and InternVL3-9B): a Llama
+  decoder under other names with one fused `attention.wqkv` grouped per kv head — rows
+  (kv_heads, groups + 2, head_dim): the group's query heads, then its key head, then its value head;
+  head_dim = hidden_size // num_attention_heads; `bias` (class default true) on wqkv and wo;
+  rope_scaling {type linear|dynamic, factor} (dynamic NTK only rescales beyond max_position_embeddings,
+  e.g. InternLM2.5-7B's {dynamic, 2.0}); rope_pos_id_version 'v2pe' (V2PE positions).
+  transformers has no InternLM2 model, so there is no HF-native InternLM2 layout: InternLM2 is read
+  from custom checkpoints only, and engine/weights.py maps its names to the Llama ones.
 """
 
 from __future__ import annotations
@@ -20,8 +29,18 @@ from engine.config import ConfigError
 
 MODEL_TYPES = ("internvl_chat", "skywork_chat")
 PS_VERSIONS = ("v1", "v2")
-# Language models this step reads from llm_config; InternLM2 (wqkv, its own names) comes later.
-NOT_YET = {"internlm2": "InternLM2"}
+# (InternLM2, Llama) name pieces of the decoder (language_model.*); wqkv is split by split_wqkv.
+_INTERNLM2_NAMES = (
+    ("language_model.output.", "language_model.lm_head."),
+    (".tok_embeddings.", ".embed_tokens."),
+    (".attention.wqkv.", ".self_attn.wqkv."),
+    (".attention.wo.", ".self_attn.o_proj."),
+    (".feed_forward.w1.", ".mlp.gate_proj."),
+    (".feed_forward.w2.", ".mlp.down_proj."),
+    (".feed_forward.w3.", ".mlp.up_proj."),
+    (".attention_norm.", ".input_layernorm."),
+    (".ffn_norm.", ".post_attention_layernorm."),
+)
 
 # (custom, HF-native) name pieces, in the converter's order (ORIGINAL_TO_CONVERTED_KEY_MAPPING_VISION
 # / _MULTI); attn.proj comes before attn so the inverse renames projection_layer first.
@@ -53,6 +72,100 @@ def hf_name(key: str) -> str:
     """A custom vision / projector weight name under its HF-native name (attn.qkv stays fused:
     split_qkv splits the tensor)."""
     return _rename(key, forward=True)
+
+
+def llama_name(key: str) -> str:
+    """An InternLM2 decoder weight name (language_model.*) under the Llama name (attention.wqkv becomes
+    self_attn.wqkv, still fused: split_wqkv splits the tensor); other names pass through."""
+    if key.startswith("language_model."):
+        for internlm2, llama in _INTERNLM2_NAMES:
+            key = key.replace(internlm2, llama, 1)
+    return key
+
+
+def internlm2_name(key: str) -> str:
+    """The inverse of llama_name (build/checkpoint.py writes InternLM2 checkpoints with it)."""
+    if key.startswith("language_model."):
+        for internlm2, llama in _INTERNLM2_NAMES:
+            key = key.replace(llama, internlm2, 1)
+    return key
+
+
+def wqkv_layout(llm_config: dict) -> tuple[int, int, int]:
+    """-> (num_key_value_heads, query heads per kv head, head_dim) of an InternLM2 llm_config."""
+    heads = llm_config["num_attention_heads"]
+    kv_heads = llm_config.get("num_key_value_heads") or heads
+    return kv_heads, heads // kv_heads, llm_config["hidden_size"] // heads
+
+
+def split_wqkv(name: str, tensor: torch.Tensor, layout: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    # self_attn.wqkv.{weight [(kv·(g+2)·d), H], bias} -> q_proj / k_proj / v_proj, as
+    # InternLM2Attention.forward rearranges 'b q (h gs d) -> b q h gs d' (gs = groups + 2)
+    base, _, leaf = name.rpartition(".")
+    if not base.endswith("self_attn.wqkv"):
+        return {name: tensor}
+    kv_heads, groups, head_dim = layout
+    grouped = tensor.reshape(kv_heads, groups + 2, head_dim, *tensor.shape[1:])
+    stem = base[: -len("wqkv")]
+    return {
+        f"{stem}q_proj.{leaf}": grouped[:, :groups].reshape(kv_heads * groups * head_dim, *tensor.shape[1:]),
+        f"{stem}k_proj.{leaf}": grouped[:, -2].reshape(kv_heads * head_dim, *tensor.shape[1:]),
+        f"{stem}v_proj.{leaf}": grouped[:, -1].reshape(kv_heads * head_dim, *tensor.shape[1:]),
+    }
+
+
+def fuse_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: tuple[int, int, int]) -> torch.Tensor:
+    """The inverse of split_wqkv: q/k/v projections (weights or biases) -> the grouped wqkv tensor."""
+    kv_heads, groups, head_dim = layout
+    rest = q.shape[1:]
+    grouped = torch.cat(
+        [q.reshape(kv_heads, groups, head_dim, *rest), k.reshape(kv_heads, 1, head_dim, *rest), v.reshape(kv_heads, 1, head_dim, *rest)],
+        dim=1,
+    )
+    return grouped.reshape(kv_heads * (groups + 2) * head_dim, *rest)
+
+
+def internlm2_text_config(llm: dict) -> dict:
+    """An InternLM2 llm_config (InternLM2Config's field names and defaults) as the Llama-shaped fields
+    engine/config.py reads; what the CPU engine does not implement is refused naming the field."""
+    where = "llm_config"
+    bias = llm.get("bias", True)  # InternLM2Config's default
+    if bias is not False:
+        raise ConfigError(
+            f"{where}.model_type 'internlm2' with {where} 'bias' {bias!r} (biases on wqkv and wo; InternLM2Config's "
+            "default when absent is true) is not supported by the CPU engine; only 'bias': false"
+        )
+    scaling = llm.get("rope_scaling")
+    if scaling is not None:
+        # InternLM2DynamicNTKScalingRotaryEmbedding changes the base only for sequences longer than
+        # max_position_embeddings, which the engine never runs (prompt + output are capped there): within
+        # them it is the default rotary exactly. Linear scaling divides every position: not implemented.
+        factor = scaling.get("factor") if isinstance(scaling, dict) else None
+        if not isinstance(scaling, dict) or scaling.get("type") != "dynamic" or not isinstance(factor, (int, float)) or factor < 1:
+            raise ConfigError(
+                f"{where} 'rope_scaling' {scaling!r} is not supported for internlm2; supported: null, or "
+                "{'type': 'dynamic', 'factor': ≥ 1} (exact within max_position_embeddings); linear scaling is not implemented"
+            )
+    version = llm.get("rope_pos_id_version", "default")
+    if version != "default":
+        raise ConfigError(f"{where} 'rope_pos_id_version' {version!r} (V2PE positions) is not supported; only 'default'")
+    heads, hidden = llm.get("num_attention_heads"), llm.get("hidden_size")
+    if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden % heads:
+        raise ConfigError(f"{where} 'hidden_size' {hidden} is not a multiple of num_attention_heads {heads}")
+    text = {k: v for k, v in llm.items() if k not in ("bias", "rope_scaling", "head_dim", "rope_parameters", "auto_map")}
+    text.update(
+        # a Llama config to transformers (engine/vision.py builds InternVLConfig from this view, and
+        # transformers knows no internlm2); engine/config.py reads the family from llm_family
+        model_type="llama",
+        llm_family="internlm2",
+        architectures=["LlamaForCausalLM"],
+        attention_bias=False,
+        head_dim=hidden // heads if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 else None,
+        rope_theta=llm.get("rope_theta", 10000),
+        rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
+        hidden_act=llm.get("hidden_act", "silu"),
+    )
+    return text
 
 
 def custom_name(key: str) -> str:
@@ -90,12 +203,8 @@ def hf_view(raw: dict) -> dict:
     vc = raw.get("vision_config")
     if not isinstance(vc, dict):
         raise ConfigError(f"config.json of a {raw.get('model_type', 'custom')} checkpoint needs a 'vision_config' object, got {vc!r}")
-    model_type = llm.get("model_type")
-    if model_type in NOT_YET:
-        raise ConfigError(
-            f"llm_config.model_type {model_type!r} ({NOT_YET[model_type]}) is not supported yet in the "
-            "custom format; convert the checkpoint to the HF-native layout or use a Qwen2/Qwen3/Llama one"
-        )
+    if llm.get("model_type") == "internlm2":
+        llm = internlm2_text_config(llm)
     for name in ("use_backbone_lora", "use_llm_lora"):
         if raw.get(name):
             raise ConfigError(f"config.json {name!r} is {raw[name]!r}: merge the LoRA weights first")

@@ -12,7 +12,10 @@ in-memory layout of transformers 5 (`mlp.experts.gate_up_proj` [E, 2I, H] = gate
 
 Custom-format checkpoints (`vision_model.*`, `mlp1.*`, `language_model.model.*`,
 `language_model.lm_head.*`) map to the same names (engine/custom_format.py: the InternViT names of
-transformers' converter, its fused `attn.qkv` split into q/k/v).
+transformers' converter, its fused `attn.qkv` split into q/k/v). Their InternLM2 language models
+(`language_model.model.tok_embeddings`, `layers.N.attention.wqkv` / `wo`, `feed_forward.w1/w2/w3`,
+`attention_norm`, `ffn_norm`, `language_model.output`) map to the Llama names, the grouped `wqkv`
+split into q/k/v by the llm_config's head counts.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.custom_format import hf_name, split_qkv
+from engine.custom_format import hf_name, llama_name, split_qkv, split_wqkv, wqkv_layout
 
 _PREFIXES = (  # (stored prefix, canonical prefix), most specific first
     ("language_model.model.", "language_model."),
@@ -37,6 +40,7 @@ _PREFIXES = (  # (stored prefix, canonical prefix), most specific first
 def canonical_name(key: str) -> str:
     if key.startswith(("vision_model.", "mlp1.")):  # custom format
         key = hf_name(key)
+    key = llama_name(key)  # InternLM2 (custom format) decoder names; others pass through
     for stored, canonical in _PREFIXES:
         if key.startswith(stored):
             return canonical + key[len(stored) :]
@@ -58,16 +62,28 @@ def load_weights(
 ) -> dict[str, torch.Tensor]:
     """Tensors whose canonical name starts with `prefix`, keyed by the rest of the name."""
     out = {}
+    layout = None  # InternLM2's wqkv layout, read from llm_config at the first wqkv tensor
     for file in checkpoint_files(Path(path)):
         with safe_open(file, "pt") as f:
             for key in f.keys():
                 name = canonical_name(key)
                 if name.startswith(prefix):
-                    for part, tensor in split_qkv(name, f.get_tensor(key).to(dtype)).items():
+                    tensor = f.get_tensor(key).to(dtype)
+                    if ".self_attn.wqkv." in name:
+                        layout = layout or _wqkv_layout(Path(path))
+                        parts = split_wqkv(name, tensor, layout)
+                    else:
+                        parts = split_qkv(name, tensor)
+                    for part, tensor in parts.items():
                         out.update(_per_expert(part[len(prefix) :], tensor))
     if required and not out:
         raise KeyError(f"checkpoint {path} has no weights under {prefix!r}")
     return out
+
+
+def _wqkv_layout(path: Path) -> tuple[int, int, int]:
+    llm = json.loads((path / "config.json").read_text(encoding="utf-8")).get("llm_config") or {}
+    return wqkv_layout(llm)
 
 
 def _per_expert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:

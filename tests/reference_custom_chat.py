@@ -8,6 +8,15 @@ modeling_internvl_chat.py (extract_feature: select_layer, drop CLS, pixel_shuffl
 mlp1; generate: image-context embeddings replaced, then language_model.generate on inputs_embeds).
 The language model is transformers' AutoModelForCausalLM built from `llm_config` and loaded with
 the checkpoint's `language_model.*` weights. The query comes from tests/reference_chat.py.
+
+InternLM2 (`llm_config.model_type` internlm2; transformers has no InternLM2 model) runs as
+transformers' LlamaForCausalLM: written from internvl_chat/internvl/model/internlm2/
+modeling_internlm2.py, InternLM2 with `bias` false is Llama's computation (RMSNorm, default rotary
+with rope_theta over head_dim = hidden_size // num_attention_heads, repeat_kv attention scaled by
+1/sqrt(head_dim), w2(silu(w1 x) * w3 x), final norm, `output`), so only the weights are renamed
+here (own table, not engine/'s) and `attention.wqkv` is split as InternLM2Attention.forward does:
+rows '(h gs d)' with gs = groups + 2, query = [:, :groups] flattened '(h gs)', key = [:, -2],
+value = [:, -1].
 """
 
 from __future__ import annotations
@@ -44,8 +53,11 @@ class CustomInternVL:
         # the language model as its own causal-LM checkpoint (llm_config + language_model.* weights),
         # loaded by from_pretrained, which also maps per-expert MoE weights to its fused layout
         with tempfile.TemporaryDirectory() as llm_dir:
-            AutoConfig.for_model(**self.config["llm_config"]).save_pretrained(llm_dir)
             state = {k[len("language_model.") :]: v.contiguous() for k, v in self.w.items() if k.startswith("language_model.")}
+            llm_config = self.config["llm_config"]
+            if llm_config.get("model_type") == "internlm2":
+                llm_config, state = internlm2_as_llama(llm_config, state)
+            AutoConfig.for_model(**llm_config).save_pretrained(llm_dir)
             save_file(state, f"{llm_dir}/model.safetensors", metadata={"format": "pt"})
             llm, info = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32, output_loading_info=True)
         tied = self.config["llm_config"].get("tie_word_embeddings")
@@ -147,6 +159,64 @@ class CustomInternVL:
 
     def reply(self, token_ids, sep):
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).split(sep.strip())[0].strip()
+
+
+_INTERNLM2_TO_LLAMA = {
+    "attention.wo.": "self_attn.o_proj.",
+    "feed_forward.w1.": "mlp.gate_proj.",
+    "feed_forward.w3.": "mlp.up_proj.",
+    "feed_forward.w2.": "mlp.down_proj.",
+    "attention_norm.": "input_layernorm.",
+    "ffn_norm.": "post_attention_layernorm.",
+}
+
+
+def internlm2_as_llama(cfg, state):
+    """InternLM2Config + InternLM2ForCausalLM state dict (without language_model.) -> a LlamaConfig
+    dict + LlamaForCausalLM state dict."""
+    assert cfg.get("bias") is False, "the port covers bias false"
+    scaling = cfg.get("rope_scaling")
+    assert scaling is None or scaling["type"] == "dynamic", "the port covers no / dynamic NTK rope scaling"
+    rope = {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 10000))}
+    if scaling is not None:  # transformers' dynamic NTK (rescales beyond max_position_embeddings)
+        rope.update(rope_type="dynamic", factor=float(scaling["factor"]))
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    groups, head_dim = heads // kv_heads, hidden // heads
+    llama = dict(
+        model_type="llama",
+        vocab_size=cfg["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_act=cfg.get("hidden_act", "silu"),
+        max_position_embeddings=cfg["max_position_embeddings"],
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_parameters=rope,
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+    )
+    out = {}
+    for key, tensor in state.items():
+        if key == "output.weight":
+            out["lm_head.weight"] = tensor
+        elif key == "model.tok_embeddings.weight":
+            out["model.embed_tokens.weight"] = tensor
+        elif key.endswith("attention.wqkv.weight"):
+            layer = key[: -len("attention.wqkv.weight")]
+            rows = tensor.view(kv_heads, groups + 2, head_dim, hidden)  # 'b q (h gs d)' on the output rows
+            out[layer + "self_attn.q_proj.weight"] = rows[:, :groups].reshape(heads * head_dim, hidden)
+            out[layer + "self_attn.k_proj.weight"] = rows[:, -2].reshape(kv_heads * head_dim, hidden)
+            out[layer + "self_attn.v_proj.weight"] = rows[:, -1].reshape(kv_heads * head_dim, hidden)
+        else:
+            for old, new in _INTERNLM2_TO_LLAMA.items():
+                key = key.replace("." + old, "." + new)
+            out[key] = tensor.contiguous()
+    return llama, {k: v.contiguous() for k, v in out.items()}
 
 
 @cache

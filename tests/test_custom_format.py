@@ -214,7 +214,7 @@ def test_malformed_custom_config_names_the_field(custom_checkpoints, tmp_path, e
 def test_custom_writer_is_the_inverse_of_the_loader(tmp_path):
     """build.checkpoint writes InternVLChatModel's names (modeling_intern_vit.py / mlp1) in two
     shards; engine/weights.py reads them back to exactly the HF-native tensors."""
-    from build.checkpoint import write_custom
+    from build.custom_checkpoint import write_custom
     from engine.weights import load_weights
 
     hf = generate("tiny", "qwen2", tmp_path / "hf", vision="internvit-6b")

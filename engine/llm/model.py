@@ -75,7 +75,8 @@ class DecoderLM:
                 "post_norm": w("post_attention_layernorm.weight"),
                 # Fused projections: one matmul for q|k|v and one for gate|up.
                 "qkv": Linear(torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")]), qkv_bias),
-                "o": Linear(w("self_attn.o_proj.weight")),
+                # Llama's attention_bias also puts a bias on o_proj (Qwen2's does not): load what is stored
+                "o": Linear(w("self_attn.o_proj.weight"), weights.get(f"layers.{i}.self_attn.o_proj.bias")),
                 "gate_up": None,
                 "down": None,
                 "moe": None,
@@ -85,8 +86,11 @@ class DecoderLM:
             if i in c.sparse_layers:
                 layer["moe"] = SparseMoE.from_weights(w, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob)
             else:
-                layer["gate_up"] = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]))
-                layer["down"] = Linear(w("mlp.down_proj.weight"))
+                gate_up_bias = None
+                if f"layers.{i}.mlp.gate_proj.bias" in weights:  # Llama's mlp_bias
+                    gate_up_bias = torch.cat([w("mlp.gate_proj.bias"), w("mlp.up_proj.bias")])
+                layer["gate_up"] = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]), gate_up_bias)
+                layer["down"] = Linear(w("mlp.down_proj.weight"), weights.get(f"layers.{i}.mlp.down_proj.bias"))
             if c.qk_norm:
                 layer["q_norm"], layer["k_norm"] = w("self_attn.q_norm.weight"), w("self_attn.k_norm.weight")
             self.layers.append(layer)
