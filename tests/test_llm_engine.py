@@ -200,16 +200,9 @@ def test_greedy_tokens_equal_transformers_with_random_biases_and_norm_weights(fa
     assert tokens_of(run_alone(setup, ids, SamplingParams(max_new_tokens=10))) == reference_generate(setup, ids, 10)
 
 
-@pytest.mark.parametrize("weights", ["stock", "perturbed"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_chunked_batched_forward_logits_match_reference_logits(family, weights, setups, perturbed):
-    """Token parity hides small attention errors behind wide logit margins: compare logits too.
-
-    Two prompts run through DecoderLM.forward in uneven chunks, sharing every call (one's prefill
-    chunk beside the other's), must give the reference's logits at each chunk's last position.
-    """
-    setup = setups(family) if weights == "stock" else perturbed(family)
-    rng = np.random.default_rng(30 + FAMILIES.index(family))
+def check_chunked_batched_logits(setup: Setup, rng: np.random.Generator) -> None:
+    """Two prompts run through DecoderLM.forward in uneven chunks, sharing every call (one's prefill
+    chunk beside the other's), give the reference's logits at each chunk's last position."""
     prompts = [torch.as_tensor(text_ids(rng, 41), dtype=torch.long), torch.as_tensor(text_ids(rng, 23), dtype=torch.long)]
     chunks = [[7, 1, 5, 12, 1, 1, 14], [1, 9, 2, 6, 1, 3, 1]]
     with torch.no_grad():
@@ -227,6 +220,14 @@ def test_chunked_batched_forward_logits_match_reference_logits(family, weights, 
         for i in range(2):
             torch.testing.assert_close(logits[i], expected[i][starts[i] - 1], rtol=0, atol=2e-3)
     assert starts == [len(p) for p in prompts]
+
+
+@pytest.mark.parametrize("weights", ["stock", "perturbed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_batched_forward_logits_match_reference_logits(family, weights, setups, perturbed):
+    """Token parity hides small attention errors behind wide logit margins: compare logits too."""
+    setup = setups(family) if weights == "stock" else perturbed(family)
+    check_chunked_batched_logits(setup, np.random.default_rng(30 + FAMILIES.index(family)))
 
 
 # ------------------------------------------------------------------ in-flight batching

@@ -28,6 +28,7 @@ from tests import reference_chat, reference_preprocess
 from tests.test_generation import CASES, IMAGES, MAX_NEW, MIN_MARGIN, SHORT_SYSTEM, SYSTEM, _pipeline, _reference
 from tests.test_llm_engine import (
     Setup,
+    check_chunked_batched_logits,
     _run_batched,
     _solo,
     check_stream_shape,
@@ -153,22 +154,7 @@ def test_prompt_table_rows_match_reference_fed_inputs_embeds(moe):
 def test_chunked_batched_forward_logits_match_reference_logits(moe):
     """Two prompts in uneven chunks, sharing every forward (and so every routing), give the
     reference's logits at each chunk's last position."""
-    rng = np.random.default_rng(4)
-    prompts = [torch.as_tensor(text_ids(rng, 41), dtype=torch.long), torch.as_tensor(text_ids(rng, 23), dtype=torch.long)]
-    chunks = [[7, 1, 5, 12, 1, 1, 14], [1, 9, 2, 6, 1, 3, 1]]
-    with torch.no_grad():
-        expected = [moe.ref(input_ids=p[None]).logits[0] for p in prompts]
-    caches = [moe.model.new_cache(len(p)) for p in prompts]
-    starts = [0, 0]
-    for step in range(len(chunks[0])):
-        inputs = []
-        for i, p in enumerate(prompts):
-            n = chunks[i][step]
-            inputs.append(SequenceInput(p[starts[i] : starts[i] + n], starts[i], caches[i], None))
-            starts[i] += n
-        logits = moe.model.forward(inputs)
-        for i in range(2):
-            torch.testing.assert_close(logits[i], expected[i][starts[i] - 1], rtol=0, atol=2e-3)
+    check_chunked_batched_logits(moe, np.random.default_rng(4))
 
 
 def test_norm_topk_prob_false_equals_transformers(moe):
