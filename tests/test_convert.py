@@ -37,8 +37,11 @@ def test_converted_checkpoint_loads_in_transformers_with_every_tensor(custom, tm
     model, info = InternVLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     state = model.state_dict()
-    source = {**{f"model.vision_tower.{k}": v for k, v in load_weights(custom, "vision_tower.").items()}}
-    assert source and all(torch.equal(state[k], v) for k, v in source.items())
+    prefixes = {"vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector.",
+                "language_model.": "model.language_model.", "lm_head.": "lm_head."}  # fmt: skip
+    source = {hf + k: v for ours, hf in prefixes.items() for k, v in load_weights(custom, ours).items()}
+    assert set(source) == set(state)  # every tensor, nothing more
+    assert all(torch.equal(state[k], v) for k, v in source.items())
     assert json.loads((out / "config.json").read_text())["template"] == json.loads((custom / "config.json").read_text())["template"]
 
 
