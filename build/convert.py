@@ -4,7 +4,8 @@
 
 The weights go through the same mapping the engine reads custom checkpoints with (engine/weights.py,
 engine/custom_format.py: transformers' converter names, `attn.qkv` split, InternLM2 → Llama names with
-the grouped `wqkv` split) and are saved under InternVLForConditionalGeneration's own names; config.json
+the grouped `wqkv` split) and are streamed, in their stored dtype, into shards under
+InternVLForConditionalGeneration's own names (build/shards.py); config.json
 is InternVLConfig's, keeping `template`, `system_message` and the tiling fields for this engine.
 Refused, naming the field, where transformers' InternVL cannot express the checkpoint: pixel shuffle
 v1, a `force_image_size` other than the tower's, q/k norms with an eps other than 1e-6. The engine
@@ -18,12 +19,10 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_file
-
+from build.shards import SHARD_BYTES, ShardWriter
 from engine.config import ModelConfig, read_config
-from engine.weights import checkpoint_files, load_weights
+from engine.weights import checkpoint_files, iter_weights
 
-SHARD_BYTES = 4 * 1024**3
 # canonical prefix (engine/weights.py) -> InternVLForConditionalGeneration's parameter prefix
 _HF_PREFIXES = {
     "vision_tower.": "model.vision_tower.",
@@ -66,23 +65,11 @@ def hf_config(model: Path) -> dict:
 def convert(model: str | Path, out: str | Path, shard_bytes: int = SHARD_BYTES) -> Path:
     model, out = Path(model), Path(out)
     config = hf_config(model)
-    weights = {}
-    for canonical, hf in _HF_PREFIXES.items():
-        weights.update({hf + name: t.contiguous() for name, t in load_weights(model, canonical, required=False).items()})
-    out.mkdir(parents=True, exist_ok=True)
-    shards, size = [{}], 0
-    for name, tensor in weights.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name], size = tensor, size + nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    for name, shard in zip(names, shards):
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {}, "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    shards = ShardWriter(out, shard_bytes)
+    for name, tensor in iter_weights(model):  # stored dtype, file by file
+        canonical = next(p for p in _HF_PREFIXES if name.startswith(p))
+        shards.add(_HF_PREFIXES[canonical] + name[len(canonical) :], tensor)
+    shards.close()
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     weight_files = {f.name for f in checkpoint_files(model)}
     for file in model.iterdir():

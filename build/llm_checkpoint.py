@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from build.shards import SHARD_BYTES, ShardWriter
 from engine.weights import canonical_name, checkpoint_files
 
 
@@ -63,7 +63,6 @@ TRTLLM_SUPPORT = {
     ),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
-SHARD_BYTES = 4 * 1024**3
 
 
 class ExtractError(ValueError):
@@ -120,54 +119,21 @@ def extract_llm_checkpoint(checkpoint: str | Path, out: str | Path, shard_bytes:
             f"llm_config.model_type {config['model_type']!r} is not extracted: TensorRT-LLM converts it only with "
             f"its {converter} run on the InternVL checkpoint itself (--model_dir <checkpoint>; see docs/GPU.md)"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-        stale.unlink()
-    shards: list[dict] = [{}]
-    sizes = [0]
+    shards = ShardWriter(out, shard_bytes)
     for file in checkpoint_files(checkpoint):
         with safe_open(file, "pt") as f:
             for key in f.keys():
                 name = _llm_name(key)
-                if name is None:
-                    continue
-                tensor = f.get_tensor(key)
-                nbytes = tensor.numel() * tensor.element_size()
-                if sizes[-1] and sizes[-1] + nbytes > shard_bytes:
-                    _save_shard(shards, out)
-                    shards.append({})
-                    sizes.append(0)
-                shards[-1][name] = tensor
-                sizes[-1] += nbytes
-    if not sizes[-1] and len(shards) == 1:
+                if name is not None:
+                    shards.add(name, f.get_tensor(key))
+    if not shards.total_bytes:
         raise ExtractError(f"{checkpoint} has no language-model weights")
-    _save_shard(shards, out)
-    names = [_shard_name(i, len(shards)) for i in range(len(shards))]
-    if len(shards) > 1:  # rename to the final "-of-N" names and write the index
-        weight_map = {}
-        for i, name in enumerate(names):
-            (out / _shard_name(i, None)).rename(out / name)
-            weight_map.update({k: name for k in shards[i]})
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    else:
-        (out / _shard_name(0, None)).rename(out / "model.safetensors")
+    shards.close()
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     for name in TOKENIZER_FILES:
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, out / name)
     return out
-
-
-def _shard_name(i: int, total: int | None) -> str:
-    return f"model-{i + 1:05d}-of-{total:05d}.safetensors" if total else f"model-part-{i + 1:05d}.safetensors"
-
-
-def _save_shard(shards: list[dict], out: Path) -> None:
-    # saves the last shard and keeps only its key names (the tensors are freed)
-    i = len(shards) - 1
-    save_file(shards[i], str(out / _shard_name(i, None)), metadata={"format": "pt"})
-    shards[i] = dict.fromkeys(shards[i])
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ split into q/k/v by the llm_config's head counts.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -61,24 +62,32 @@ def load_weights(
     path: str | Path, prefix: str, dtype: torch.dtype = torch.float32, required: bool = True
 ) -> dict[str, torch.Tensor]:
     """Tensors whose canonical name starts with `prefix`, keyed by the rest of the name."""
-    out = {}
+    out = dict(iter_weights(path, prefix, dtype))
+    if required and not out:
+        raise KeyError(f"checkpoint {path} has no weights under {prefix!r}")
+    return out
+
+
+def iter_weights(path: str | Path, prefix: str = "", dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name without `prefix`, tensor) for every canonical name under `prefix`, file by file (fused
+    q/k/v and experts split); dtype None keeps the stored one."""
     layout = None  # InternLM2's wqkv layout, read from llm_config at the first wqkv tensor
     for file in checkpoint_files(Path(path)):
         with safe_open(file, "pt") as f:
             for key in f.keys():
                 name = canonical_name(key)
-                if name.startswith(prefix):
-                    tensor = f.get_tensor(key).to(dtype)
-                    if ".self_attn.wqkv." in name:
-                        layout = layout or _wqkv_layout(Path(path))
-                        parts = split_wqkv(name, tensor, layout)
-                    else:
-                        parts = split_qkv(name, tensor)
-                    for part, tensor in parts.items():
-                        out.update(_per_expert(part[len(prefix) :], tensor))
-    if required and not out:
-        raise KeyError(f"checkpoint {path} has no weights under {prefix!r}")
-    return out
+                if not name.startswith(prefix):
+                    continue
+                tensor = f.get_tensor(key)
+                if dtype is not None:
+                    tensor = tensor.to(dtype)
+                if ".self_attn.wqkv." in name:
+                    layout = layout or _wqkv_layout(Path(path))
+                    parts = split_wqkv(name, tensor, layout)
+                else:
+                    parts = split_qkv(name, tensor)
+                for part, tensor in parts.items():
+                    yield from _per_expert(part[len(prefix) :], tensor).items()
 
 
 def _wqkv_layout(path: Path) -> tuple[int, int, int]:

@@ -64,3 +64,23 @@ def test_what_transformers_cannot_express_is_refused_naming_the_field(tmp_path, 
         convert(v1, tmp_path / "out")
     with pytest.raises(ConvertError, match="already an HF-native checkpoint"):
         convert(checkpoints["qwen3"], tmp_path / "out2")
+
+
+def test_converted_tensors_keep_their_stored_dtype(custom, tmp_path):
+    """A bf16 checkpoint stays bf16 (not upcast to the engine's float32)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from engine.weights import checkpoint_files
+
+    source = tmp_path / "bf16"
+    source.mkdir()
+    for file in custom.iterdir():
+        if file.suffix != ".safetensors" and file.is_file():
+            (source / file.name).write_bytes(file.read_bytes())
+    for file in checkpoint_files(custom):
+        with safe_open(file, "pt") as f:
+            save_file({k: f.get_tensor(k).to(torch.bfloat16) for k in f.keys()}, str(source / file.name))
+    out = convert(source, tmp_path / "hf")
+    dtypes = {t.dtype for t in load_weights(out, "", dtype=None).values()}
+    assert dtypes == {torch.bfloat16}
