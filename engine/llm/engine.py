@@ -204,7 +204,7 @@ class LLMEngine:
 
     def _fail(self, seq: _Sequence, error: Exception) -> TokenEvent:
         self._finish(seq)
-        return TokenEvent(seq.request_id, None, "error", f"{type(error).__name__}: {error}")
+        return TokenEvent(seq.request_id, None, "error", describe(error))
 
     def _finish(self, seq: _Sequence) -> None:
         with self._lock:
@@ -232,7 +232,7 @@ class LLMEngine:
                 try:
                     seq.cache = self.model.new_cache(len(seq.token_ids) + seq.max_new_tokens)
                 except Exception as error:  # noqa: BLE001 — e.g. MemoryError, for this request alone
-                    events.append(TokenEvent(seq.request_id, None, "error", f"{type(error).__name__}: {error}"))
+                    events.append(TokenEvent(seq.request_id, None, "error", describe(error)))
                     continue
                 self._running.append(seq)
             running = list(self._running)
@@ -245,6 +245,11 @@ class LLMEngine:
                 batch.append((seq, n))
                 budget -= n
         return batch
+
+
+def describe(error: Exception) -> str:
+    """An error as one line for the request it ended: its type and message."""
+    return f"{type(error).__name__}: {error}"
 
 
 def _flat(sequences: tuple[tuple[int, ...], ...]) -> list[int]:

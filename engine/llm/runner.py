@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.llm.engine import LLMEngine, TokenEvent
+from engine.llm.engine import LLMEngine, TokenEvent, describe
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class EngineRunner:
             events = self.engine.step()
         except Exception as error:  # noqa: BLE001 — a step failed as a whole
             log.exception("llm engine step")
-            events = self._recover(f"{type(error).__name__}: {error}")
+            events = self._recover(describe(error))
         for event in events:
             self._deliver(event)
         if self._on_step and self.engine.last_batch_size:  # after delivery: a failing metric loses no event
