@@ -110,6 +110,14 @@ def _stream_in_background(grpc_url: str) -> list[str]:
     return deltas
 
 
+def _assert_stopped_cleanly(launcher, stderr: str, seconds: float, last_line: str, build_dir, regions) -> None:
+    assert launcher.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == last_line
+    assert seconds < 15
+    _assert_nothing_left(build_dir, regions, f"internvl_{launcher.pid}_")
+
+
 def test_ctrl_c_while_loading_leaves_no_orphan_stub_or_shm(tiny, tmp_path):
     build(tiny, tmp_path)
     launcher, _ = _launch(tmp_path)
@@ -121,11 +129,7 @@ def test_ctrl_c_while_loading_leaves_no_orphan_stub_or_shm(tiny, tmp_path):
         seconds, stderr = _ctrl_c(launcher, tmp_path)
     finally:
         launcher.kill()
-    assert launcher.returncode == 0, stderr
-    assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == "stopped while the models were loading"
-    assert seconds < 15
-    _assert_nothing_left(tmp_path, regions, f"internvl_{launcher.pid}_")
+    _assert_stopped_cleanly(launcher, stderr, seconds, "stopped while the models were loading", tmp_path, regions)
 
 
 def test_ctrl_c_while_streaming_stops_promptly_and_leaves_no_orphan_stub_or_shm(tiny, tmp_path):
@@ -140,12 +144,9 @@ def test_ctrl_c_while_streaming_stops_promptly_and_leaves_no_orphan_stub_or_shm(
         seconds, stderr = _ctrl_c(launcher, tmp_path)
     finally:
         launcher.kill()
-    assert launcher.returncode == 0, stderr
-    assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == "stopped"
-    assert seconds < 15  # --exit-timeout (3 s) for the in-flight stream, then the process group is killed
+    # within 15 s: --exit-timeout (3 s) for the in-flight stream, then the process group is killed
+    _assert_stopped_cleanly(launcher, stderr, seconds, "stopped", tmp_path, regions)
     assert len(deltas) < 2000
-    _assert_nothing_left(tmp_path, regions, f"internvl_{launcher.pid}_")
 
 
 def test_server_context_manager_under_load_leaves_no_orphan_stub_or_shm(tiny, tmp_path):
