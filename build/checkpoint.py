@@ -20,6 +20,11 @@ get random layer scales and norm weights so a swapped name cannot pass a test. `
 layout instead: the HF-native checkpoint is made first, then renamed by the inverse of
 engine/custom_format.py (q/k/v concatenated into attn.qkv, mlp1.*, llm_config / vision_config
 fields as InternVLChatConfig and InternVisionConfig name them), in two safetensors shards + index.
+`--llm gpt_oss` (tiny preset) makes a GPT-OSS language model: routed experts in every layer with
+biases and the clamped SwiGLU, attention sinks, layers alternating sliding-window / full attention,
+YaRN rotary, the harmony special tokens and the `internvl3_5_gpt_oss` template; its sinks, expert
+biases and router get random values (transformers initialises biases to zero), so a dropped one
+cannot pass a test.
 `--llm internlm2` (custom format only: transformers has no InternLM2 model) writes the language model
 as InternLM2ForCausalLM ships it: a Llama model is made (the same math, num_key_value_heads <
 num_attention_heads so the grouped wqkv matters), then renamed to InternLM2's names with q/k/v fused
@@ -54,6 +59,8 @@ ADDED_TOKENS = (
     ("<think>", False),
     ("</think>", False),
 )
+# gpt_oss checkpoints add the harmony tokens of their template (internvl3_5_gpt_oss), all special
+HARMONY_TOKENS = ("<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>")
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -64,6 +71,15 @@ LLM_VARIANTS = {
     "llama": dict(model_type="llama", rope_theta=500_000.0, attention_bias=False, mlp_bias=False),
     # Expert counts and widths come from the preset (Preset.moe); layers in mlp_only_layers stay dense.
     "qwen3_moe": dict(model_type="qwen3_moe", rope_theta=1_000_000.0, norm_topk_prob=True, decoder_sparse_step=1),
+    # Experts (count, top-k, width) come from Preset.moe; intermediate_size is the expert width.
+    "gpt_oss": dict(
+        model_type="gpt_oss",
+        rope_theta=150_000.0,
+        rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False, original_max_position_embeddings=4096),
+        sliding_window=64,
+        attention_bias=True,
+        max_position_embeddings=131072,  # = factor × original, as gpt-oss ships it
+    ),
     # Made as Llama, written as InternLM2 (custom format only; write_custom).
     "internlm2": dict(model_type="llama", rope_theta=1_000_000.0, attention_bias=False, mlp_bias=False),
 }
@@ -126,7 +142,10 @@ PRESETS = {
 }
 
 
-def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+TEMPLATE_OF = {"gpt_oss": "internvl3_5_gpt_oss"}  # others: internvl2_5 (InternLM2: write_custom)
+
+
+def train_tokenizer(vocab_size: int, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the shipped corpus, with the InternVL special tokens appended."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -145,7 +164,7 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
     )
     fast.add_tokens([t for t, special in ADDED_TOKENS if not special])
-    fast.add_special_tokens({"additional_special_tokens": [t for t, special in ADDED_TOKENS if special]})
+    fast.add_special_tokens({"additional_special_tokens": [t for t, special in ADDED_TOKENS if special] + list(extra_special)})
     return fast
 
 
@@ -154,11 +173,15 @@ def build_config(preset: Preset, llm: str, tokenizer: PreTrainedTokenizerFast, v
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {vocab_size} < tokenizer size {len(tokenizer)}")
     text = dict(preset.text, **LLM_VARIANTS[llm], vocab_size=vocab_size, tie_word_embeddings=preset.tie_word_embeddings)
+    if llm in ("qwen3_moe", "gpt_oss") and preset.moe is None:
+        raise ValueError(f"this preset has no MoE shape (Preset.moe); --llm {llm} needs --preset tiny")
     if llm == "qwen3_moe":
-        if preset.moe is None:
-            raise ValueError("this preset has no MoE shape (Preset.moe); --llm qwen3_moe needs --preset tiny")
         text.update(preset.moe)
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
+    if llm == "gpt_oss":
+        moe = preset.moe
+        text.update(num_local_experts=moe["num_experts"], num_experts_per_tok=moe["num_experts_per_tok"], intermediate_size=moe["moe_intermediate_size"])
+    rope = text.pop("rope_scaling", {"rope_type": "default"})
+    text["rope_parameters"] = dict(rope, rope_theta=text.pop("rope_theta"))
     vision = dict(
         preset.vision,
         image_size=448,
@@ -173,7 +196,7 @@ def build_config(preset: Preset, llm: str, tokenizer: PreTrainedTokenizerFast, v
         image_seq_length=256,
         downsample_ratio=0.5,
         tie_word_embeddings=preset.tie_word_embeddings,
-        template="internvl2_5",
+        template=TEMPLATE_OF.get(llm, "internvl2_5"),
         max_dynamic_patch=12,
         min_dynamic_patch=1,
         use_thumbnail=True,
@@ -186,14 +209,21 @@ def _make_input_sensitive(model: InternVLForConditionalGeneration, tokenizer, kn
     for layer in lm.layers:
         layer.self_attn.q_proj.weight.mul_(knobs.get("qk", 1.0))
         layer.self_attn.k_proj.weight.mul_(knobs.get("qk", 1.0))
-        if hasattr(layer.mlp, "experts"):  # Qwen3-MoE: distinct routes per token, experts that matter
+        if hasattr(layer.mlp, "router"):  # GPT-OSS: distinct routes, experts and biases that matter, sinks that take a share
+            layer.mlp.router.weight.mul_(knobs.get("router", 1.0))
+            layer.mlp.router.bias.normal_(0.0, 0.5)
+            layer.mlp.experts.gate_up_proj.mul_(knobs.get("experts", 1.0))
+            layer.mlp.experts.gate_up_proj_bias.normal_(0.0, 0.5)
+            layer.mlp.experts.down_proj_bias.normal_(0.0, 0.05)
+            layer.self_attn.sinks.uniform_(-1.0, 3.0)
+        elif hasattr(layer.mlp, "experts"):  # Qwen3-MoE: distinct routes per token, experts that matter
             layer.mlp.gate.weight.mul_(knobs.get("router", 1.0))
             layer.mlp.experts.gate_up_proj.mul_(knobs.get("experts", 1.0))
     model.model.multi_modal_projector.linear_2.weight.mul_(knobs.get("projector", 1.0))
     lm.embed_tokens.weight.mul_(knobs.get("embed", 1.0))
     model.lm_head.weight.mul_(knobs.get("lm_head", 1.0))  # wide logit spread: clear top-1/top-2 margins
     # Zero logits for special and padding ids: ordinary tokens always outscore them.
-    never_win = [tokenizer.convert_tokens_to_ids(t) for t, special in ADDED_TOKENS if special]
+    never_win = tokenizer.convert_tokens_to_ids(tokenizer.all_special_tokens)
     model.lm_head.weight[never_win] = 0.0
     model.lm_head.weight[len(tokenizer) :] = 0.0
 
@@ -233,7 +263,7 @@ def generate(
         return out
     preset = PRESETS[preset_name]
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer(preset.tokenizer_vocab)
+    tokenizer = train_tokenizer(preset.tokenizer_vocab, HARMONY_TOKENS if llm == "gpt_oss" else ())
     config = build_config(preset, llm, tokenizer, vision)
     model = InternVLForConditionalGeneration(config).eval()
     _make_input_sensitive(model, tokenizer, preset.sharpen)
@@ -263,8 +293,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    if args.llm == "qwen3_moe" and PRESETS[args.preset].moe is None:
-        parser.error(f"--preset {args.preset} has no MoE shape; --llm qwen3_moe needs --preset tiny")
+    if args.llm in ("qwen3_moe", "gpt_oss") and PRESETS[args.preset].moe is None:
+        parser.error(f"--preset {args.preset} has no MoE shape; --llm {args.llm} needs --preset tiny")
     if args.llm == "internlm2" and args.format != "custom":
         parser.error("--llm internlm2 needs --format custom (transformers has no HF-native InternLM2 layout)")
     if args.format == "hf" and (args.ps_version or args.model_type):

@@ -14,17 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.templates import TEMPLATES, ChatTemplate, Template
+from engine.text_config import ConfigError, TextConfig, field, text_config
 
-SUPPORTED_TEXT_MODELS = ("qwen2", "qwen3", "qwen3_moe", "llama")
-# Families read only from custom-format checkpoints (llm_config): transformers has no HF-native layout
-# for them. InternLM2 is a Llama decoder under other weight names (engine/custom_format.py).
-CUSTOM_ONLY_TEXT_MODELS = ("internlm2",)
-SUPPORTED_ROPE_TYPES = ("default",)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
-
-
-class ConfigError(ValueError):
-    """The checkpoint cannot be served: names the field and what is wrong with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,29 +33,6 @@ class VisionConfig:
     @property
     def projector_in_size(self) -> int:  # C · (1/ratio)²
         return self.hidden_size * int(round(1 / self.downsample_ratio)) ** 2
-
-
-@dataclass(frozen=True, slots=True)
-class TextConfig:
-    model_type: str  # qwen2 | qwen3 | qwen3_moe | llama | internlm2 (custom format only; Llama-shaped)
-    hidden_size: int  # H
-    vocab_size: int  # rows of the embedding matrix; ids ≥ this index the prompt table
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    attention_bias: bool  # q/k/v biases (qwen2)
-    qk_norm: bool  # per-head RMSNorm on q and k (qwen3, qwen3_moe)
-    # Mixture of experts (qwen3_moe); dense models: no sparse layers, num_experts 0.
-    sparse_layers: tuple[int, ...] = ()  # layers whose MLP is the routed experts
-    num_experts: int = 0
-    num_experts_per_tok: int = 0  # top-k experts per token
-    moe_intermediate_size: int = 0  # width of one expert (dense layers use intermediate_size)
-    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +60,7 @@ class ModelConfig:
         raw, custom = read_config(path)
         vocab = _tokenizer_vocab(path)
         text_where = "llm_config" if custom else "text_config"  # errors name the field of the file's format
-        text = _text_config(_field(raw, "text_config", dict), text_where)
+        text = text_config(field(raw, "text_config", dict), text_where)
         vision = _vision_config(raw)
 
         template_name = raw.get("template")
@@ -155,15 +124,6 @@ def _read_json(file: Path) -> dict:
     return json.loads(file.read_text(encoding="utf-8"))
 
 
-def _field(raw: dict, name: str, kind: type, where: str = "config.json"):
-    if name not in raw:
-        raise ConfigError(f"{where} has no {name!r}")
-    value = raw[name]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{where} {name!r} must be {kind.__name__}, got {value!r}")
-    return value
-
-
 def _pair(value, name: str) -> int:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
@@ -173,7 +133,7 @@ def _pair(value, name: str) -> int:
 
 
 def _vision_config(raw: dict) -> VisionConfig:
-    vc = _field(raw, "vision_config", dict)
+    vc = field(raw, "vision_config", dict)
     where = "vision_config"
     image_size = raw.get("force_image_size") or _pair(vc.get("image_size", 448), "image_size")
     patch_size = _pair(vc.get("patch_size", 14), "patch_size")
@@ -184,7 +144,7 @@ def _vision_config(raw: dict) -> VisionConfig:
     scale = round(1 / ratio)
     if abs(scale * ratio - 1) > 1e-9 or side % scale:
         raise ConfigError(f"downsample_ratio {ratio} does not divide the {side}×{side} patch grid")
-    num_layers = _field(vc, "num_hidden_layers", int, where)
+    num_layers = field(vc, "num_hidden_layers", int, where)
     layer = raw.get("vision_feature_layer", -1)
     if not isinstance(layer, int) or not -num_layers - 1 <= layer <= num_layers:
         raise ConfigError(f"vision_feature_layer must be one int in [-{num_layers + 1}, {num_layers}], got {layer!r}")
@@ -193,95 +153,12 @@ def _vision_config(raw: dict) -> VisionConfig:
     return VisionConfig(
         image_size=image_size,
         patch_size=patch_size,
-        hidden_size=_field(vc, "hidden_size", int, where),
+        hidden_size=field(vc, "hidden_size", int, where),
         num_layers=layer % (num_layers + 1),  # hidden_states[k] = output of the first k layers
         final_layernorm=layer == -1 and not vc.get("use_mean_pooling", True),
         downsample_ratio=ratio,
         tokens_per_tile=(side // scale) ** 2,
         ps_version=raw.get("ps_version", "v2"),
-    )
-
-
-def _text_config(tc: dict, where: str) -> TextConfig:
-    # custom-only families arrive Llama-shaped from engine/custom_format.py, named by llm_family
-    model_type = tc.get("llm_family") or tc.get("model_type")
-    supported = SUPPORTED_TEXT_MODELS + (CUSTOM_ONLY_TEXT_MODELS if where == "llm_config" else ())
-    if model_type not in supported:
-        hint = ""
-        if model_type in CUSTOM_ONLY_TEXT_MODELS:
-            hint = (
-                f" ({model_type} has no HF-native layout in transformers: serve the custom-format checkpoint, "
-                "llm_config, as its authors ship it)"
-            )
-        raise ConfigError(
-            f"{where}.model_type {model_type!r} is not supported by the CPU engine; "
-            f"supported: {', '.join(supported)}{hint}"
-        )
-    hidden = _field(tc, "hidden_size", int, where)
-    heads = _field(tc, "num_attention_heads", int, where)
-    kv_heads = int(tc.get("num_key_value_heads") or heads)
-    head_dim = int(tc.get("head_dim") or hidden // heads)
-    if heads % kv_heads:
-        raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    rope = dict(tc.get("rope_parameters") or tc.get("rope_scaling") or {})
-    rope_theta = float(rope.pop("rope_theta", tc.get("rope_theta", 10000.0)))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ConfigError(f"rope type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
-    if tc.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{where} hidden_act must be 'silu', got {tc.get('hidden_act')!r}")
-    if tc.get("use_sliding_window"):
-        raise ConfigError("sliding-window attention is not supported")
-    num_layers = _field(tc, "num_hidden_layers", int, where)
-    moe = _moe_fields(tc, num_layers, where) if model_type == "qwen3_moe" else {}
-    return TextConfig(
-        model_type=model_type,
-        hidden_size=hidden,
-        vocab_size=_field(tc, "vocab_size", int, where),
-        num_layers=num_layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        intermediate_size=_field(tc, "intermediate_size", int, where),
-        rms_norm_eps=float(tc.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
-        max_position_embeddings=_field(tc, "max_position_embeddings", int, where),
-        attention_bias=bool(tc.get("attention_bias", model_type == "qwen2")),
-        qk_norm=model_type in ("qwen3", "qwen3_moe"),
-        **moe,
-    )
-
-
-def _moe_fields(tc: dict, num_layers: int, where: str) -> dict:
-    """Qwen3-MoE routing fields, validated; the sparse layers as transformers' Qwen3MoeDecoderLayer
-    picks them (models/qwen3_moe/modeling_qwen3_moe.py)."""
-
-    def positive(name: str, value) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{where} {name!r} must be a positive int, got {value!r}")
-        return value
-
-    # transformers 5 saves num_experts under its attribute_map name num_local_experts
-    num_experts = tc.get("num_experts", tc.get("num_local_experts"))
-    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 0:
-        raise ConfigError(f"{where} 'num_experts' must be an int ≥ 0, got {num_experts!r}")
-    top_k = positive("num_experts_per_tok", tc.get("num_experts_per_tok"))
-    if num_experts and top_k > num_experts:
-        raise ConfigError(f"{where} 'num_experts_per_tok' {top_k} exceeds num_experts {num_experts}")
-    step = positive("decoder_sparse_step", tc.get("decoder_sparse_step", 1))
-    dense = tc.get("mlp_only_layers") or []
-    if not isinstance(dense, list) or not all(isinstance(i, int) and 0 <= i < num_layers for i in dense):
-        raise ConfigError(f"{where} 'mlp_only_layers' must list layer indices in [0, {num_layers}), got {dense!r}")
-    norm_topk_prob = tc.get("norm_topk_prob", False)
-    if not isinstance(norm_topk_prob, bool):
-        raise ConfigError(f"{where} 'norm_topk_prob' must be a bool, got {norm_topk_prob!r}")
-    sparse = tuple(i for i in range(num_layers) if num_experts and i not in dense and (i + 1) % step == 0)
-    return dict(
-        sparse_layers=sparse,
-        num_experts=num_experts,
-        num_experts_per_tok=top_k,
-        moe_intermediate_size=positive("moe_intermediate_size", tc.get("moe_intermediate_size")),
-        norm_topk_prob=norm_topk_prob,
     )
 
 

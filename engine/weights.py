@@ -8,7 +8,10 @@ transformers saves InternVLForConditionalGeneration as `vision_tower.*`, `multi_
 Mixture-of-experts weights are canonical per expert, as the hub's Qwen3-MoE checkpoints and
 transformers 5's `save_pretrained` store them (`mlp.experts.{e}.gate_proj.weight`, …); the fused
 in-memory layout of transformers 5 (`mlp.experts.gate_up_proj` [E, 2I, H] = gate rows then up rows,
-`mlp.experts.down_proj` [E, H, I]) is split into those names on load.
+`mlp.experts.down_proj` [E, H, I]) is split into those names on load. GPT-OSS stores its experts
+fused and transposed (`gate_up_proj` [E, H, 2I], `down_proj` [E, I, H], with biases; the hub's
+layout and transformers' own): they pass through whole (engine/llm/moe.py reads them), told apart by
+the config's model_type since a square expert (I = H, as gpt-oss-20b) has the same shape either way.
 
 Custom-format checkpoints (`vision_model.*`, `mlp1.*`, `language_model.model.*`,
 `language_model.lm_head.*`) map to the same names (engine/custom_format.py: the InternViT names of
@@ -72,6 +75,7 @@ def iter_weights(path: str | Path, prefix: str = "", dtype: torch.dtype | None =
     """(name without `prefix`, tensor) for every canonical name under `prefix`, file by file (fused
     q/k/v and experts split); dtype None keeps the stored one."""
     layout = None  # InternLM2's wqkv layout, read from llm_config at the first wqkv tensor
+    split_experts = None  # whether fused experts are Qwen3-MoE's, read from the config at the first one
     for file in checkpoint_files(Path(path)):
         with safe_open(file, "pt") as f:
             for key in f.keys():
@@ -87,12 +91,27 @@ def iter_weights(path: str | Path, prefix: str = "", dtype: torch.dtype | None =
                 else:
                     parts = split_qkv(name, tensor)
                 for part, tensor in parts.items():
-                    yield from _per_expert(part[len(prefix) :], tensor).items()
+                    part = part[len(prefix) :]
+                    if tensor.ndim == 3 and ".experts." in part:
+                        if split_experts is None:
+                            split_experts = _text_model_type(Path(path)) != "gpt_oss"
+                        if split_experts:
+                            yield from _per_expert(part, tensor).items()
+                            continue
+                    yield part, tensor
 
 
 def _wqkv_layout(path: Path) -> tuple[int, int, int]:
     llm = json.loads((path / "config.json").read_text(encoding="utf-8")).get("llm_config") or {}
     return wqkv_layout(llm)
+
+
+def _text_model_type(path: Path) -> str | None:
+    if not (path / "config.json").is_file():  # bare weights: the Qwen3-MoE layout
+        return None
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    text = config.get("text_config") or config.get("llm_config") or config  # an LLM-only checkpoint: itself
+    return text.get("model_type")
 
 
 def _per_expert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-from engine.config import SUPPORTED_TEXT_MODELS, ConfigError, ModelConfig
+from engine.config import ConfigError, ModelConfig
+from engine.text_config import SUPPORTED_TEXT_MODELS
 from engine.llm.model import DecoderLM
 from engine.pipeline import Pipeline
 from engine.sampling_params import SamplingParams

@@ -213,7 +213,7 @@ def test_unsupported_internlm2_fields_are_refused_by_name(internlm2, tmp_path, e
 
 def test_hf_native_internlm2_is_refused_pointing_to_the_custom_format(internlm2, tmp_path):
     """transformers has no InternLM2 model, so no HF-native (text_config) InternLM2 layout exists."""
-    from engine.config import _text_config
+    from engine.text_config import text_config as _text_config
 
     llm = json.loads((internlm2 / "config.json").read_text(encoding="utf-8"))["llm_config"]
     with pytest.raises(ConfigError, match="text_config.model_type 'internlm2' is not supported.*no HF-native layout"):

@@ -1,11 +1,15 @@
-"""A lean Qwen2 / Qwen3 / Qwen3-MoE / Llama decoder that runs several sequences per step (in-flight batching).
+"""A lean Qwen2 / Qwen3 / Qwen3-MoE / Llama / GPT-OSS decoder that runs several sequences per step
+(in-flight batching).
 
 All new tokens of a step — whole prompts of sequences being prefilled and one token of each
 sequence being decoded — go through the projections and the MLP as one flat batch [N, H], so the
 weights are read once per step (a Qwen3-MoE layer routes that whole batch: engine/llm/moe.py).
 Attention runs per sequence against that sequence's own preallocated KV cache. Token ids
 ≥ vocab_size read their embedding from the sequence's prompt table (TensorRT-LLM's prompt-table
-convention).
+convention). GPT-OSS adds attention sinks and sliding-window layers (transformers 5.23
+`models/gpt_oss/modeling_gpt_oss.py`, eager_attention_forward: a per-head sink logit joins the
+softmax and its share is dropped; `masking_utils.sliding_window_overlay`: a query sees keys
+p - window < j ≤ p) and YaRN rotary (engine/llm/rope.py).
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.config import TextConfig
+from engine.text_config import TextConfig
 from engine.llm.linear import Linear
 from engine.llm.moe import SparseMoE
+from engine.llm.rope import rope_tables
 from engine.weights import load_weights
 
 
@@ -82,8 +87,12 @@ class DecoderLM:
                 "moe": None,
                 "q_norm": None,
                 "k_norm": None,
+                "sinks": w("self_attn.sinks") if c.attention_sinks else None,  # [heads]
+                "window": c.sliding_window if i in c.sliding_layers else 0,
             }
-            if i in c.sparse_layers:
+            if i in c.sparse_layers and c.model_type == "gpt_oss":
+                layer["moe"] = SparseMoE.from_gpt_oss_weights(w, c.num_experts_per_tok, c.swiglu_limit, c.swiglu_alpha)
+            elif i in c.sparse_layers:
                 layer["moe"] = SparseMoE.from_weights(w, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob)
             else:
                 gate_up_bias = None
@@ -94,10 +103,7 @@ class DecoderLM:
             if c.qk_norm:
                 layer["q_norm"], layer["k_norm"] = w("self_attn.q_norm.weight"), w("self_attn.k_norm.weight")
             self.layers.append(layer)
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
-        freqs = torch.outer(torch.arange(c.max_position_embeddings, dtype=torch.float32), inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1)  # [max_pos, head_dim]
-        self._cos, self._sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        self._cos, self._sin = rope_tables(c, dtype)  # [max_pos, head_dim]
 
     @classmethod
     def from_pretrained(cls, path, config: TextConfig, dtype: torch.dtype = torch.float32) -> DecoderLM:
@@ -151,7 +157,7 @@ class DecoderLM:
                 end = s.start + n
                 s.cache.k[li, :, s.start : end] = k[offset : offset + n].transpose(0, 1)
                 s.cache.v[li, :, s.start : end] = v[offset : offset + n].transpose(0, 1)
-                attn[offset : offset + n] = self._attend(q[offset : offset + n], s.cache, li, s.start, end)
+                attn[offset : offset + n] = self._attend(q[offset : offset + n], s.cache, li, s.start, end, layer["window"], layer["sinks"])
                 offset += n
             x = x + layer["o"](attn.view(-1, q_size))
             h = _rms_norm(x, layer["post_norm"], c.rms_norm_eps)
@@ -164,8 +170,12 @@ class DecoderLM:
         return self.lm_head(_rms_norm(x[last], self.final_norm, c.rms_norm_eps))
 
     @staticmethod
-    def _attend(q: torch.Tensor, cache: KVCache, layer: int, start: int, end: int) -> torch.Tensor:
+    def _attend(
+        q: torch.Tensor, cache: KVCache, layer: int, start: int, end: int, window: int = 0, sinks: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # q: [n, heads, d] at positions start..end-1 -> [n, heads, d]
+        if window or sinks is not None:
+            return _attend_sinks_window(q, cache, layer, start, end, window, sinks)
         n, heads, d = q.shape
         k, v = cache.k[layer, :, :end], cache.v[layer, :, :end]  # [kv_heads, end, d] views
         if n == 1:
@@ -182,3 +192,36 @@ class DecoderLM:
             q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, is_causal=causal, enable_gqa=True
         )
         return out[0].transpose(0, 1)
+
+
+# Rows of scores per block in _attend_sinks_window (heads · queries · keys): bounds a long prefill's memory.
+_SCORE_BLOCK = 1 << 24
+
+
+def _attend_sinks_window(
+    q: torch.Tensor, cache: KVCache, layer: int, start: int, end: int, window: int, sinks: torch.Tensor | None
+) -> torch.Tensor:
+    # q: [n, heads, d] at positions start..end-1; window 0 = full causal; sinks [heads] or None -> [n, heads, d]
+    n, heads, d = q.shape
+    first = max(0, start - window + 1) if window else 0  # the earliest key any query here may see
+    k, v = cache.k[layer, :, first:end], cache.v[layer, :, first:end]  # [kv_heads, L, d]
+    kv_heads = k.shape[0]
+    groups = heads // kv_heads
+    key_pos = torch.arange(first, end)
+    out = torch.empty_like(q)
+    block = max(1, _SCORE_BLOCK // (heads * k.shape[1]))
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        query_pos = torch.arange(start + a, start + b)[:, None]
+        allowed = key_pos[None] <= query_pos  # [b-a, L]
+        if window:
+            allowed &= key_pos[None] > query_pos - window
+        qg = q[a:b].view(b - a, kv_heads, groups, d).permute(1, 2, 0, 3)  # [kv_heads, groups, b-a, d]
+        scores = torch.matmul(qg, k[:, None].transpose(-1, -2)) * d**-0.5  # [kv_heads, groups, b-a, L]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if sinks is not None:
+            sink = sinks.view(kv_heads, groups, 1, 1).expand(-1, -1, b - a, 1).to(scores.dtype)
+            scores = torch.cat([scores, sink], dim=-1)
+        probs = (scores - scores.amax(-1, keepdim=True)).softmax(-1)[..., : k.shape[1]]
+        out[a:b] = torch.matmul(probs, v[:, None]).permute(2, 0, 1, 3).reshape(b - a, heads, d)
+    return out
