@@ -215,7 +215,7 @@ def _make_input_sensitive(model: InternVLForConditionalGeneration, tokenizer, kn
             layer.mlp.experts.gate_up_proj.mul_(knobs.get("experts", 1.0))
             layer.mlp.experts.gate_up_proj_bias.normal_(0.0, 0.5)
             layer.mlp.experts.down_proj_bias.normal_(0.0, 0.05)
-            layer.self_attn.sinks.uniform_(-1.0, 3.0)
+            layer.self_attn.sinks.uniform_(1.0, 6.0)
         elif hasattr(layer.mlp, "experts"):  # Qwen3-MoE: distinct routes per token, experts that matter
             layer.mlp.gate.weight.mul_(knobs.get("router", 1.0))
             layer.mlp.experts.gate_up_proj.mul_(knobs.get("experts", 1.0))

@@ -18,7 +18,13 @@ from safetensors.torch import save_file
 from engine.custom_format import custom_name, fuse_wqkv, internlm2_name, wqkv_layout
 from engine.weights import canonical_name, checkpoint_files
 
-CAUSAL_LM = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+CAUSAL_LM = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+}
 CUSTOM_ARCHITECTURES = {"internvl_chat": "InternVLChatModel", "skywork_chat": "SkyworkChatModel"}
 
 
@@ -107,9 +113,10 @@ def internlm2_llm_config(llama: dict) -> dict:
 def custom_config(hf: dict, ps_version: str, model_type: str) -> dict:
     """config.json of InternVLChatConfig.to_dict() for the HF-native config `hf`."""
     vc, tc = hf["vision_config"], dict(hf["text_config"])
-    rope = tc.pop("rope_parameters", None) or {}
+    rope = dict(tc.pop("rope_parameters", None) or {})
+    theta = rope.pop("rope_theta", 10000.0)
     tc.update(  # as transformers 4.x configs (the hub's custom checkpoints) store them
-        architectures=[CAUSAL_LM[tc["model_type"]]], rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=None
+        architectures=[CAUSAL_LM[tc["model_type"]]], rope_theta=theta, rope_scaling=rope if rope.get("rope_type", "default") != "default" else None
     )
     size = vc["image_size"][0] if isinstance(vc["image_size"], list) else vc["image_size"]
     vision_config = dict(

@@ -51,6 +51,11 @@ class ModelConfig:
     use_thumbnail: bool
 
     @property
+    def skip_special_tokens(self) -> bool:
+        """Whether replies are decoded without special tokens (the named template's chat() decode)."""
+        return getattr(self.template, "skip_special_tokens", True)
+
+    @property
     def max_tiles_per_image(self) -> int:
         return self.max_num + (self.use_thumbnail and self.max_num > 1)
 

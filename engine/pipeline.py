@@ -79,7 +79,7 @@ class Pipeline:
         dtype: torch.dtype = torch.float32,
     ) -> Pipeline:
         config = ModelConfig.from_pretrained(path)
-        tokenizer = TextTokenizer(path)
+        tokenizer = TextTokenizer(path, config.skip_special_tokens)
         vision = load_vision_encoder(config, vision_backend, vision_onnx)
         llm = LLMEngine(DecoderLM.from_pretrained(path, config.text, dtype), config.stop_token_id)
         return cls(config, vision, llm, tokenizer)

@@ -5,7 +5,9 @@ Named templates follow InternVL's conversation.py (MPT separator style): the pro
 assistant role. The stop token is `sep` stripped, as `model.chat` does, or `sep2` stripped when the
 template has one: MPT_TWO (internvl3_5_gpt_oss, OpenGVLab/InternVL internvl_chat_gpt_oss/internvl/
 model/internvl_chat/conversation.py) ends only a final assistant message with sep2, which a
-generation prompt never has, so it renders as MPT; its chat() stops at sep2.
+generation prompt never has, so it renders as MPT; its chat() stops at sep2 and decodes the reply
+with special tokens kept (`batch_decode(..., skip_special_tokens=False)`, then split at sep2): the
+harmony channel markers (`<|channel|>final<|message|>`) stay in the reply.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Template:
     assistant_role: str
     sep: str
     sep2: str | None = None
+    skip_special_tokens: bool = True  # how chat() decodes the reply
 
     @property
     def stop_token(self) -> str:
@@ -85,6 +88,7 @@ TEMPLATES: dict[str, Template] = {
             assistant_role="<|start|>assistant",
             sep="<|end|>",
             sep2="<|return|>",
+            skip_special_tokens=False,
         ),
     )
 }

@@ -8,8 +8,9 @@ from tokenizers import Tokenizer
 
 
 class TextTokenizer:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, skip_special_tokens: bool = True):
         self._tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        self.skip_special_tokens = skip_special_tokens  # decode as the template's chat() does
         # What the post-processor adds around a text (e.g. a Llama BOS): added once per prompt,
         # however many pieces the prompt is encoded in.
         bare = self._tok.encode("a", add_special_tokens=False).ids
@@ -21,4 +22,4 @@ class TextTokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        return self._tok.decode(list(ids), skip_special_tokens=self.skip_special_tokens)

@@ -83,5 +83,6 @@ def generate(path, query, pixel_values, stop_token_id, max_new_tokens):
     return [t for t in new if t != stop_token_id], margin
 
 
-def reply(path, token_ids, sep):
-    return tokenizer(path).decode(token_ids, skip_special_tokens=True).split(sep.strip())[0].strip()
+def reply(path, token_ids, sep, skip_special_tokens=True):
+    """model.chat's reply: decoded (InternVL3.5-GPT-OSS's chat() keeps special tokens), cut at sep."""
+    return tokenizer(path).decode(token_ids, skip_special_tokens=skip_special_tokens).split(sep.strip())[0].strip()

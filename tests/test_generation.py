@@ -41,11 +41,9 @@ def _pipeline(path, backend) -> Pipeline:
     return Pipeline.from_pretrained(path, vision_backend=backend)
 
 
-def _reference(path, question, image_keys, max_tiles, history=None):
+def _reference(path, question, image_keys, max_tiles, history=None, template="internvl2_5", system=SYSTEM):
     tiles = [reference_preprocess.load_image(io.BytesIO(IMAGES[k]), max_num=max_tiles).numpy() for k in image_keys]
-    query, question = reference_chat.chat_query(
-        "internvl2_5", SYSTEM, question, [len(t) for t in tiles], history
-    )
+    query, question = reference_chat.chat_query(template, system, question, [len(t) for t in tiles], history)
     pixel_values = np.concatenate(tiles) if tiles else None
     stop = _pipeline(path, "torch").config.stop_token_id
     tokens, margin = reference_chat.generate(path, query, pixel_values, stop, MAX_NEW)

@@ -1,6 +1,7 @@
-"""Through tritonserver, checkpoints beyond the HF-native dense default: a Qwen3-MoE one and a
-custom-format (skywork_chat, InternViT-6B-style tower, pixel shuffle v1) one build with the
-repository builder and answer over gRPC streaming exactly as in-process (issue 11)."""
+"""Through tritonserver, checkpoints beyond the HF-native dense default: a Qwen3-MoE one, a GPT-OSS
+one (its replies decoded with special tokens kept, as its chat() does) and a custom-format
+(skywork_chat, InternViT-6B-style tower, pixel shuffle v1) one build with the repository builder and
+answer over gRPC streaming exactly as in-process (issue 11)."""
 
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ REQUESTS = [  # (question, images, max tokens)
 ]
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "custom-skywork-6b"])
+@pytest.fixture(scope="module", params=["qwen3_moe", "gpt_oss", "custom-skywork-6b"])
 def served(request, checkpoints, tmp_path_factory):
     """-> (checkpoint, a tritonserver on its repository)."""
-    if request.param == "qwen3_moe":
-        checkpoint = checkpoints["qwen3_moe"]
+    if request.param in ("qwen3_moe", "gpt_oss"):
+        checkpoint = checkpoints[request.param]
     else:
         checkpoint = generate(
             "tiny", "qwen2", tmp_path_factory.mktemp("custom") / "ckpt", fmt="custom", ps_version="v1",

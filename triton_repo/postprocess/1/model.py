@@ -8,6 +8,7 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
+from engine.config import ModelConfig
 from engine.detokenize import ReplyStream
 from engine.protocol import stop_sequences
 from engine.tokenizer import TextTokenizer
@@ -18,7 +19,8 @@ class TritonPythonModel:
     def initialize(self, args):
         config, params = pb.model_parameters(args)
         self.dtypes = pb.output_dtypes(config)
-        self.tokenizer = TextTokenizer(params["checkpoint"])
+        checkpoint = params["checkpoint"]
+        self.tokenizer = TextTokenizer(checkpoint, ModelConfig.from_pretrained(checkpoint).skip_special_tokens)
         self.ttl = float(params["state_ttl_seconds"])
         self.streams: dict[str, tuple[ReplyStream, float]] = {}
 
