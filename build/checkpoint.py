@@ -44,7 +44,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
 
-from build.custom_checkpoint import CUSTOM_ARCHITECTURES, write_custom
+from build.custom_checkpoint import CUSTOM_ARCHITECTURES, add_flash, write_custom
 
 
 CORPUS = Path(__file__).with_name("corpus.txt")
@@ -249,6 +249,7 @@ def generate(
     fmt: str = "hf",
     ps_version: str = "v2",
     model_type: str = "internvl_chat",
+    flash: bool = False,
 ) -> Path:
     """Write the checkpoint to `out` (skipped when `out` already holds this exact one)."""
     if llm == "internlm2" and fmt != "custom":
@@ -258,6 +259,10 @@ def generate(
         stamp["vision"] = vision
     if fmt != "hf":
         stamp.update(format=fmt, ps_version=ps_version, model_type=model_type)
+    if flash:
+        if fmt != "custom":
+            raise ValueError("--flash needs --format custom: InternVL3.5-Flash ships in the custom layout only")
+        stamp["flash"] = True
     stamp_file = out / "generated_by.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text(encoding="utf-8")) == stamp:
         return out
@@ -275,6 +280,8 @@ def generate(
             model.to(preset.dtype).save_pretrained(hf_dir)
             tokenizer.save_pretrained(hf_dir)
             write_custom(Path(hf_dir), out, ps_version, model_type, internlm2=llm == "internlm2")
+        if flash:
+            add_flash(out, preset.sharpen.get("projector", 1.0))
     else:
         model.to(preset.dtype).save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -290,6 +297,7 @@ def main() -> None:
     parser.add_argument("--format", choices=("hf", "custom"), default="hf", help="HF-native, or InternVL's custom (GitHub) layout (default hf)")
     parser.add_argument("--ps-version", choices=("v1", "v2"), help="custom format: pixel shuffle version (default v2)")
     parser.add_argument("--model-type", choices=sorted(CUSTOM_ARCHITECTURES), help="custom format (default internvl_chat)")
+    parser.add_argument("--flash", action="store_true", help="custom format: an InternVL3.5-Flash checkpoint (router + mlp2, flash_mode)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -297,10 +305,10 @@ def main() -> None:
         parser.error(f"--preset {args.preset} has no MoE shape; --llm {args.llm} needs --preset tiny")
     if args.llm == "internlm2" and args.format != "custom":
         parser.error("--llm internlm2 needs --format custom (transformers has no HF-native InternLM2 layout)")
-    if args.format == "hf" and (args.ps_version or args.model_type):
-        parser.error("--ps-version and --model-type need --format custom")
+    if args.format == "hf" and (args.ps_version or args.model_type or args.flash):
+        parser.error("--ps-version, --model-type and --flash need --format custom")
     ps_version, model_type = args.ps_version or "v2", args.model_type or "internvl_chat"
-    print(generate(args.preset, args.llm, args.out, args.seed, args.vision, args.format, ps_version, model_type))
+    print(generate(args.preset, args.llm, args.out, args.seed, args.vision, args.format, ps_version, model_type, args.flash))
 
 
 if __name__ == "__main__":

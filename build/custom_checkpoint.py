@@ -160,3 +160,37 @@ def custom_config(hf: dict, ps_version: str, model_type: str) -> dict:
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         torch_dtype=hf.get("dtype", hf.get("torch_dtype", "float32")),
     )
+
+
+# The Flash thresholds written to tiny checkpoints: the released models' values were not found in any
+# public source (their config.json is on the hub only), so these are chosen to route a mix of tiles.
+FLASH_THRESHOLDS = dict(flash_relative_threshold=0.3, flash_absolute_threshold=0.5)
+
+
+@torch.no_grad()
+def add_flash(out: Path, projector_scale: float) -> None:
+    """Makes the custom checkpoint in `out` an InternVL3.5-Flash one: seeded router modules
+    (pooling_before_gating, gating) and the 64-token projector (mlp2) in a third shard, and
+    flash_mode with thresholds in config.json. The gate's last layer is scaled so tiles of different
+    images get clearly different scores and its bias centres them (a constant gate would route every
+tile alike)."""
+    from engine.vision_flash import CrossAttentionPooling, Gating, compressed_projector
+
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    c, h = config["vision_config"]["hidden_size"], config["llm_config"]["hidden_size"]
+    modules = {"pooling_before_gating.": CrossAttentionPooling(c), "gating.": Gating(c), "mlp2.": compressed_projector(c, h)}
+    modules["pooling_before_gating."].query_token.normal_(0.0, 1.0)
+    gate = modules["gating."].gate[1]
+    gate.weight.mul_(6.0)
+    gate.bias.copy_(torch.tensor([1.25, -1.25]))  # centres the tiny tower's scores near 0.5
+    modules["mlp2."][7].weight.mul_(projector_scale)
+    tensors = {prefix + k: v.contiguous() for prefix, m in modules.items() for k, v in m.state_dict().items()}
+    shard = "model-flash.safetensors"
+    save_file(tensors, str(out / shard), metadata={"format": "pt"})
+    index_file = out / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    index["weight_map"].update(dict.fromkeys(tensors, shard))
+    index["metadata"]["total_size"] += sum(t.numel() * t.element_size() for t in tensors.values())
+    index_file.write_text(json.dumps(index, indent=2), encoding="utf-8")
+    config.update(flash_mode=True, **FLASH_THRESHOLDS)
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.flash import FlashConfig, flash_config
 from engine.templates import TEMPLATES, ChatTemplate, Template
 from engine.text_config import ConfigError, TextConfig, field, text_config
 
@@ -49,6 +50,7 @@ class ModelConfig:
     max_num: int  # grid tiles per image (max_dynamic_patch); the thumbnail adds one
     min_num: int
     use_thumbnail: bool
+    flash: FlashConfig | None = None  # InternVL3.5-Flash: tiles routed to 64 or 256 tokens
 
     @property
     def skip_special_tokens(self) -> bool:
@@ -109,6 +111,7 @@ class ModelConfig:
             max_num=max_num,
             min_num=min_num,
             use_thumbnail=bool(raw.get("use_thumbnail", True)),
+            flash=flash_config(raw, vision.tokens_per_tile),
         )
 
 

@@ -255,4 +255,5 @@ def hf_view(raw: dict) -> dict:
         "use_thumbnail": raw.get("use_thumbnail", False),
         "ps_version": ps_version,
         "force_image_size": force,
+        **{k: raw[k] for k in ("flash_mode", "flash_relative_threshold", "flash_absolute_threshold") if k in raw},
     }

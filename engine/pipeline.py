@@ -19,6 +19,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.detokenize import ReplyStream
+from engine.flash import drop_compressed
 from engine.llm.engine import LLMEngine
 from engine.llm.model import DecoderLM
 from engine.llm.runner import EngineRunner
@@ -160,13 +161,16 @@ class Pipeline:
             min_new_tokens=min_new_tokens,
         )
         request = self.prepare(question, images, history, max_tiles, system_message)
-        table = self.vision.encode(request.pixel_values) if request.num_tiles else None
+        input_ids, table = request.prompt.input_ids, None
+        if request.num_tiles:
+            table, tile_tokens = self.vision.encode_request(request.pixel_values)
+            input_ids = drop_compressed(input_ids, self.config.text.vocab_size, self.config.vision.tokens_per_tile, tile_tokens)
         request_id = str(next(self._request_ids))
         reply = ReplyStream(self.tokenizer, tuple(stop))
         token_ids: list[int] = []
         finish_reason = None
         events: queue.SimpleQueue = queue.SimpleQueue()
-        self.runner.submit(request_id, request.prompt.input_ids, table, params, events.put)
+        self.runner.submit(request_id, input_ids, table, params, events.put)
         try:
             while finish_reason is None:
                 event = events.get()
@@ -189,6 +193,6 @@ class Pipeline:
             text=reply.text,
             token_ids=token_ids,
             finish_reason=finish_reason,
-            prompt_tokens=len(request.prompt.input_ids),
+            prompt_tokens=len(input_ids),
             question=request.prompt.question,
         )

@@ -4,7 +4,9 @@ and two runtimes.
 Both runtimes map `pixel_values` [T, 3, S, S] uint8 (the tiles' RGB values,
 `load_images(normalize=False)`) to the prompt table [T·Q, H] float32: `TorchVisionEncoder` runs the
 module eagerly, `OnnxVisionEncoder` runs its ONNX export (engine/vision_export.py; made on first use
-when no file is given) with ONNX Runtime on the CPU. The ImageNet normalization is the module's first step, so tiles cross process and
+when no file is given) with ONNX Runtime on the CPU. InternVL3.5-Flash checkpoints (`flash_mode`)
+run engine/vision_flash.py's module, whose three outputs (both paths' features and the gate) are
+routed per request by engine/flash.py: `encode_request` also returns each tile's token count. The ImageNet normalization is the module's first step, so tiles cross process and
 device boundaries as uint8 (4× fewer bytes than float32).
 """
 
@@ -20,10 +22,13 @@ from transformers import InternVLConfig, InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
 from engine.config import ModelConfig, VisionConfig, read_config
+from engine.flash import FlashConfig, assemble
 from engine.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from engine.weights import load_weights
 
 ONNX_INPUT, ONNX_OUTPUT = "pixel_values", "prompt_embedding_table"
+# a Flash graph's outputs: the 256-token table, the 64-token one, the gate
+FLASH_OUTPUTS = (ONNX_OUTPUT, "compressed_embedding_table", "compress_probability")
 
 
 def pixel_shuffle(x: torch.Tensor, scale: int, ps_version: str = "v2") -> torch.Tensor:
@@ -84,20 +89,26 @@ class VisionEncoderModule(nn.Module):
         # pixel_values: uint8 [T, 3, S, S] -> features: [T·Q, H] in compute_dtype, or
         # pixel_values: uint8 [T·3·S·S] (a ragged batch: Triton's TensorRT backend concatenates the
         #               requests' tiles flat) -> features: [T, Q, H], so Triton can scatter them back
+        grid = self.patch_grid(pixel_values)
+        features = self.project(grid, self.scale, self.projector)
+        return features.reshape(grid.shape[0], -1, features.shape[-1]) if pixel_values.dim() == 1 else features
+
+    def patch_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: uint8 [T, 3, S, S] or flat [T·3·S·S] -> the tower's patch tokens [T, side, side, C]
         x = pixel_values.to(torch.float32)  # first op: TensorRT wants a uint8 input to feed a Cast
-        ragged = x.dim() == 1
-        if ragged:
-            x = x.reshape(-1, 3, self.image_size, self.image_size)
+        x = x.reshape(-1, 3, self.image_size, self.image_size)
         tiles = x.shape[0]
         # torchvision's ToTensor + Normalize float32 ops in their order (engine.preprocess.normalize_tiles)
         x = (x / 255 - self.mean) / self.std
         x = self.embeddings(x.to(self.compute_dtype))
         for layer in self.layers:
             x = layer(x)
-        x = self.final_norm(x)[:, 1:]  # drop CLS
-        x = pixel_shuffle(x.reshape(tiles, self.side, self.side, -1), self.scale, self.ps_version)
-        features = self.projector(x.reshape(-1, x.shape[-1]))
-        return features.reshape(tiles, -1, features.shape[-1]) if ragged else features
+        return self.final_norm(x)[:, 1:].reshape(tiles, self.side, self.side, -1)  # CLS dropped
+
+    def project(self, grid: torch.Tensor, scale: int, projector: nn.Module) -> torch.Tensor:
+        # grid: [T, side, side, C] -> [T·(side/scale)², H]: pixel shuffle, then the projector
+        x = pixel_shuffle(grid, scale, self.ps_version)
+        return projector(x.reshape(-1, x.shape[-1]))
 
     @classmethod
     def from_pretrained(cls, config: ModelConfig) -> VisionEncoderModule:
@@ -116,18 +127,46 @@ class VisionEncoderModule(nn.Module):
         return cls(tower, projector, config.vision).eval()
 
 
-class TorchVisionEncoder:
+def vision_module(config: ModelConfig) -> VisionEncoderModule:
+    if config.flash is None:
+        return VisionEncoderModule.from_pretrained(config)
+    from engine.vision_flash import FlashVisionEncoderModule  # it imports this module
+
+    return FlashVisionEncoderModule.from_pretrained(config).add_router(config)
+
+
+class _RequestEncoder:
+    """Routing on top of a runtime's `run(pixel_values) -> graph outputs`."""
+
+    flash: FlashConfig | None
+
+    def encode_request(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One request's tiles -> (prompt table [T·Q, H] float32, tokens per tile int32 [T]: Q, or q
+        for a tile a Flash router compressed)."""
+        outputs = self.run(pixel_values)
+        if self.flash is not None:
+            return assemble(*outputs, self.flash)
+        tiles = len(pixel_values)
+        return outputs[0], np.full(tiles, outputs[0].shape[0] // max(tiles, 1), np.int32)
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        # pixel_values: uint8 [T, 3, S, S] (one request) -> [T·Q, H] float32
+        return self.encode_request(pixel_values)[0]
+
+
+class TorchVisionEncoder(_RequestEncoder):
     def __init__(self, config: ModelConfig):
-        self.module = VisionEncoderModule.from_pretrained(config)
+        self.module = vision_module(config)
+        self.flash = config.flash
 
     @torch.inference_mode()
-    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        # pixel_values: uint8 [T, 3, S, S] -> [T·Q, H] float32
-        return self.module(torch.from_numpy(_check_tiles(pixel_values))).numpy()
+    def run(self, pixel_values: np.ndarray) -> list[np.ndarray]:
+        out = self.module(torch.from_numpy(_check_tiles(pixel_values)))
+        return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
 
-class OnnxVisionEncoder:
-    def __init__(self, onnx_file: str | Path, threads: int | None = None, spin: bool = False):
+class OnnxVisionEncoder(_RequestEncoder):
+    def __init__(self, onnx_file: str | Path, threads: int | None = None, spin: bool = False, flash: FlashConfig | None = None):
         import onnxruntime as ort
 
         if not Path(onnx_file).is_file():
@@ -147,10 +186,15 @@ class OnnxVisionEncoder:
                 f"{onnx_file} takes float pixel_values (exported by an older version); "
                 "re-export it with `python -m build.export_vision --model <checkpoint>`"
             )
+        self.flash = flash
+        self.outputs = list(FLASH_OUTPUTS if flash else (ONNX_OUTPUT,))
+        found = [o.name for o in self.session.get_outputs()]
+        if found != self.outputs:
+            raise ValueError(f"{onnx_file} has outputs {found}, this checkpoint's encoder needs {self.outputs}: re-export it")
 
-    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        # pixel_values: uint8 [T, 3, S, S] -> [T·Q, H] float32
-        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: _check_tiles(pixel_values)})[0]
+    def run(self, pixel_values: np.ndarray) -> list[np.ndarray]:
+        # pixel_values: uint8 [T, 3, S, S] -> the graph's outputs (tiles of any number of requests)
+        return self.session.run(self.outputs, {ONNX_INPUT: _check_tiles(pixel_values)})
 
 
 def _check_tiles(pixel_values: np.ndarray) -> np.ndarray:
@@ -171,5 +215,5 @@ def load_vision_encoder(config: ModelConfig, backend: str, onnx_file: str | Path
             from engine.vision_export import ensure_vision_onnx  # it imports this module
 
             onnx_file = ensure_vision_onnx(config.path)
-        return OnnxVisionEncoder(onnx_file)
+        return OnnxVisionEncoder(onnx_file, flash=config.flash)
     raise ValueError(f"vision_backend must be 'onnxruntime' or 'torch', got {backend!r}")

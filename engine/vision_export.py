@@ -2,7 +2,8 @@
 cached export the ONNX Runtime backend loads (exported on first use, reused while its stamp holds).
 
 Output `prompt_embedding_table` [T·Q, H] float32 for input `pixel_values` [T, 3, S, S] uint8 (RGB
-tiles; the graph starts with the ImageNet normalization), T dynamic. The GPU path compiles the
+tiles; the graph starts with the ImageNet normalization), T dynamic; an InternVL3.5-Flash graph also
+outputs `compressed_embedding_table` [T·q, H] and `compress_probability` [T] (engine/flash.py routes). The GPU path compiles the
 `--ragged` variant to a TensorRT plan: input flat [T·3·S·S] (how Triton's TensorRT backend hands a
 model a ragged batch of requests), output [T, Q, H] (so Triton can scatter it back per request).
 """
@@ -21,11 +22,18 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig
-from engine.vision import ONNX_INPUT, ONNX_OUTPUT, VisionEncoderModule, default_onnx_path
+from engine.vision import FLASH_OUTPUTS, ONNX_INPUT, ONNX_OUTPUT, default_onnx_path, vision_module
 
 OPSET = 18
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_GRAPH_SOURCES = ("engine/vision.py", "engine/vision_export.py", "engine/custom_format.py", "engine/config.py", "engine/weights.py")
+_GRAPH_SOURCES = (
+    "engine/vision.py",
+    "engine/vision_flash.py",
+    "engine/vision_export.py",
+    "engine/custom_format.py",
+    "engine/config.py",
+    "engine/weights.py",
+)
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
 
 
@@ -52,9 +60,11 @@ def export_vision_onnx(
     input normalization and the norm layers in float32; output in dtype). The CPU path uses float32.
     ragged: flat uint8 input [T·3·S·S] -> [T, Q, H] (VisionEncoderModule.forward)."""
     config = ModelConfig.from_pretrained(checkpoint)
+    if config.flash is not None and ragged:
+        raise ValueError("no ragged (GPU) graph for InternVL3.5-Flash checkpoints: the GPU path does not serve them yet (docs/GPU.md)")
     out = Path(out) if out else default_onnx_path(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
-    module = VisionEncoderModule.from_pretrained(config).to_compute_dtype(DTYPES[dtype])
+    module = vision_module(config).to_compute_dtype(DTYPES[dtype])
     size = config.vision.image_size
     tiles = torch.export.Dim("tiles", min=1, max=4096)
     if ragged:
@@ -68,7 +78,7 @@ def export_vision_onnx(
             (example,),
             dynamo=True,
             input_names=[ONNX_INPUT],
-            output_names=[ONNX_OUTPUT],
+            output_names=list(FLASH_OUTPUTS) if config.flash else [ONNX_OUTPUT],
             dynamic_shapes={ONNX_INPUT: dynamic},
             opset_version=OPSET,
             verbose=False,

@@ -144,9 +144,12 @@ class CustomInternVL:
             assert selected.sum() == vit_embeds.shape[0] * vit_embeds.shape[1]
             embeds[selected] = vit_embeds.reshape(-1, C)
             embeds = embeds.reshape(B, N, C)
+        return self._greedy(embeds, stop_token_id, max_new_tokens)
+
+    def _greedy(self, embeds, stop_token_id, max_new_tokens):
         out = self.llm.generate(
             inputs_embeds=embeds,
-            attention_mask=model_inputs.attention_mask,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stop_token_id,
