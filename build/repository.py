@@ -58,6 +58,9 @@ def common_values(config: ModelConfig, settings: BuildSettings) -> dict:
         "tokens_per_tile": config.vision.tokens_per_tile,
         "vision_input": ONNX_INPUT,
         "vision_output": ONNX_OUTPUT,
+        # InternVL3.5-Flash: the per-request token count of each tile reaches the LLM (engine/flash.py)
+        "vision_tile_tokens": '\n      output_map { key: "tile_tokens" value: "vision_tile_tokens" }' if config.flash else "",
+        "llm_tile_tokens": '\n      input_map { key: "tile_tokens" value: "vision_tile_tokens" }' if config.flash else "",
     }
 
 
@@ -128,6 +131,11 @@ def build(checkpoint: str | Path, out: str | Path, settings: BuildSettings = Bui
 def build_gpu(checkpoint: str | Path, out: str | Path, settings: BuildSettings, gpu: GpuSettings) -> Path:
     """The TensorRT vision plan, the TensorRT-LLM engine and the GPU repository (needs the container)."""
     config = ModelConfig.from_pretrained(checkpoint)
+    if config.flash is not None:
+        raise ValueError(
+            "InternVL3.5-Flash (flash_mode) is not built for the GPU path yet: serve it with TARGET=cpu, "
+            "or set flash_mode false to serve the plain 256-token path (docs/ARCHITECTURE.md says how the GPU path would route)"
+        )
     conversion_plan(config, gpu)  # refuses an unsupported LLM family before the vision build
     missing = [m for m in ("tensorrt", "tensorrt_llm") if importlib.util.find_spec(m) is None]
     if missing:

@@ -143,11 +143,21 @@ class _RequestEncoder:
     def encode_request(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One request's tiles -> (prompt table [T·Q, H] float32, tokens per tile int32 [T]: Q, or q
         for a tile a Flash router compressed)."""
-        outputs = self.run(pixel_values)
-        if self.flash is not None:
-            return assemble(*outputs, self.flash)
-        tiles = len(pixel_values)
-        return outputs[0], np.full(tiles, outputs[0].shape[0] // max(tiles, 1), np.int32)
+        return self.encode_requests([pixel_values])[0]
+
+    def encode_requests(self, requests: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Several requests' tiles (each ≥ 1 tile) in one run; each request is routed on its own."""
+        counts = [len(p) for p in requests]
+        outputs = self.run(requests[0] if len(requests) == 1 else np.concatenate(requests))
+        total, results, start = sum(counts), [], 0
+        for n in counts:
+            parts = [o[start * (len(o) // total) : (start + n) * (len(o) // total)] for o in outputs]
+            if self.flash is not None:
+                results.append(assemble(*parts, self.flash))
+            else:
+                results.append((parts[0], np.full(n, len(parts[0]) // n, np.int32)))
+            start += n
+        return results
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         # pixel_values: uint8 [T, 3, S, S] (one request) -> [T·Q, H] float32

@@ -103,15 +103,8 @@ def test_routing_is_per_request_when_requests_share_a_vision_run(flash_path):
     config = ModelConfig.from_pretrained(flash_path)
     encoder = OnnxVisionEncoder(ensure_vision_onnx(flash_path), flash=config.flash)
     requests = [_uint8_tiles("a", max_num=1), _uint8_tiles("c")]
-    outputs = encoder.run(np.concatenate(requests))
-    union = assemble(*outputs, config.flash)[1]
-    q, small = config.vision.tokens_per_tile, config.flash.compressed_tokens_per_tile
-    start, shared = 0, []
-    for pixels in requests:
-        n = len(pixels)
-        part = [outputs[0][start * q : (start + n) * q], outputs[1][start * small : (start + n) * small], outputs[2][start : start + n]]
-        shared.append(assemble(*part, config.flash))
-        start += n
+    shared = encoder.encode_requests(requests)  # one run, as the Triton vision model does
+    union = assemble(*encoder.run(np.concatenate(requests)), config.flash)[1]
     for pixels, (table, tokens) in zip(requests, shared):
         solo_table, solo_tokens = encoder.encode_request(pixels)
         assert tokens.tolist() == solo_tokens.tolist()
@@ -200,3 +193,12 @@ def test_malformed_flash_config_is_refused_naming_the_field(edit, field, flash_p
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=field):
         ModelConfig.from_pretrained(tmp_path)
+
+
+def test_gpu_build_refuses_flash_before_any_work(flash_path, tmp_path):
+    from build.repository import build_gpu
+    from build.settings import BuildSettings, GpuSettings
+
+    with pytest.raises(ValueError, match="InternVL3.5-Flash"):
+        build_gpu(flash_path, tmp_path / "out", BuildSettings(), GpuSettings())
+    assert not (tmp_path / "out").exists()

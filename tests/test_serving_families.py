@@ -1,6 +1,6 @@
 """Through tritonserver, checkpoints beyond the HF-native dense default: a Qwen3-MoE one, a GPT-OSS
-one (its replies decoded with special tokens kept, as its chat() does) and a custom-format
-(skywork_chat, InternViT-6B-style tower, pixel shuffle v1) one build with the repository builder and
+one (its replies decoded with special tokens kept, as its chat() does), a custom-format
+(skywork_chat, InternViT-6B-style tower, pixel shuffle v1) one and an InternVL3.5-Flash one build with the repository builder and
 answer over gRPC streaming exactly as in-process (issue 11)."""
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ REQUESTS = [  # (question, images, max tokens)
 ]
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "gpt_oss", "custom-skywork-6b"])
+@pytest.fixture(scope="module", params=["qwen3_moe", "gpt_oss", "custom-skywork-6b", "custom-flash"])
 def served(request, checkpoints, tmp_path_factory):
     """-> (checkpoint, a tritonserver on its repository)."""
     if request.param in ("qwen3_moe", "gpt_oss"):
         checkpoint = checkpoints[request.param]
+    elif request.param == "custom-flash":  # tiles routed per request; the LLM drops the compressed positions
+        checkpoint = generate("tiny", "qwen3", tmp_path_factory.mktemp("flash") / "ckpt", fmt="custom", flash=True)
     else:
         checkpoint = generate(
             "tiny", "qwen2", tmp_path_factory.mktemp("custom") / "ckpt", fmt="custom", ps_version="v1",

@@ -11,6 +11,7 @@ import uuid
 import triton_python_backend_utils as pb_utils
 
 from engine.config import ModelConfig
+from engine.flash import drop_compressed
 from engine.llm.engine import LLMEngine, TokenEvent
 from engine.llm.model import DecoderLM
 from engine.llm.runner import EngineRunner
@@ -26,6 +27,7 @@ class TritonPythonModel:
         config, params = pb.model_parameters(args)
         self.dtypes = pb.decoupled_output_dtypes(config, "llm")
         model_config = ModelConfig.from_pretrained(params["checkpoint"])
+        self.vocab_size, self.tokens_per_tile = model_config.text.vocab_size, model_config.vision.tokens_per_tile
         engine = LLMEngine(
             DecoderLM.from_pretrained(params["checkpoint"], model_config.text),
             model_config.stop_token_id,
@@ -68,7 +70,11 @@ class TritonPythonModel:
             stop_sequences=stop_sequences(pb.item(request, "stop_words_list", required=False)),
         )
         table = pb.item(request, "prompt_embedding_table", required=False)
-        return pb.item(request, "input_ids"), table, params, bool(pb.scalar(request, "streaming", False))
+        ids = pb.item(request, "input_ids")
+        tile_tokens = pb.item(request, "tile_tokens", required=False)
+        if tile_tokens is not None:
+            ids = drop_compressed(ids, self.vocab_size, self.tokens_per_tile, tile_tokens)
+        return ids, table, params, bool(pb.scalar(request, "streaming", False))
 
     def finalize(self):
         self.runner.close()
