@@ -4,7 +4,9 @@
 
 Real InternVL shapes (448 tiles, patch 14, downsample 0.5 → Q = 256) even for `tiny`, so every code
 path is the real one. Speed depends on shapes, not weight values: `internvl3_5-1b` (InternViT-300M
-+ Qwen3-0.6B shapes) is valid for benchmarks.
++ Qwen3-0.6B shapes) is valid for benchmarks, and the real presets of the large seeds
+(`skywork-r1v-38b`, `internvl3_5-241b-a28b`, `internvl3_5-gpt-oss-20b`; build/presets.py) give real
+widths for sizing, with `--layers N` to cut their depth.
 
 Freshly initialised models ignore their input (near-uniform attention, tiny image features) and
 repeat one token, which would let a broken feature hand-off still "match" a reference. So the
@@ -37,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
 
 from build.custom_checkpoint import CUSTOM_ARCHITECTURES, add_flash, write_custom
+from build.presets import LLM_VARIANTS, PRESETS, VISION_VARIANTS, Preset
 
 
 CORPUS = Path(__file__).with_name("corpus.txt")
@@ -65,83 +67,6 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-LLM_VARIANTS = {
-    "qwen3": dict(model_type="qwen3", rope_theta=1_000_000.0),
-    "qwen2": dict(model_type="qwen2", rope_theta=1_000_000.0),
-    "llama": dict(model_type="llama", rope_theta=500_000.0, attention_bias=False, mlp_bias=False),
-    # Expert counts and widths come from the preset (Preset.moe); layers in mlp_only_layers stay dense.
-    "qwen3_moe": dict(model_type="qwen3_moe", rope_theta=1_000_000.0, norm_topk_prob=True, decoder_sparse_step=1),
-    # Experts (count, top-k, width) come from Preset.moe; intermediate_size is the expert width.
-    "gpt_oss": dict(
-        model_type="gpt_oss",
-        rope_theta=150_000.0,
-        rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False, original_max_position_embeddings=4096),
-        sliding_window=64,
-        attention_bias=True,
-        max_position_embeddings=131072,  # = factor × original, as gpt-oss ships it
-    ),
-    # Made as Llama, written as InternLM2 (custom format only; write_custom).
-    "internlm2": dict(model_type="llama", rope_theta=1_000_000.0, attention_bias=False, mlp_bias=False),
-}
-
-VISION_VARIANTS = {
-    "internvit-300m": dict(attention_bias=True, norm_type="layer_norm", use_qk_norm=False),
-    "internvit-6b": dict(attention_bias=False, norm_type="rms_norm", use_qk_norm=True),
-}
-
-
-@dataclass(frozen=True)
-class Preset:
-    vision: dict
-    text: dict
-    vocab_size: int | None  # None: the tokenizer's size rounded up to a multiple of 64
-    tokenizer_vocab: int
-    dtype: torch.dtype
-    tie_word_embeddings: bool
-    sharpen: dict = field(default_factory=dict)  # weight-scale knobs, see _make_input_sensitive
-    moe: dict | None = None  # Qwen3-MoE expert shape (--llm qwen3_moe); None: the preset has none
-
-
-PRESETS = {
-    "tiny": Preset(
-        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
-        text=dict(
-            hidden_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            intermediate_size=384,
-            max_position_embeddings=32768,
-        ),
-        vocab_size=None,
-        tokenizer_vocab=1024,
-        dtype=torch.float32,
-        tie_word_embeddings=False,
-        sharpen=dict(qk=4.0, projector=8.0, embed=4.0, lm_head=25.0, router=10.0, experts=3.0),
-        # Layer 0 dense (mlp_only_layers), layer 1 sparse: both MLP paths run.
-        moe=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96, mlp_only_layers=[0]),
-    ),
-    # InternVL3.5-1B: InternViT-300M-448px-V2.5 + Qwen3-0.6B.
-    "internvl3_5-1b": Preset(
-        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-        text=dict(
-            hidden_size=1024,
-            num_hidden_layers=28,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=128,
-            intermediate_size=3072,
-            max_position_embeddings=40960,
-        ),
-        vocab_size=151936,
-        tokenizer_vocab=1024,
-        dtype=torch.bfloat16,
-        tie_word_embeddings=True,
-    ),
-}
-
-
 TEMPLATE_OF = {"gpt_oss": "internvl3_5_gpt_oss"}  # others: internvl2_5 (InternLM2: write_custom)
 
 
@@ -168,15 +93,20 @@ def train_tokenizer(vocab_size: int, extra_special: tuple[str, ...] = ()) -> Pre
     return fast
 
 
-def build_config(preset: Preset, llm: str, tokenizer: PreTrainedTokenizerFast, vision_variant: str = "internvit-300m") -> InternVLConfig:
+def build_config(
+    preset: Preset, llm: str, tokenizer: PreTrainedTokenizerFast, vision_variant: str = "internvit-300m", layers: int | None = None
+) -> InternVLConfig:
+    """layers: at most this many layers in the language model and in the vision tower."""
     vocab_size = preset.vocab_size or -(-len(tokenizer) // 64) * 64
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {vocab_size} < tokenizer size {len(tokenizer)}")
+    check_preset(preset, llm, vision_variant)
     text = dict(preset.text, **LLM_VARIANTS[llm], vocab_size=vocab_size, tie_word_embeddings=preset.tie_word_embeddings)
-    if llm in ("qwen3_moe", "gpt_oss") and preset.moe is None:
-        raise ValueError(f"this preset has no MoE shape (Preset.moe); --llm {llm} needs --preset tiny")
+    text.update(preset.family_text.get(llm, {}))
+    depth = min(text["num_hidden_layers"], layers or text["num_hidden_layers"])
+    text["num_hidden_layers"] = depth
     if llm == "qwen3_moe":
-        text.update(preset.moe)
+        text.update(preset.moe, mlp_only_layers=[i for i in preset.moe.get("mlp_only_layers", []) if i < depth])
     if llm == "gpt_oss":
         moe = preset.moe
         text.update(num_local_experts=moe["num_experts"], num_experts_per_tok=moe["num_experts_per_tok"], intermediate_size=moe["moe_intermediate_size"])
@@ -184,6 +114,7 @@ def build_config(preset: Preset, llm: str, tokenizer: PreTrainedTokenizerFast, v
     text["rope_parameters"] = dict(rope, rope_theta=text.pop("rope_theta"))
     vision = dict(
         preset.vision,
+        num_hidden_layers=min(preset.vision["num_hidden_layers"], layers or preset.vision["num_hidden_layers"]),
         image_size=448,
         patch_size=14,
         layer_norm_eps=1e-6,
@@ -201,6 +132,20 @@ def build_config(preset: Preset, llm: str, tokenizer: PreTrainedTokenizerFast, v
         min_dynamic_patch=1,
         use_thumbnail=True,
     )
+
+
+def check_preset(preset: Preset, llm: str, vision_variant: str) -> None:
+    """A real preset is its model's family and tower; MoE families need an expert shape."""
+    name = next((k for k, v in PRESETS.items() if v is preset), "this preset")
+    if preset.llm is not None and llm != preset.llm:
+        raise ValueError(f"--preset {name} is a {preset.llm} language model; --llm {llm} does not fit it")
+    if preset.vision_variant is not None and vision_variant != preset.vision_variant:
+        raise ValueError(f"--preset {name} has an {preset.vision_variant} tower; --vision {vision_variant} does not fit it")
+    if llm in ("qwen3_moe", "gpt_oss") and preset.moe is None:
+        raise ValueError(f"--preset {name} has no expert shape; --llm {llm} needs a preset with one (tiny or its real preset)")
+    text = preset.text
+    if llm == "internlm2" and text.get("head_dim", text["hidden_size"] // text["num_attention_heads"]) * text["num_attention_heads"] != text["hidden_size"]:
+        raise ValueError(f"--preset {name}: InternLM2 needs head_dim == hidden_size // num_attention_heads, this preset has another head_dim")
 
 
 @torch.no_grad()
@@ -250,6 +195,7 @@ def generate(
     ps_version: str = "v2",
     model_type: str = "internvl_chat",
     flash: bool = False,
+    layers: int | None = None,
 ) -> Path:
     """Write the checkpoint to `out` (skipped when `out` already holds this exact one)."""
     if llm == "internlm2" and fmt != "custom":
@@ -259,6 +205,8 @@ def generate(
         stamp["vision"] = vision
     if fmt != "hf":
         stamp.update(format=fmt, ps_version=ps_version, model_type=model_type)
+    if layers is not None:
+        stamp["layers"] = layers
     if flash:
         if fmt != "custom":
             raise ValueError("--flash needs --format custom: InternVL3.5-Flash ships in the custom layout only")
@@ -269,7 +217,7 @@ def generate(
     preset = PRESETS[preset_name]
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(preset.tokenizer_vocab, HARMONY_TOKENS if llm == "gpt_oss" else ())
-    config = build_config(preset, llm, tokenizer, vision)
+    config = build_config(preset, llm, tokenizer, vision, layers)
     model = InternVLForConditionalGeneration(config).eval()
     _make_input_sensitive(model, tokenizer, preset.sharpen)
     if vision != "internvit-300m" or fmt != "hf":
@@ -292,8 +240,9 @@ def generate(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--llm", choices=sorted(LLM_VARIANTS), default="qwen3")
-    parser.add_argument("--vision", choices=sorted(VISION_VARIANTS), default="internvit-300m", help="tower structure at the preset's sizes (default internvit-300m)")
+    parser.add_argument("--llm", choices=sorted(LLM_VARIANTS), help="language model family (default: the real preset's, else qwen3)")
+    parser.add_argument("--vision", choices=sorted(VISION_VARIANTS), help="tower structure at the preset's sizes (default: the real preset's, else internvit-300m)")
+    parser.add_argument("--layers", type=int, help="at most N layers in the language model and in the vision tower (real presets: real widths, less depth)")
     parser.add_argument("--format", choices=("hf", "custom"), default="hf", help="HF-native, or InternVL's custom (GitHub) layout (default hf)")
     parser.add_argument("--ps-version", choices=("v1", "v2"), help="custom format: pixel shuffle version (default v2)")
     parser.add_argument("--model-type", choices=sorted(CUSTOM_ARCHITECTURES), help="custom format (default internvl_chat)")
@@ -301,14 +250,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    if args.llm in ("qwen3_moe", "gpt_oss") and PRESETS[args.preset].moe is None:
-        parser.error(f"--preset {args.preset} has no MoE shape; --llm {args.llm} needs --preset tiny")
+    preset = PRESETS[args.preset]
+    args.llm = args.llm or preset.llm or "qwen3"
+    args.vision = args.vision or preset.vision_variant or "internvit-300m"
+    try:
+        check_preset(preset, args.llm, args.vision)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be ≥ 1")
     if args.llm == "internlm2" and args.format != "custom":
         parser.error("--llm internlm2 needs --format custom (transformers has no HF-native InternLM2 layout)")
     if args.format == "hf" and (args.ps_version or args.model_type or args.flash):
         parser.error("--ps-version, --model-type and --flash need --format custom")
     ps_version, model_type = args.ps_version or "v2", args.model_type or "internvl_chat"
-    print(generate(args.preset, args.llm, args.out, args.seed, args.vision, args.format, ps_version, model_type, args.flash))
+    print(generate(args.preset, args.llm, args.out, args.seed, args.vision, args.format, ps_version, model_type, args.flash, args.layers))
 
 
 if __name__ == "__main__":
