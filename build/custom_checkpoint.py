@@ -25,7 +25,8 @@ CAUSAL_LM = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
 }
-CUSTOM_ARCHITECTURES = {"internvl_chat": "InternVLChatModel", "skywork_chat": "SkyworkChatModel"}
+# SkyworkR1VChatModel: the architecture vLLM registers for Skywork/Skywork-R1V-38B (vllm/model_executor/models/registry.py)
+CUSTOM_ARCHITECTURES = {"internvl_chat": "InternVLChatModel", "skywork_chat": "SkyworkR1VChatModel"}
 
 
 def write_custom(hf_dir: Path, out: Path, ps_version: str, model_type: str, internlm2: bool = False) -> None:

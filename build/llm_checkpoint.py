@@ -8,7 +8,10 @@ InternVL `text_config` with `architectures`, its weights are `model.*` / `lm_hea
 tokenizer files sit beside them. The config carries the rope and dtype fields under both the
 transformers 5 names (`rope_parameters`, `dtype`) and the 4.x names TensorRT-LLM 1.2.1 reads
 (`rope_theta`, `rope_scaling`, `torch_dtype`; it pins transformers 4.57.3). Tensors are streamed
-file by file into shards, so a 32B language model never has to fit in memory at once.
+file by file into shards, so a 32B language model never has to fit in memory at once. An InternLM2
+language model (custom format, `bias` false) is written as the Llama it computes: Llama names, the
+grouped `wqkv` split (engine/custom_format.py, engine/weights.py), a Llama config — the class
+TensorRT-LLM's MODEL_MAP also assigns to InternLM2ForCausalLM, LLaMAForCausalLM.
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
-
 from build.shards import SHARD_BYTES, ShardWriter
-from engine.weights import canonical_name, checkpoint_files
+from engine.custom_format import internlm2_text_config
+from engine.weights import iter_weights
 
 
 
@@ -40,13 +42,14 @@ class TrtllmSupport:
 # LlamaForCausalLM / InternLM2ForCausalLM -> LLaMAForCausalLM); models/qwen/model.py and
 # models/llama/model.py forward(prompt_embedding_table, prompt_tasks, prompt_vocab_size);
 # docs/source/release-notes.md 1.0 "TensorRT-Engine Qwen3 (dense) model support";
-# examples/models/core/internlm2/convert_checkpoint.py; examples/models/core/gpt_oss/README.md
+# examples/models/core/gpt_oss/README.md
 # (trtllm-serve --backend pytorch only).
 TRTLLM_SUPPORT = {
     "qwen2": TrtllmSupport("Qwen2ForCausalLM", "tensorrt_llm.models.QWenForCausalLM.from_hugging_face"),
     "qwen3": TrtllmSupport("Qwen3ForCausalLM", "tensorrt_llm.models.QWenForCausalLM.from_hugging_face"),
     "llama": TrtllmSupport("LlamaForCausalLM", "tensorrt_llm.models.LLaMAForCausalLM.from_hugging_face"),
-    "internlm2": TrtllmSupport("InternLM2ForCausalLM", "examples/models/core/internlm2/convert_checkpoint.py"),
+    # extracted as Llama (bias false is Llama's computation): no example script, no remote code
+    "internlm2": TrtllmSupport("LlamaForCausalLM", "tensorrt_llm.models.LLaMAForCausalLM.from_hugging_face"),
     # MODEL_MAP maps Qwen3MoeForCausalLM to QWenForCausalLM (PR #6470, TensorRT-LLM 1.0), but
     # models/qwen/config.py builds every Qwen MoE config with MoeConfig normalization NONE and never
     # reads norm_topk_prob (layers/moe.py: NONE = top-k of the softmax, not renormalised), while the
@@ -83,6 +86,9 @@ def text_config(internvl_config: dict) -> dict:
     """The InternVL config's text_config as a standalone causal-LM config."""
     text = dict(internvl_config.get("text_config") or internvl_config.get("llm_config") or {})
     support = trtllm_support(text.get("model_type"))
+    if text.get("model_type") == "internlm2":
+        text = internlm2_text_config(text)  # Llama-shaped; refuses what is not Llama's computation
+        text.pop("llm_family")
     text["architectures"] = [support.hf_architecture]
     text.setdefault("tie_word_embeddings", internvl_config.get("tie_word_embeddings", False))
     dtype = text.get("dtype") or text.get("torch_dtype") or internvl_config.get("dtype") or internvl_config.get("torch_dtype")
@@ -96,36 +102,15 @@ def text_config(internvl_config: dict) -> dict:
     return text
 
 
-def _llm_name(key: str) -> str | None:
-    # stored key -> causal-LM key, None for vision / projector tensors
-    name = canonical_name(key)
-    if name.startswith("language_model."):
-        return "model." + name[len("language_model.") :]
-    if name.startswith("lm_head."):
-        return name
-    return None
-
-
 def extract_llm_checkpoint(checkpoint: str | Path, out: str | Path, shard_bytes: int = SHARD_BYTES) -> Path:
     checkpoint, out = Path(checkpoint), Path(out)
     internvl = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     config = text_config(internvl)
-    converter = TRTLLM_SUPPORT[config["model_type"]].converter
-    if not converter.startswith("tensorrt_llm."):
-        # InternLM2: that converter loads the InternVL checkpoint itself (its "This is for InternVL2"
-        # branch drops vision_model.* and strips language_model.) and splits the grouped wqkv; nothing
-        # is written here.
-        raise ExtractError(
-            f"llm_config.model_type {config['model_type']!r} is not extracted: TensorRT-LLM converts it only with "
-            f"its {converter} run on the InternVL checkpoint itself (--model_dir <checkpoint>; see docs/GPU.md)"
-        )
     shards = ShardWriter(out, shard_bytes)
-    for file in checkpoint_files(checkpoint):
-        with safe_open(file, "pt") as f:
-            for key in f.keys():
-                name = _llm_name(key)
-                if name is not None:
-                    shards.add(name, f.get_tensor(key))
+    # stored dtype, file by file, vision tensors never read; InternLM2's wqkv split into q/k/v
+    for prefix, causal_lm_prefix in (("language_model.", "model."), ("lm_head.", "lm_head.")):
+        for name, tensor in iter_weights(checkpoint, prefix):
+            shards.add(causal_lm_prefix + name, tensor)
     if not shards.total_bytes:
         raise ExtractError(f"{checkpoint} has no language-model weights")
     shards.close()

@@ -25,7 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-from build.llm_checkpoint import ExtractError, extract_llm_checkpoint, trtllm_support
+from build.llm_checkpoint import extract_llm_checkpoint, trtllm_support
 from build.settings import QUANT_ALGOS, BuildSettings, GpuSettings, HelpFormatter, add_arguments, from_arguments
 from engine.config import ModelConfig
 
@@ -34,15 +34,7 @@ ENGINE_DIR, HF_DIR = "engine", "hf"
 
 def model_class_name(model_type: str) -> str:
     """The tensorrt_llm.models class that converts this family; ExtractError when there is none."""
-    support = trtllm_support(model_type)
-    prefix = "tensorrt_llm.models."
-    if not support.converter.startswith(prefix):
-        raise ExtractError(
-            f"text_config.model_type {model_type!r} converts only through TensorRT-LLM's {support.converter}: "
-            "run it on the checkpoint `python -m build.llm_checkpoint` writes, then trtllm-build with the "
-            "limits in build.trtllm_engine.build_config_dict (see docs/GPU.md)"
-        )
-    return support.converter[len(prefix) :].split(".")[0]
+    return trtllm_support(model_type).converter.removeprefix("tensorrt_llm.models.").split(".")[0]
 
 
 def build_config_dict(config: ModelConfig, settings: BuildSettings) -> dict:

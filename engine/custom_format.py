@@ -1,6 +1,6 @@
 """InternVL's custom ("GitHub") checkpoint format, read as the HF-native one without conversion.
 
-`InternVLChatModel` (`model_type` internvl_chat) and Skywork's `SkyworkChatModel` (skywork_chat, the
+`InternVLChatModel` (`model_type` internvl_chat) and Skywork's `SkyworkR1VChatModel` (skywork_chat, the
 same layout) store `config.json` with `llm_config`, `vision_config` (InternViT) and the chat fields,
 and weights `vision_model.*`, `mlp1.*`, `language_model.*`. Followed:
 - OpenGVLab/InternVL internvl_chat/internvl/model/internvl_chat/configuration_internvl_chat.py

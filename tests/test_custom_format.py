@@ -228,7 +228,7 @@ def test_custom_writer_is_the_inverse_of_the_loader(tmp_path):
     assert {"vision_model.embeddings.class_embedding", "vision_model.embeddings.position_embedding", "mlp1.0.weight", "mlp1.3.bias"} <= index.keys()
     assert len(set(index.values())) == 2
     config = json.loads((custom / "config.json").read_text(encoding="utf-8"))
-    assert (config["model_type"], config["architectures"], config["llm_config"]["architectures"]) == ("skywork_chat", ["SkyworkChatModel"], ["Qwen2ForCausalLM"])
+    assert (config["model_type"], config["architectures"], config["llm_config"]["architectures"]) == ("skywork_chat", ["SkyworkR1VChatModel"], ["Qwen2ForCausalLM"])
     assert (config["vision_config"]["qkv_bias"], config["vision_config"]["qk_normalization"], config["vision_config"]["norm_type"]) == (False, True, "rms_norm")
     for prefix in ("vision_tower.", "multi_modal_projector.", "language_model.", "lm_head."):
         a, b = load_weights(hf, prefix), load_weights(custom, prefix)

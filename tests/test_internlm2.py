@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from build.checkpoint import generate
-from build.llm_checkpoint import ExtractError, extract_llm_checkpoint
 from client.synthetic import synthetic_image
 from engine.config import ConfigError, ModelConfig
 from engine.llm.model import DecoderLM
@@ -218,11 +217,3 @@ def test_hf_native_internlm2_is_refused_pointing_to_the_custom_format(internlm2,
     llm = json.loads((internlm2 / "config.json").read_text(encoding="utf-8"))["llm_config"]
     with pytest.raises(ConfigError, match="text_config.model_type 'internlm2' is not supported.*no HF-native layout"):
         _text_config(dict(llm, bias=False), "text_config")
-
-
-def test_gpu_llm_extraction_is_refused_naming_tensorrt_llms_internlm2_converter(internlm2, tmp_path):
-    """TRTLLM_SUPPORT: InternLM2 converts only through examples/models/core/internlm2/convert_checkpoint.py,
-    which reads the InternVL checkpoint itself; the extraction says so and writes nothing."""
-    with pytest.raises(ExtractError, match="'internlm2' is not extracted.*examples/models/core/internlm2/convert_checkpoint.py"):
-        extract_llm_checkpoint(internlm2, tmp_path / "llm")
-    assert not (tmp_path / "llm").exists()

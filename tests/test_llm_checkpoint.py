@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from build.llm_checkpoint import ExtractError, extract_llm_checkpoint, text_config
+from engine.config import ConfigError
 from tests import reference_chat
 
 
@@ -71,9 +72,33 @@ def test_families_without_a_tensorrt_engine_path_are_refused_by_name(model_type,
         text_config({"text_config": {"model_type": model_type}})
 
 
-@pytest.mark.parametrize("model_type, architecture", [("qwen2", "Qwen2ForCausalLM"), ("internlm2", "InternLM2ForCausalLM")])
+@pytest.mark.parametrize("model_type, architecture", [("qwen2", "Qwen2ForCausalLM"), ("internlm2", "LlamaForCausalLM")])
 def test_supported_families_get_their_causal_lm_architecture(model_type, architecture):
-    assert text_config({"text_config": {"model_type": model_type}})["architectures"] == [architecture]
+    llm = {"model_type": model_type, "bias": False, "hidden_size": 64, "num_attention_heads": 4}
+    config = text_config({"llm_config": llm})
+    assert config["architectures"] == [architecture]
+    assert config["model_type"] == architecture.removesuffix("ForCausalLM").lower() and "llm_family" not in config
+
+
+def test_internlm2_extracts_as_the_llama_it_computes(tmp_path):
+    """InternLM2 (InternVL2.5-2B/8B/26B, InternVL3-9B): Llama names, the grouped wqkv split, a Llama
+    config that transformers loads; its logits equal the custom model's own language model (the test
+    port's independent renaming, tests/reference_custom_chat.py)."""
+    from build.checkpoint import generate
+    from tests.reference_custom_chat import CustomInternVL
+
+    custom = generate("tiny", "internlm2", tmp_path / "custom", fmt="custom", ps_version="v2")
+    out = extract_llm_checkpoint(custom, tmp_path / "llm")
+    llm, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(llm).__name__ == "LlamaForCausalLM" and not any(info.values())
+    ids = torch.randint(0, 1024, (1, 31), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(llm.eval()(input_ids=ids).logits, CustomInternVL(custom).llm(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_internlm2_with_biases_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match="'bias'"):
+        text_config({"llm_config": {"model_type": "internlm2", "bias": True, "hidden_size": 64, "num_attention_heads": 4}})
 
 
 def test_custom_format_checkpoint_extracts_to_the_same_llm(checkpoints, tmp_path):
