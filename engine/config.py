@@ -171,13 +171,9 @@ def _vision_config(raw: dict) -> VisionConfig:
 
 
 def _tokenizer_vocab(path: Path) -> dict[str, int]:
-    file = path / "tokenizer.json"
-    if not file.is_file():
-        raise ConfigError(f"{file} not found: a fast (tokenizers) tokenizer is required")
-    data = json.loads(file.read_text(encoding="utf-8"))
-    vocab = dict(data["model"]["vocab"]) if isinstance(data["model"].get("vocab"), dict) else {}
-    vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
-    return vocab
+    from engine.tokenizer import load_tokenizer  # it imports ConfigError from engine.text_config
+
+    return load_tokenizer(path).get_vocab(with_added_tokens=True)
 
 
 def _chat_template(path: Path, vocab: dict[str, int]) -> ChatTemplate:

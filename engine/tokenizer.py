@@ -6,10 +6,25 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from engine.text_config import ConfigError
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The checkpoint's tokenizer.json, else its sentencepiece tokenizer.model (InternLM2 checkpoints
+    ship only that) converted as its fast tokenizer would (engine/sentencepiece_tokenizer.py)."""
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    if (path / "tokenizer.model").is_file():
+        from engine.sentencepiece_tokenizer import tokenizer_from_sentencepiece
+
+        return tokenizer_from_sentencepiece(path)
+    raise ConfigError(f"{path} has neither tokenizer.json nor a sentencepiece tokenizer.model")
+
 
 class TextTokenizer:
     def __init__(self, path: str | Path, skip_special_tokens: bool = True):
-        self._tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        self._tok = load_tokenizer(path)
         self.skip_special_tokens = skip_special_tokens  # decode as the template's chat() does
         # What the post-processor adds around a text (e.g. a Llama BOS): added once per prompt,
         # however many pieces the prompt is encoded in.

@@ -50,6 +50,7 @@ class CustomInternVL:
             with safe_open(path / file, "pt") as f:
                 self.w.update({k: f.get_tensor(k).float() for k in f.keys()})
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.image_context_id = self.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
         # the language model as its own causal-LM checkpoint (llm_config + language_model.* weights),
         # loaded by from_pretrained, which also maps per-expert MoE weights to its fused layout
         with tempfile.TemporaryDirectory() as llm_dir:
@@ -133,14 +134,17 @@ class CustomInternVL:
     @torch.no_grad()
     def generate(self, query, pixel_values, stop_token_id, max_new_tokens):
         """Greedy -> (new token ids without the stop token, min top-1/top-2 logit margin)."""
-        model_inputs = self.tokenizer(query, return_tensors="pt")
-        input_ids = model_inputs.input_ids
+        return self.generate_from_ids(self.tokenizer(query, return_tensors="pt").input_ids, pixel_values, stop_token_id, max_new_tokens)
+
+    @torch.no_grad()
+    def generate_from_ids(self, input_ids, pixel_values, stop_token_id, max_new_tokens):
+        # input_ids: [1, L], the tokenized query (image context tokens expanded)
         embeds = self.llm.get_input_embeddings()(input_ids)
         if pixel_values is not None:
             vit_embeds = self.extract_feature(torch.from_numpy(pixel_values))
             B, N, C = embeds.shape
             embeds = embeds.reshape(B * N, C)
-            selected = input_ids.reshape(B * N) == self.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+            selected = input_ids.reshape(B * N) == self.image_context_id
             assert selected.sum() == vit_embeds.shape[0] * vit_embeds.shape[1]
             embeds[selected] = vit_embeds.reshape(-1, C)
             embeds = embeds.reshape(B, N, C)
