@@ -34,9 +34,8 @@ from tests import reference_chat, reference_preprocess
 from tests.test_generation import CASES, IMAGES, MAX_NEW, MIN_MARGIN, _pipeline, _reference
 from tests.test_llm_engine import (
     Setup,
-    _run_batched,
-    _solo,
     check_chunked_batched_logits,
+    check_in_flight_batch_of_four,
     prompt_with_table,
     reference_generate,
     reference_generate_with_table,
@@ -166,23 +165,7 @@ def test_chunked_batched_forward_logits_match_reference_logits(oss):
 
 
 def test_in_flight_batch_of_four_different_requests_gives_each_its_solo_tokens(oss):
-    rng = np.random.default_rng(11)
-    table_ids, table = prompt_with_table(oss, rng, rows=6)
-    long_ids = text_ids(rng, LONG)
-    requests = [  # (request id, join step, input ids, prompt table, params)
-        ("text", 0, text_ids(rng, 5), None, SamplingParams(max_new_tokens=12)),
-        ("table", 0, table_ids, table, SamplingParams(max_new_tokens=10)),
-        ("long", 1, long_ids, None, SamplingParams(max_new_tokens=8)),
-        ("sampled", 2, text_ids(rng, 13), None, SamplingParams(max_new_tokens=9, do_sample=True, temperature=1.3, seed=3)),
-    ]
-    solo = _solo(oss, requests, max_num_tokens=32)
-    batched, sizes = _run_batched(oss, requests, max_batch_size=4, max_num_tokens=32)
-    for rid, *_ in requests:
-        assert batched[rid] == solo[rid], rid
-    assert max(sizes) == 4
-    assert tokens_of(solo["text"]) == reference_generate(oss, requests[0][2], 12)
-    assert tokens_of(solo["table"]) == reference_generate_with_table(oss, table_ids, table, 10)
-    assert tokens_of(solo["long"]) == reference_generate(oss, long_ids, 8)
+    check_in_flight_batch_of_four(oss, np.random.default_rng(11), long_prompt=LONG)  # the long one beyond the window
 
 
 # ------------------------------------------------------------------ the whole pipeline (model.chat semantics)

@@ -277,6 +277,28 @@ def _solo(setup: Setup, requests, **engine_kwargs) -> dict[str, list[TokenEvent]
     return out
 
 
+def check_in_flight_batch_of_four(setup: Setup, rng: np.random.Generator, long_prompt: int) -> list[int]:
+    """Four different requests (text, prompt table, a long prompt, sampled) joining at different steps:
+    each gets its solo tokens, and the greedy ones the reference's. -> the step batch sizes."""
+    table_ids, table = prompt_with_table(setup, rng, rows=6)
+    long_ids = text_ids(rng, long_prompt)
+    requests = [  # (request id, join step, input ids, prompt table, params)
+        ("text", 0, text_ids(rng, 5), None, SamplingParams(max_new_tokens=12)),
+        ("table", 0, table_ids, table, SamplingParams(max_new_tokens=10)),
+        ("long", 1, long_ids, None, SamplingParams(max_new_tokens=8)),
+        ("sampled", 2, text_ids(rng, 13), None, SamplingParams(max_new_tokens=9, do_sample=True, temperature=1.3, seed=3)),
+    ]
+    solo = _solo(setup, requests, max_num_tokens=32)
+    batched, sizes = _run_batched(setup, requests, max_batch_size=4, max_num_tokens=32)
+    for rid, *_ in requests:
+        assert batched[rid] == solo[rid], rid
+    assert max(sizes) == 4
+    assert tokens_of(solo["text"]) == reference_generate(setup, requests[0][2], 12)
+    assert tokens_of(solo["table"]) == reference_generate_with_table(setup, table_ids, table, 10)
+    assert tokens_of(solo["long"]) == reference_generate(setup, long_ids, 8)
+    return sizes
+
+
 @pytest.mark.parametrize("family", ["qwen3", "qwen2"])
 def test_in_flight_batching_gives_each_request_its_solo_tokens(family, setups):
     setup = setups(family)

@@ -126,7 +126,7 @@ def _copy_checkpoint_config(src, dst, edit):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda c: c["text_config"].update(model_type="gpt_oss"), "not supported"),
+        (lambda c: c["text_config"].update(model_type="phi3"), "not supported"),
         (lambda c: c.update(template="vicuna_v1"), "unknown"),
         (lambda c: c.update(image_token_id=5), "image_token_id"),
         (lambda c: c.update(downsample_ratio=0.3), "downsample_ratio"),
