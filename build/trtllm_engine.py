@@ -29,7 +29,7 @@ from build.llm_checkpoint import extract_llm_checkpoint, trtllm_support
 from build.settings import QUANT_ALGOS, BuildSettings, GpuSettings, HelpFormatter, add_arguments, from_arguments
 from engine.config import ModelConfig
 
-ENGINE_DIR, HF_DIR = "engine", "hf"
+ENGINE_DIR, HF_DIR, TIMING_CACHE = "engine", "hf", "timing.cache"
 
 
 def model_class_name(model_type: str) -> str:
@@ -37,10 +37,16 @@ def model_class_name(model_type: str) -> str:
     return trtllm_support(model_type).converter.removeprefix("tensorrt_llm.models.").split(".")[0]
 
 
-def build_config_dict(config: ModelConfig, settings: BuildSettings) -> dict:
-    """BuildConfig.from_dict input: the engine's limits, all from the checkpoint config + settings."""
+def build_config_dict(config: ModelConfig, settings: BuildSettings, out: Path) -> dict:
+    """BuildConfig.from_dict input: the engine's limits, all from the checkpoint config + settings;
+    the timing cache under `out` (read if present, written by rank 0)."""
     limits = settings.limits(config)
+    # BuildConfig's own default output_timing_cache is the relative 'model.cache' (tensorrt_llm/builder.py),
+    # written into whatever directory the build runs in, and asserted writable after the engine is built
+    timing_cache = str((Path(out) / TIMING_CACHE).resolve())
     return {
+        "input_timing_cache": timing_cache,
+        "output_timing_cache": timing_cache,
         "max_batch_size": settings.llm_max_batch_size,
         "max_input_len": limits["max_input_len"],
         "max_seq_len": limits["max_seq_len"],
@@ -97,7 +103,7 @@ def build_llm_engine(checkpoint: str | Path, out: str | Path, settings: BuildSet
     if plan["quant_algo"]:
         kv = plan["kv_cache_quant_algo"]
         quant_config = QuantConfig(quant_algo=QuantAlgo[plan["quant_algo"]], kv_cache_quant_algo=kv and QuantAlgo[kv])
-    build_config = build_config_dict(config, settings)
+    build_config = build_config_dict(config, settings, out)
     quantized_dir = out / "quantized"
     if gpu.quantization == "fp8":  # calibrated scales: ModelOpt writes a TensorRT-LLM checkpoint for all ranks
         model_class.quantize(

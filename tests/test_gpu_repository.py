@@ -100,6 +100,31 @@ def test_tensorrt_llm_model_settings_and_llm_placement(tiny, tmp_path):
     assert "gpu_device_ids" not in unplaced["tensorrt_llm"].parameters
 
 
+# Parameters the tensorrtllm backend reads with ModelState::GetParameter and no default: a missing key
+# throws "Cannot find parameter with name" and the instance fails to load (NVIDIA/TensorRT-LLM
+# triton_backend/inflight_batcher_llm/src/model_instance_state.cc: getBatchingTypeFromParams,
+# getGuidedDecodingConfigFromParams, both called unconditionally from getExecutorConfigFromParams; the
+# constructor's gpt_model_path read is guarded, but without it the load fails with "Both encoder and
+# decoder model paths are empty"). docs/model_config.md calls the guided-decoding three optional.
+BACKEND_REQUIRED_PARAMETERS = ("gpt_model_type", "gpt_model_path", "tokenizer_dir", "xgrammar_tokenizer_info_path", "guided_decoding_backend")
+
+
+def test_defect_tensorrt_llm_model_fails_to_load_without_the_parameters_the_backend_requires(tiny, tmp_path):
+    _, configs = write_gpu_repository(tiny, tmp_path)
+    params = {k: v.string_value for k, v in configs["tensorrt_llm"].parameters.items()}
+    missing = [p for p in BACKEND_REQUIRED_PARAMETERS if p not in params]
+    assert not missing, f"the tensorrtllm backend would fail to load: no {missing}"
+    assert params["gpt_model_type"] in ("V1", "v1", "inflight_batching", "inflight_fused_batching")
+    assert params["gpt_model_path"]
+    # empty (or an unfilled ${...}) disables guided decoding in getGuidedDecodingConfigFromParams
+    assert params["guided_decoding_backend"] == params["xgrammar_tokenizer_info_path"] == params["tokenizer_dir"] == ""
+    # numbers and bools the backend parses: an unparsable one is silently replaced by its default
+    for key in ("kv_cache_free_gpu_mem_fraction", "max_beam_width"):
+        float(params[key])
+    for key in ("enable_kv_cache_reuse", "enable_chunked_context", "exclude_input_in_output"):
+        assert params[key] in ("true", "false"), key
+
+
 def test_llm_wrapper_requests_match_the_tensorrt_llm_config(tiny, tmp_path):
     """What the GPU llm model sends for a real two-image prompt is declared by tensorrt_llm with the
     same dtype and rank, every required input is there, and the extra ids mark exactly the image slots."""

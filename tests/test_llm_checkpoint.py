@@ -113,3 +113,27 @@ def test_custom_format_checkpoint_extracts_to_the_same_llm(checkpoints, tmp_path
     ids = torch.randint(0, len(reference_chat.tokenizer(checkpoints["qwen2"])), (1, 29), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(llm(input_ids=ids).logits, _reference_logits(checkpoints["qwen2"], ids), rtol=0, atol=1e-5)
+
+
+def test_defect_tied_qwen3_gets_an_lm_head_tensorrt_llm_can_load(tmp_path, monkeypatch):
+    """InternVL3.5-1B/2B/4B tie lm_head to the embedding and store none; TensorRT-LLM's Qwen loader
+    maps lm_head to embed_tokens only for qwen2 (tensorrt_llm/models/qwen/model.py), so the extraction
+    writes lm_head.weight itself: a copy of the embedding, the same logits."""
+    import dataclasses
+
+    from safetensors import safe_open
+
+    from build import checkpoint as generator
+
+    monkeypatch.setitem(generator.PRESETS, "tiny-tied", dataclasses.replace(generator.PRESETS["tiny"], tie_word_embeddings=True))
+    tied = generator.generate("tiny-tied", "qwen3", tmp_path / "tied")
+    with safe_open(tied / "model.safetensors", "pt") as f:
+        assert not any("lm_head" in k for k in f.keys())  # as the hub's tied checkpoints
+    out = extract_llm_checkpoint(tied, tmp_path / "llm")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor("model.embed_tokens.weight"))
+    llm, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values())
+    ids = torch.randint(0, 1024, (1, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(llm.eval()(input_ids=ids).logits, _reference_logits(tied, ids), rtol=0, atol=1e-5)

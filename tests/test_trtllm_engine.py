@@ -4,6 +4,7 @@ refusals; the engine build itself is a `gpu` test."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,10 +27,10 @@ BUILD_CONFIG_FIELDS = {
 PLUGIN_FIELDS = {"gpt_attention_plugin", "gemm_plugin", "remove_input_padding", "context_fmha", "use_paged_context_fmha"}
 
 
-def test_build_config_carries_the_limits_from_the_config_object(checkpoints):
+def test_build_config_carries_the_limits_from_the_config_object(checkpoints, tmp_path):
     config = ModelConfig.from_pretrained(checkpoints["qwen2"])
     settings = BuildSettings(max_images=2, llm_max_batch_size=3, max_num_tokens=1024, text_budget=512, max_output_len=256)
-    built = build_config_dict(config, settings)
+    built = build_config_dict(config, settings, tmp_path)
     assert set(built) <= BUILD_CONFIG_FIELDS and set(built["plugin_config"]) == PLUGIN_FIELDS
     q, per_request = config.vision.tokens_per_tile, 2 * config.max_tiles_per_image
     assert built["max_batch_size"] == 3
@@ -38,6 +39,16 @@ def test_build_config_carries_the_limits_from_the_config_object(checkpoints):
     assert built["max_seq_len"] == min(built["max_input_len"] + 256, config.text.max_position_embeddings)
     assert built["max_num_tokens"] == 1024 and built["kv_cache_type"] == "paged"
     assert built["plugin_config"]["use_paged_context_fmha"]  # chunked prefill + KV reuse
+
+
+def test_defect_the_engine_build_writes_its_timing_cache_under_the_output_directory(checkpoints, tmp_path, monkeypatch):
+    """BuildConfig's default output_timing_cache is the relative 'model.cache' (tensorrt_llm/builder.py):
+    the build would write into (and assert it can write) whatever directory it runs in."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "llm"
+    built = build_config_dict(ModelConfig.from_pretrained(checkpoints["qwen2"]), BuildSettings(), out)
+    for key in ("input_timing_cache", "output_timing_cache"):
+        assert Path(built[key]).is_absolute() and Path(built[key]).parent == out.resolve(), key
 
 
 @pytest.mark.parametrize("family, model_class", [("qwen2", "QWenForCausalLM"), ("qwen3", "QWenForCausalLM"), ("llama", "LLaMAForCausalLM")])
