@@ -22,10 +22,11 @@ import json
 import shutil
 import string
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from engine.vision_export import export_stamp, export_vision_onnx
+from build.gpu_memory import kv_cache_fraction, shared_gpus
 from build.settings import BuildSettings, GpuSettings, HelpFormatter, add_arguments, from_arguments
 from build.trt_vision import METADATA, build_vision_plan
 from build.trtllm_engine import build_llm_engine, conversion_plan
@@ -147,6 +148,7 @@ def build_gpu(checkpoint: str | Path, out: str | Path, settings: BuildSettings, 
     print(f"[2/3] language model → TensorRT-LLM engine ({gpu.dtype}, TP {gpu.tp_size} × PP {gpu.pp_size}, {gpu.quantization}) ...", flush=True)
     engine_dir = build_llm_engine(config.path, out / "llm", settings, gpu)
     metadata = json.loads((vision_dir / METADATA).read_text(encoding="utf-8"))
+    gpu = replace(gpu, kv_cache_free_gpu_mem_fraction=_kv_cache_fraction(gpu, metadata, engine_dir))
     values = gpu_values(config, settings, gpu, metadata, engine_dir)
     repository = out / "model_repository"
     write_repository(repository, "gpu", values)
@@ -154,6 +156,22 @@ def build_gpu(checkpoint: str | Path, out: str | Path, settings: BuildSettings, 
     (out / "build.json").write_text(json.dumps({"target": "gpu", "values": values}, indent=2), encoding="utf-8")
     print(f"[3/3] model repository: {repository} ({', '.join(TARGET_MODELS['gpu'])})")
     return out
+
+
+def _kv_cache_fraction(gpu: GpuSettings, vision_metadata: dict, engine_dir: Path) -> float:
+    """The KV-cache fraction for this machine: lowered where the vision plan shares a GPU with an LLM
+    rank (build/gpu_memory.py), from the GPU's size and the built engines' sizes."""
+    shared = shared_gpus(gpu)
+    if not shared:
+        return gpu.kv_cache_free_gpu_mem_fraction
+    import torch  # the container's; the build runs on the GPUs it deploys to
+
+    total = min(torch.cuda.get_device_properties(i).total_memory for i in shared)
+    rank_bytes = max(f.stat().st_size for f in Path(engine_dir).glob("rank*.engine"))
+    fraction = kv_cache_fraction(gpu, vision_metadata, total, rank_bytes)
+    if fraction < gpu.kv_cache_free_gpu_mem_fraction:
+        print(f"      GPU {sorted(shared)} holds the vision plan and an LLM rank: kv_cache_free_gpu_mem_fraction {fraction} (asked {gpu.kv_cache_free_gpu_mem_fraction})")
+    return fraction
 
 
 def refuse_gpu_flags(gpu: GpuSettings) -> None:

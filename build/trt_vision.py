@@ -52,8 +52,11 @@ class TilesProfile:
         return tuple((t * 3 * image_size * image_size,) for t in (self.min_tiles, self.opt_tiles, self.max_tiles))
 
 
-def engine_metadata(config: ModelConfig, dtype: str, profile: TilesProfile, tensorrt_version: str) -> dict:
+def engine_metadata(config: ModelConfig, dtype: str, profile: TilesProfile, tensorrt_version: str, memory: dict | None = None) -> dict:
+    """memory: {"plan_bytes", "device_memory_bytes"} of the built plan (build/gpu_memory.py sizes the KV
+    cache of an LLM rank sharing the GPU with it)."""
     return {
+        "memory": memory,
         "dtype": dtype,
         # engine shapes; Triton's config declares pixel_values per request as [-1, 3, S, S]
         "input": {"name": ONNX_INPUT, "dtype": "uint8", "shape": [-1]},
@@ -91,7 +94,11 @@ def build_vision_engine(onnx_file: Path, out: Path, config: ModelConfig, profile
         raise RuntimeError(f"TensorRT failed to build {onnx_file} (see the log above)")
     (out / PLAN).write_bytes(bytes(plan))
     cache_file.write_bytes(bytes(cache.serialize()))
-    metadata = engine_metadata(config, dtype, profile, trt.__version__)
+    # one execution context's activation memory at the profile max (TensorRT 10 Python API:
+    # ICudaEngine.device_memory_size_v2); the plan file holds the weights
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    memory = {"plan_bytes": (out / PLAN).stat().st_size, "device_memory_bytes": int(engine.device_memory_size_v2)}
+    metadata = engine_metadata(config, dtype, profile, trt.__version__, memory)
     (out / METADATA).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
     return out / PLAN
 
