@@ -20,7 +20,7 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup gpu-container test demo build serve bench bench-components clean
+.PHONY: setup gpu-container test demo build serve bench bench-components deploy-manifests clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,12 @@ bench-components: setup
 SERVER := $(if $(filter gpu,$(TARGET)),triton_repo.launch_gpu --tritonserver $(TRITONSERVER),triton_repo.server)
 serve: setup
 	$(PY) -m $(SERVER) --out $(OUT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+# Kubernetes manifests (OUT/k8s/*.yaml) for MODEL, with the same TARGET and BUILD_ARGS as `make build`;
+# DEPLOY_ARGS adds manifest flags (python -m build.manifests --help), e.g. --image, --replicas.
+# Written with the CPU environment for either TARGET: no GPU is needed to describe a GPU deployment.
+deploy-manifests: .venv/.installed
+	.venv/bin/python -m build.manifests --model $(MODEL) --out $(OUT) --target $(TARGET) $(BUILD_ARGS) $(DEPLOY_ARGS)
 
 clean:
 	rm -rf artifacts .pytest_cache .gpu-installed

@@ -132,12 +132,7 @@ def build(checkpoint: str | Path, out: str | Path, settings: BuildSettings = Bui
 def build_gpu(checkpoint: str | Path, out: str | Path, settings: BuildSettings, gpu: GpuSettings) -> Path:
     """The TensorRT vision plan, the TensorRT-LLM engine and the GPU repository (needs the container)."""
     config = ModelConfig.from_pretrained(checkpoint)
-    if config.flash is not None:
-        raise ValueError(
-            "InternVL3.5-Flash (flash_mode) is not built for the GPU path yet: serve it with TARGET=cpu, "
-            "or set flash_mode false to serve the plain 256-token path (docs/ARCHITECTURE.md says how the GPU path would route)"
-        )
-    conversion_plan(config, gpu)  # refuses an unsupported LLM family before the vision build
+    check_gpu_build(config, gpu)
     missing = [m for m in ("tensorrt", "tensorrt_llm") if importlib.util.find_spec(m) is None]
     if missing:
         raise RuntimeError(f"{' and '.join(missing)} not installed: build the GPU path inside the TensorRT-LLM Triton container (docs/GPU.md)")
@@ -172,6 +167,16 @@ def _kv_cache_fraction(gpu: GpuSettings, vision_metadata: dict, engine_dir: Path
     if fraction < gpu.kv_cache_free_gpu_mem_fraction:
         print(f"      GPU {sorted(shared)} holds the vision plan and an LLM rank: kv_cache_free_gpu_mem_fraction {fraction} (asked {gpu.kv_cache_free_gpu_mem_fraction})")
     return fraction
+
+
+def check_gpu_build(config: ModelConfig, gpu: GpuSettings) -> None:
+    """What the GPU build refuses before any work: Flash checkpoints, LLM families without an engine path."""
+    if config.flash is not None:
+        raise ValueError(
+            "InternVL3.5-Flash (flash_mode) is not built for the GPU path yet: serve it with TARGET=cpu, "
+            "or set flash_mode false to serve the plain 256-token path (docs/ARCHITECTURE.md says how the GPU path would route)"
+        )
+    conversion_plan(config, gpu)
 
 
 def refuse_gpu_flags(gpu: GpuSettings) -> None:

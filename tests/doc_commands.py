@@ -31,7 +31,8 @@ PLACEHOLDER = re.compile(r"<(?!image>)[^<>\s][^<>]*>")  # <dir>, <internvl check
 CAPS_PLACEHOLDER = re.compile(r"(?<![\w=/.$-])[A-Z]{1,5}(?![\w=])")  # DIR, FILE, N (not MODEL=…)
 OPERATORS = {"||", "&&", ";", "|", ">", ">>", "<", "2>", "&"}
 # `docker run` options the docs use (docs.docker.com/reference/cli/docker/container/run/)
-DOCKER_RUN_OPTIONS = {"--gpus", "--shm-size", "-v", "--volume", "-w", "--workdir", "-i", "-t", "-it", "--rm", "--ipc"}
+DOCKER_RUN_OPTIONS = {"--gpus", "--shm-size", "-v", "--volume", "-w", "--workdir", "-i", "-t", "-it", "--rm", "--ipc", "-p", "--publish", "-e", "--env"}
+DOCKER_BUILD_OPTIONS = {"-f", "--file", "-t", "--tag"}
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def bash_argv(text: str, cwd: Path) -> list[str]:
 
 
 def synopsis_argv(text: str) -> list[str]:
-    text = text.replace("\\|", "|")
+    text = text.replace("\\\n", " ").replace("\\|", "|")  # continuation lines joined
     text = PLACEHOLDER.sub(lambda m: "" if "flag" in m[0] else "X", text)
     text = text.replace("[", " ").replace("]", " ")
     argv = []

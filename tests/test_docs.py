@@ -35,6 +35,7 @@ from PIL import Image
 
 from tests.doc_commands import (
     COMMANDS,
+    DOCKER_BUILD_OPTIONS,
     DOCKER_RUN_OPTIONS,
     DOCS,
     DOC_DATA,
@@ -93,9 +94,14 @@ def test_every_doc_command_is_valid(command, workdir):
     elif program == "tritonserver":
         check_flags("tritonserver", argv[1:], tritonserver_options())
     elif program == "docker":
-        assert argv[1] == "run"
-        unknown = [a for a in argv[2:] if a.startswith("-") and a not in DOCKER_RUN_OPTIONS]
-        assert not unknown, f"docker run options not in the reference: {unknown}"
+        assert argv[1] in ("run", "build"), argv[1]
+        known = DOCKER_RUN_OPTIONS if argv[1] == "run" else DOCKER_BUILD_OPTIONS
+        unknown = [a for a in argv[2:] if a.startswith("-") and a not in known]
+        assert not unknown, f"docker {argv[1]} options not in the reference: {unknown}"
+        if argv[1] == "build":  # the Dockerfile it names exists
+            assert (ROOT / argv[argv.index("-f") + 1]).is_file()
+    elif program == "kubectl":
+        assert argv[1:3] == ["apply", "-f"] and len(argv) == 4, argv
     elif program == "curl":
         assert not command.synopsis and command in RUNNABLE
     else:

@@ -1,0 +1,103 @@
+"""`make deploy-manifests` (issue 12, item 8): Kubernetes manifests from the same settings as the model
+repository, validated offline with kubernetes-validate --strict, and consistent with the settings and
+the images: GPU requests = the GPUs the build places models on, the images' ports and volumes, the
+build flags the pods rebuild with, Triton's health endpoints and metrics port."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from build.manifests import PORTS, build_flags, gpu_count
+from build.settings import BuildSettings, GpuSettings, from_arguments
+from tests.doc_commands import module_parser
+from tests.test_deploy_images import IMAGES, _one
+
+ROOT = Path(__file__).resolve().parents[1]
+VALIDATE = Path(sys.executable).with_name("kubernetes-validate")  # the kubernetes-validate wheel's script
+CASES = {  # name: (target, build flags, GPUs one replica uses)
+    "cpu": ("cpu", ["--max-images", "3", "--llm-max-batch-size", "4"], 0),
+    "gpu-default-placement": ("gpu", ["--tp-size", "2"], 2),  # vision shares GPU 0 with rank 0
+    "gpu-separate-vision": ("gpu", ["--tp-size", "2", "--llm-gpus", "1,2", "--kv-cache-free-gpu-mem-fraction", "0.7"], 3),
+}
+
+
+def _generate(tiny, out: Path, target: str, flags: list[str], extra=()) -> dict[str, dict]:
+    result = subprocess.run(
+        [sys.executable, "-m", "build.manifests", "--model", str(tiny), "--out", str(out), "--target", target, *flags, *extra],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return {p.stem: yaml.safe_load(p.read_text()) for p in (out / "k8s").glob("*.yaml")}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES), ids=lambda c: f"manifests-{c}")  # not "gpu": that id marks GPU-only tests
+def generated(request, tiny, tmp_path_factory):
+    target, flags, gpus = CASES[request.param]
+    out = tmp_path_factory.mktemp("deploy")
+    return out, target, flags, gpus, _generate(tiny, out, target, flags, ["--replicas", "2", "--image", f"registry.example/internvl:{target}"])
+
+
+def test_manifests_pass_kubernetes_validate_strict(generated):
+    out = generated[0]
+    result = subprocess.run([str(VALIDATE), "--strict", *map(str, sorted((out / "k8s").glob("*.yaml")))], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed") == 3
+
+
+def test_gpu_requests_ports_probes_and_metrics_follow_the_build_and_the_image(generated):
+    _, target, flags, gpus, objects = generated
+    pod = objects["deployment"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"]["limits"].get("nvidia.com/gpu", 0) == gpus
+    image_ports = {int(p) for p in _one(IMAGES[target], "EXPOSE").split()}
+    assert {p["containerPort"] for p in container["ports"]} == image_ports == set(PORTS.values())
+    assert {p["name"]: p["port"] for p in objects["service"]["spec"]["ports"]} == PORTS
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(PORTS["metrics"])
+    hpa = objects["hpa"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == objects["deployment"]["metadata"]["name"] and hpa["minReplicas"] == 2
+    assert container["image"] == f"registry.example/internvl:{target}"
+
+
+def test_pods_rebuild_with_the_same_settings_at_the_images_paths(generated):
+    _, target, flags, _, objects = generated
+    (container,) = objects["deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    image_env = dict(kv.split("=", 1) for kv in shlex.split(_one(IMAGES[target], "ENV")))
+    assert env["MODEL"] == image_env["MODEL"] and env["OUT"] == image_env["OUT"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {env["MODEL"], env["OUT"], "/dev/shm"} <= mounts
+    # BUILD_ARGS, as the image's start command passes them to build.repository, give the same settings
+    parser = module_parser("build.repository")
+    pod_build = vars(parser.parse_args(["--model", "m", "--out", "o", *shlex.split(env["BUILD_ARGS"])]))
+    asked = vars(parser.parse_args(["--model", "m", "--out", "o", "--target", target, *flags]))
+    assert pod_build == asked
+
+
+def test_build_flags_reproduce_settings_and_gpu_counts():
+    gpu = GpuSettings(tp_size=2, vision_gpus=(3,), llm_gpus=(0, 1), enable_kv_cache_reuse=False)
+    settings = BuildSettings(max_images=1)
+    args = vars(module_parser("build.repository").parse_args(["--model", "m", "--out", "o", *build_flags(settings, gpu, "gpu")]))
+    assert (from_arguments(GpuSettings, args), from_arguments(BuildSettings, args)) == (gpu, settings)
+    assert gpu_count(gpu) == 3 and gpu_count(GpuSettings()) == 1 and gpu_count(GpuSettings(tp_size=4)) == 4
+
+
+def test_gpu_flags_on_a_cpu_deployment_are_refused(tiny, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "build.manifests", "--model", str(tiny), "--out", str(tmp_path), "--tp-size", "2"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--target gpu" in result.stderr and not (tmp_path / "k8s").exists()
+
+
+def test_make_deploy_manifests_runs_the_generator():
+    dry = subprocess.run(["make", "-n", "deploy-manifests", "MODEL=/m", "OUT=/o", "TARGET=gpu"], capture_output=True, text=True, cwd=ROOT)
+    assert dry.returncode == 0, dry.stderr
+    assert "-m build.manifests --model /m --out /o --target gpu" in dry.stdout
