@@ -11,6 +11,13 @@ HorizontalPodAutoscaler on Triton's per-pod pending-request gauge (nv_inference_
 which needs a custom-metrics adapter such as prometheus-adapter; docs/DEPLOY.md). The checkpoint comes
 from a PersistentVolumeClaim; the build goes to an emptyDir unless --build-claim names a claim (GPU
 engines then survive restarts).
+
+With --nodes N (GPU target), the TensorRT-LLM ranks span N nodes: a LeaderWorkerSet (the
+leaderworkerset.x-k8s.io/v1 API) of N pods per replica instead of the Deployment. The leader builds
+into the shared --build-claim (ReadWriteMany) and starts every rank with `launch_gpu --lws
+--rsh-agent internvl-kube-exec`; the workers mount the same build and wait; a ServiceAccount with a
+Role allowing pods/exec lets the leader's mpirun start the workers' ranks (triton_repo/kube_exec.py).
+The Service selects the leaders (worker index 0) and the autoscaler scales the LeaderWorkerSet.
 """
 
 from __future__ import annotations
@@ -31,6 +38,13 @@ MODEL_MOUNT, BUILD_MOUNT = "/models/checkpoint", "/var/lib/internvl-serve/build"
 # the first start builds the repository (GPU: TensorRT and TensorRT-LLM engines, tens of minutes)
 STARTUP_SECONDS = {"cpu": 20 * 60, "gpu": 2 * 60 * 60}
 PENDING_METRIC = "nv_inference_pending_request_count"  # Triton's per-model gauge of queued requests
+LWS_API = "leaderworkerset.x-k8s.io/v1"
+LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"  # label LeaderWorkerSet puts on its pods
+# the leader's start: Dockerfile.gpu's command, with the ranks spread over the group's pods
+LEADER_COMMAND = (
+    'python3 -m build.repository --model "$MODEL" --out "$OUT" --target gpu $BUILD_ARGS && exec python3 -m triton_repo.launch_gpu '
+    '--out "$OUT" --lws --rsh-agent internvl-kube-exec --http-port 8000 --grpc-port 8001 --metrics-port 8002'
+)
 
 
 def build_flags(settings: BuildSettings, gpu: GpuSettings, target: str) -> list[str]:
@@ -51,6 +65,71 @@ def build_flags(settings: BuildSettings, gpu: GpuSettings, target: str) -> list[
 def gpu_count(gpu: GpuSettings) -> int:
     """GPUs one replica uses: the vision plan's and the LLM ranks' (build flags --vision-gpus, --llm-gpus)."""
     return len(set(gpu.vision_gpus) | set(llm_gpu_ids(gpu)))
+
+
+def check_nodes(gpu: GpuSettings, nodes: int, build_claim: str | None) -> int:
+    """-> ranks per node; refuses what a multi-node group cannot place."""
+    if nodes < 1 or gpu.world_size % nodes:
+        raise ValueError(f"--nodes {nodes} must divide tp_size × pp_size = {gpu.world_size}")
+    if nodes > 1 and gpu.llm_gpus:
+        raise ValueError("--llm-gpus places ranks on one node; with --nodes each node's ranks use its GPUs in order")
+    if nodes > 1 and not build_claim:
+        raise ValueError("--nodes needs --build-claim: a ReadWriteMany claim every node of the group mounts (the leader builds into it)")
+    return gpu.world_size // nodes
+
+
+def multi_node(objects: dict[str, dict], gpu: GpuSettings, nodes: int) -> dict[str, dict]:
+    """The single-node manifests turned into a LeaderWorkerSet group of `nodes` pods per replica."""
+    deployment = objects.pop("deployment")
+    name, labels = deployment["metadata"]["name"], deployment["metadata"]["labels"]
+    per_node = gpu.world_size // nodes
+    leader = deployment["spec"]["template"]
+    (container,) = leader["spec"]["containers"]
+    container.update(command=["bash", "-c", LEADER_COMMAND])
+    container["resources"]["limits"]["nvidia.com/gpu"] = len(set(gpu.vision_gpus) | set(range(per_node)))
+    leader["spec"]["serviceAccountName"] = name
+    worker = {"metadata": {"labels": labels}, "spec": {**leader["spec"], "containers": [dict(container)]}}
+    worker_container = worker["spec"]["containers"][0]
+    for key in ("startupProbe", "readinessProbe", "livenessProbe", "ports"):
+        worker_container.pop(key)
+    worker_container.update(command=["sleep", "infinity"], resources={**container["resources"], "limits": {**container["resources"]["limits"], "nvidia.com/gpu": per_node}})
+    objects["service"]["spec"]["selector"] = {**labels, LWS_WORKER_INDEX: "0"}
+    objects["hpa"]["spec"]["scaleTargetRef"] = {"apiVersion": LWS_API, "kind": "LeaderWorkerSet", "name": name}
+    meta = deployment["metadata"]
+    return {
+        "leaderworkerset": {
+            "apiVersion": LWS_API,
+            "kind": "LeaderWorkerSet",
+            "metadata": meta,
+            "spec": {
+                "replicas": deployment["spec"]["replicas"],
+                "leaderWorkerTemplate": {
+                    "size": nodes,
+                    "restartPolicy": "RecreateGroupOnPodRestart",  # a lost rank ends the whole mpirun job
+                    "leaderTemplate": leader,
+                    "workerTemplate": worker,
+                },
+            },
+        },
+        "serviceaccount": {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        "role": {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+                {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]},
+            ],
+        },
+        "rolebinding": {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name}],
+        },
+        **objects,
+    }
 
 
 def manifests(name: str, image: str, target: str, settings: BuildSettings, gpu: GpuSettings, args: argparse.Namespace) -> dict[str, dict]:
@@ -161,6 +240,7 @@ def main() -> None:
     parser.add_argument("--cpu", default="2", help="CPU request per replica")
     parser.add_argument("--memory", default="16Gi", help="memory request and limit per replica")
     parser.add_argument("--shm", default="2Gi", help="size of /dev/shm")
+    parser.add_argument("--nodes", type=int, default=1, help="GPU target: nodes the TensorRT-LLM ranks span (a LeaderWorkerSet per replica)")
     add_arguments(parser, BuildSettings, title="limits and instances (both targets)")
     add_arguments(parser, GpuSettings, title="GPU target only (--target gpu)")
     args = parser.parse_args()
@@ -170,14 +250,20 @@ def main() -> None:
         settings.limits(ModelConfig.from_pretrained(args.model))  # the checkpoint and the limits agree
         if args.target == "gpu":
             check_gpu_build(ModelConfig.from_pretrained(args.model), gpu)
+            check_nodes(gpu, args.nodes, args.build_claim)
         else:
             refuse_gpu_flags(gpu)
+            if args.nodes != 1:
+                raise ValueError("--nodes needs --target gpu")
         if args.replicas < 1 or args.max_replicas < 1:
             raise ValueError("--replicas and --max-replicas must be ≥ 1")
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     image = args.image or f"internvl-serve:{args.target}"
-    for path in write_manifests(args.out, manifests(args.name, image, args.target, settings, gpu, args)):
+    objects = manifests(args.name, image, args.target, settings, gpu, args)
+    if args.nodes > 1:
+        objects = multi_node(objects, gpu, args.nodes)
+    for path in write_manifests(args.out, objects):
         print(path)
 
 

@@ -84,7 +84,9 @@ def tensorrt_llm_inputs(
         if name in item and not (name == "runtime_top_k" and not params.do_sample):
             out[name] = scalar(_value(item, name), dtype)
     if table_rows:
-        out["prompt_table_extra_ids"] = np.where(image_slots, image_key, 0).astype(np.uint64)[None]
+        # uint64 operands: a Python int ≥ 2**63 with an int 0 makes numpy go through float64 (rounded,
+        # or 0 with "invalid value" for 2**64 - 1); tensorrt_llm reads the input as uint64 exactly
+        out["prompt_table_extra_ids"] = np.where(image_slots, np.uint64(image_key), np.uint64(0))[None]
     return out
 
 

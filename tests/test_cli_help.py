@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("build.repository", "build.trt_vision", "build.trtllm_engine", "build.vision_parity", "triton_repo.server", "triton_repo.launch_gpu")
+TOOLS = ("build.repository", "build.trt_vision", "build.trtllm_engine", "build.vision_parity", "build.manifests", "triton_repo.server", "triton_repo.launch_gpu")
 REQUIRED = {"--model", "--out", "--plan"}
-SWITCHES = {"--help", "--print-only"}
+SWITCHES = {"--help", "--print-only", "--lws"}
 
 
 def _help(module: str, monkeypatch, capsys) -> str:

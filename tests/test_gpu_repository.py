@@ -163,6 +163,23 @@ def test_llm_wrapper_requests_match_the_tensorrt_llm_config(tiny, tmp_path):
     assert sent["runtime_top_k"][0, 0] == 20 and sent["pad_id"][0, 0] == config.stop_token_id
 
 
+@pytest.mark.parametrize("key", [2**63 + 5, 15121140756026053281, 2**64 - 1, 7])
+def test_defect_image_keys_above_2_63_reach_tensorrt_llm_exactly(tiny, key):
+    """image_key spans uint64; half its values are ≥ 2**63, where np.where(mask, key, 0) went through
+    float64 (rounded, or 0 for 2**64 - 1: the text marker) before the uint64 cast. The backend declares
+    prompt_table_extra_ids TYPE_UINT64 and reads it with extractVector<uint64_t> (TensorRT-LLM
+    triton_backend/inflight_batcher_llm/src/utils.cc)."""
+    import warnings
+
+    vocab = ModelConfig.from_pretrained(tiny).text.vocab_size
+    ids = np.array([1, vocab, vocab + 1, 2], np.int32)
+    item = {"input_ids": ids, "input_lengths": np.array([4], np.int32), "request_output_len": np.array([5], np.int32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        extra = tensorrt_llm_inputs(item, vocab, 2, key, max_seq_len=100)["prompt_table_extra_ids"][0]
+    assert extra.dtype == np.uint64 and [int(x) for x in extra] == [0, key, key, 0]
+
+
 def test_llm_wrapper_request_semantics(tiny):
     config = ModelConfig.from_pretrained(tiny)
     vocab = config.text.vocab_size

@@ -9,6 +9,12 @@ triton_backend/scripts/launch_triton_server.py does: rank 0 serves the whole rep
 load only the tensorrt_llm model (explicit model control) and never return from its
 initialization; every rank gets its own python-backend shared-memory prefix. Ranks find their GPU
 through the tensorrt_llm model's gpu_device_ids (build flag --llm-gpus).
+
+Across nodes (`--hosts`, or `--lws` inside a LeaderWorkerSet, whose leader and worker pods are
+`<name>-<group>` and `<name>-<group>-<i>` under the LeaderWorkerSet's headless service): ranks are
+placed on the hosts in order, ranks_per_node slots each (`mpirun --host h:slots,...`), and mpirun
+reaches the other pods through `--rsh-agent` (`internvl-kube-exec`, triton_repo/kube_exec.py) — the
+form of NVIDIA's multi-node TensorRT-LLM Kubernetes tutorial. Every pod mounts the same build.
 """
 
 from __future__ import annotations
@@ -32,14 +38,39 @@ def world_size(out: Path) -> int:
     return int(build["values"]["tp_size"]) * int(build["values"]["pp_size"])
 
 
+def lws_hosts(env: dict[str, str]) -> list[str]:
+    """The pods of this LeaderWorkerSet group, leader first, from the variables LWS injects
+    (LWS_LEADER_ADDRESS = <name>-<group>.<service>.<namespace>, LWS_GROUP_SIZE)."""
+    try:
+        leader, size = env["LWS_LEADER_ADDRESS"], int(env["LWS_GROUP_SIZE"])
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"--lws needs LWS_LEADER_ADDRESS and LWS_GROUP_SIZE (set by the LeaderWorkerSet): {error}") from None
+    pod, _, domain = leader.partition(".")
+    return [leader] + [f"{pod}-{i}.{domain}" if domain else f"{pod}-{i}" for i in range(1, size)]
+
+
 def server_command(
-    out: Path, ranks: int, http_port: int, grpc_port: int, metrics_port: int, tritonserver: str = TRITONSERVER
+    out: Path,
+    ranks: int,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    tritonserver: str = TRITONSERVER,
+    hosts: list[str] | None = None,
+    rsh_agent: str | None = None,
 ) -> list[str]:
+    """hosts: the nodes, leader first; the ranks fill them in order, ranks / len(hosts) each."""
     repository = Path(out).resolve() / "model_repository"
     ports = [f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}"]
-    if ranks == 1:
+    if ranks == 1 and not hosts:
         return [tritonserver, f"--model-repository={repository}", *ports]
     command = ["mpirun", "--allow-run-as-root"]
+    if hosts:
+        if ranks % len(hosts):
+            raise ValueError(f"{ranks} ranks do not split evenly over {len(hosts)} hosts")
+        command += ["--host", ",".join(f"{h}:{ranks // len(hosts)}" for h in hosts)]
+        if rsh_agent:
+            command += ["--mca", "plm_rsh_agent", rsh_agent]
     for rank in range(ranks):
         command += ["-n", "1", tritonserver, f"--model-repository={repository}", *ports]
         if rank > 0:
@@ -55,10 +86,16 @@ def main() -> None:
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC endpoint (KServe v2, streaming)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics")
     parser.add_argument("--tritonserver", default=TRITONSERVER, help="the server binary (the container's)")
+    parser.add_argument("--hosts", type=lambda s: [h for h in s.split(",") if h], help="nodes of a multi-node build, leader (this one) first (default: this node only)")
+    parser.add_argument("--lws", action="store_true", help="the nodes are this LeaderWorkerSet group's pods (LWS_* variables)")
+    parser.add_argument("--rsh-agent", help="how mpirun starts ranks on the other nodes, e.g. internvl-kube-exec (default: ssh)")
     parser.add_argument("--print-only", action="store_true", help="print the command instead of running it")
     args = parser.parse_args()
     try:
-        command = server_command(args.out, world_size(args.out), args.http_port, args.grpc_port, args.metrics_port, args.tritonserver)
+        hosts = lws_hosts(dict(os.environ)) if args.lws else args.hosts
+        command = server_command(
+            args.out, world_size(args.out), args.http_port, args.grpc_port, args.metrics_port, args.tritonserver, hosts, args.rsh_agent
+        )
         if not args.print_only:  # tritonserver finds a taken port only after loading the engines
             check_ports("0.0.0.0", {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port})
     except (ValueError, LaunchError) as error:
