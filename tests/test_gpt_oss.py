@@ -18,7 +18,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import GptOssConfig, InternVLForConditionalGeneration
+from transformers import GptOssConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from build.checkpoint import generate
@@ -36,6 +36,7 @@ from tests.test_llm_engine import (
     Setup,
     check_chunked_batched_logits,
     check_in_flight_batch_of_four,
+    load_setup,
     prompt_with_table,
     reference_generate,
     reference_generate_with_table,
@@ -60,9 +61,7 @@ def path(checkpoints):
 
 @pytest.fixture(scope="module")
 def oss(path) -> Setup:
-    cfg = ModelConfig.from_pretrained(path)
-    ref = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    return Setup(path, cfg, DecoderLM.from_pretrained(path, cfg.text), ref)
+    return load_setup(path)
 
 
 def test_the_tiny_checkpoint_has_the_gpt_oss_structure(oss):

@@ -37,17 +37,20 @@ class Setup:
         return self.cfg.text.vocab_size
 
 
+def load_setup(path) -> Setup:
+    """Our decoder and transformers' model (the reference) on one checkpoint."""
+    cfg = ModelConfig.from_pretrained(path)
+    ref = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return Setup(path, cfg, DecoderLM.from_pretrained(path, cfg.text), ref)
+
+
 @pytest.fixture(scope="module")
 def setups(checkpoints):
     cache = {}
 
     def get(family: str) -> Setup:
         if family not in cache:
-            path = checkpoints[family]
-            cfg = ModelConfig.from_pretrained(path)
-            model = DecoderLM.from_pretrained(path, cfg.text)
-            ref = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-            cache[family] = Setup(path, cfg, model, ref)
+            cache[family] = load_setup(checkpoints[family])
         return cache[family]
 
     return get

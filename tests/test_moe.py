@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import InternVLConfig, InternVLForConditionalGeneration
+from transformers import InternVLConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer, Qwen3MoeSparseMoeBlock
 
 from engine.config import ConfigError, ModelConfig
@@ -30,6 +30,7 @@ from tests.test_llm_engine import (
     Setup,
     check_chunked_batched_logits,
     check_in_flight_batch_of_four,
+    load_setup,
     check_stream_shape,
     prompt_with_table,
     random_table,
@@ -50,9 +51,7 @@ def moe_path(checkpoints):
 
 @pytest.fixture(scope="module")
 def moe(moe_path) -> Setup:
-    cfg = ModelConfig.from_pretrained(moe_path)
-    ref = InternVLForConditionalGeneration.from_pretrained(moe_path, dtype=torch.float32).eval()
-    return Setup(moe_path, cfg, DecoderLM.from_pretrained(moe_path, cfg.text), ref)
+    return load_setup(moe_path)
 
 
 def _ref_block(setup: Setup, layer: int) -> Qwen3MoeSparseMoeBlock:
