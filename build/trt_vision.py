@@ -68,6 +68,18 @@ def engine_metadata(config: ModelConfig, dtype: str, profile: TilesProfile, tens
     }
 
 
+def timing_cache(builder_config, cache_file: Path):
+    """The timing cache of earlier builds if TensorRT takes it, else a fresh one. IBuilderConfig.
+    set_timing_cache returns False for a cache from another TensorRT version or device (TensorRT 10
+    Python API), which would otherwise go silently unused and then be written back as it was."""
+    stored = cache_file.read_bytes() if cache_file.is_file() else b""
+    for data in (stored, b"") if stored else (b"",):
+        cache = builder_config.create_timing_cache(data)
+        if builder_config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+    raise RuntimeError("TensorRT refused a fresh timing cache")
+
+
 def build_vision_engine(onnx_file: Path, out: Path, config: ModelConfig, profile: TilesProfile, dtype: str) -> Path:
     try:
         import tensorrt as trt
@@ -87,8 +99,7 @@ def build_vision_engine(onnx_file: Path, out: Path, config: ModelConfig, profile
     optimization_profile.set_shape(ONNX_INPUT, *profile.shapes(config.vision.image_size))
     builder_config.add_optimization_profile(optimization_profile)
     cache_file = out / TIMING_CACHE
-    cache = builder_config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
-    builder_config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = timing_cache(builder_config, cache_file)
     plan = builder.build_serialized_network(network, builder_config)
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build {onnx_file} (see the log above)")

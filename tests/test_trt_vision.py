@@ -93,3 +93,31 @@ def test_tensorrt_plan_matches_onnx_runtime(tiny, tmp_path):
     plan = build_vision_engine(onnx_file, tmp_path, config, TilesProfile(0, 2, 4), "float16")
     rows = compare(tiny, plan, [0, 1, 4])
     assert all(row["min_cosine"] > 0.999 for row in rows), rows
+
+
+class _BuilderConfig:
+    """IBuilderConfig's timing-cache calls: a cache written by another TensorRT version is refused."""
+
+    def __init__(self, accepts_stored: bool):
+        self.accepts_stored, self.set_with = accepts_stored, None
+
+    def create_timing_cache(self, data: bytes):
+        return {"from": data}
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        assert ignore_mismatch is False
+        ok = not cache["from"] or self.accepts_stored
+        self.set_with = cache if ok else self.set_with
+        return ok
+
+
+@pytest.mark.parametrize("stored, accepted, used", [(None, True, b""), (b"old", True, b"old"), (b"old", False, b"")])
+def test_defect_a_timing_cache_tensorrt_refuses_is_replaced_not_silently_dropped(stored, accepted, used, tmp_path):
+    from build.trt_vision import timing_cache
+
+    cache_file = tmp_path / "timing.cache"
+    if stored is not None:
+        cache_file.write_bytes(stored)
+    config = _BuilderConfig(accepted)
+    cache = timing_cache(config, cache_file)
+    assert cache == {"from": used} and config.set_with is cache  # the cache the build uses is the one written back
