@@ -28,8 +28,8 @@ from pathlib import Path
 from engine.vision_export import export_stamp, export_vision_onnx
 from build.gpu_memory import kv_cache_fraction, shared_gpus
 from build.settings import BuildSettings, GpuSettings, HelpFormatter, add_arguments, from_arguments
-from build.trt_vision import METADATA, build_vision_plan
-from build.trtllm_engine import build_llm_engine, conversion_plan
+from build.trt_vision import METADATA, PLAN, PLAN_SETTINGS, build_vision_plan
+from build.trtllm_engine import ENGINE_DIR, ENGINE_GPU_SETTINGS, ENGINE_SETTINGS, build_llm_engine, conversion_plan
 from engine.config import ModelConfig
 from engine.vision import ONNX_INPUT, ONNX_OUTPUT
 
@@ -137,20 +137,44 @@ def build_gpu(checkpoint: str | Path, out: str | Path, settings: BuildSettings, 
     if missing:
         raise RuntimeError(f"{' and '.join(missing)} not installed: build the GPU path inside the TensorRT-LLM Triton container (docs/GPU.md)")
     out = Path(out).resolve()
-    vision_dir = out / "vision"
-    print(f"[1/3] vision encoder → TensorRT plan ({gpu.dtype}, strongly typed) ...", flush=True)
-    plan = build_vision_plan(config, vision_dir, settings, gpu.dtype)
-    print(f"[2/3] language model → TensorRT-LLM engine ({gpu.dtype}, TP {gpu.tp_size} × PP {gpu.pp_size}, {gpu.quantization}) ...", flush=True)
-    engine_dir = build_llm_engine(config.path, out / "llm", settings, gpu)
+    vision_dir, engine_dir = out / "vision", out / "llm" / ENGINE_DIR
+    stamp = engines_stamp(config, settings, gpu)
+    previous = json.loads((out / "build.json").read_text(encoding="utf-8")) if (out / "build.json").is_file() else {}
+    plan = vision_dir / PLAN
+    if previous.get("engines_stamp") == stamp and plan.is_file() and any(engine_dir.glob("rank*.engine")):
+        # a container restart with the same checkpoint, settings and toolchain: hours of build saved
+        print(f"[1/3] vision plan up to date: {plan}\n[2/3] LLM engine up to date: {engine_dir}", flush=True)
+    else:
+        print(f"[1/3] vision encoder → TensorRT plan ({gpu.dtype}, strongly typed) ...", flush=True)
+        plan = build_vision_plan(config, vision_dir, settings, gpu.dtype)
+        print(f"[2/3] language model → TensorRT-LLM engine ({gpu.dtype}, TP {gpu.tp_size} × PP {gpu.pp_size}, {gpu.quantization}) ...", flush=True)
+        engine_dir = build_llm_engine(config.path, out / "llm", settings, gpu)
     metadata = json.loads((vision_dir / METADATA).read_text(encoding="utf-8"))
     gpu = replace(gpu, kv_cache_free_gpu_mem_fraction=_kv_cache_fraction(gpu, metadata, engine_dir))
     values = gpu_values(config, settings, gpu, metadata, engine_dir)
     repository = out / "model_repository"
     write_repository(repository, "gpu", values)
     shutil.copy2(plan, repository / "vision_encoder" / "1" / "model.plan")  # Triton's default plan file name
-    (out / "build.json").write_text(json.dumps({"target": "gpu", "values": values}, indent=2), encoding="utf-8")
+    build_record = {"target": "gpu", "values": values, "engines_stamp": stamp}
+    (out / "build.json").write_text(json.dumps(build_record, indent=2), encoding="utf-8")
     print(f"[3/3] model repository: {repository} ({', '.join(TARGET_MODELS['gpu'])})")
     return out
+
+
+def engines_stamp(config: ModelConfig, settings: BuildSettings, gpu: GpuSettings) -> dict:
+    """What the plan and the engines depend on: the checkpoint and the graph's code (export_stamp),
+    the settings that shape them, and the toolchain (a plan or engine runs only under the TensorRT
+    version that built it). The Triton-side settings do not enter: they only rewrite the repository."""
+    import tensorrt
+    import tensorrt_llm
+
+    return {
+        "export": export_stamp(config.path),
+        "settings": {k: getattr(settings, k) for k in sorted(set(PLAN_SETTINGS) | set(ENGINE_SETTINGS))},
+        "gpu": {k: getattr(gpu, k) for k in ENGINE_GPU_SETTINGS},
+        "tensorrt": tensorrt.__version__,
+        "tensorrt_llm": tensorrt_llm.__version__,
+    }
 
 
 def _kv_cache_fraction(gpu: GpuSettings, vision_metadata: dict, engine_dir: Path) -> float:

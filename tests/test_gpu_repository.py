@@ -392,3 +392,49 @@ def test_gpu_llm_wrapper_text_only_and_bad_requests(wrapper_server, tiny):
     with pytest.raises(Exception, match="image-token slots but the prompt table has"):
         _call_llm(wrapper_server, bad)
     assert _call_llm(wrapper_server, _llm_request(config, tiles=1, streaming=False))  # still serving
+
+
+def test_a_restarted_gpu_container_reuses_engines_built_for_the_same_checkpoint_settings_and_toolchain(tiny, tmp_path, monkeypatch):
+    """Dockerfile.gpu builds at every start: with the same checkpoint, engine settings and TensorRT /
+    TensorRT-LLM versions the plan and the engines are reused; any of them changed rebuilds both."""
+    import importlib
+    import sys
+    import types
+
+    from build import repository
+    from build.trt_vision import METADATA, PLAN
+
+    builds = []
+    versions = {"tensorrt": "10.14.1.48", "tensorrt_llm": "1.2.1"}
+    for name in versions:
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(__version__=versions[name]))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+
+    def fake_plan(config, out, settings, dtype):
+        out.mkdir(parents=True, exist_ok=True)
+        metadata = engine_metadata(config, dtype, default_profile(config, settings), versions["tensorrt"], {"plan_bytes": 1, "device_memory_bytes": 1})
+        (out / METADATA).write_text(json.dumps(metadata))
+        (out / PLAN).write_bytes(b"plan")
+        builds.append("plan")
+        return out / PLAN
+
+    def fake_engine(checkpoint, out, settings, gpu):
+        (out / "engine").mkdir(parents=True, exist_ok=True)
+        (out / "engine" / "rank0.engine").write_bytes(b"engine")
+        builds.append("engine")
+        return out / "engine"
+
+    monkeypatch.setattr(repository, "build_vision_plan", fake_plan)
+    monkeypatch.setattr(repository, "build_llm_engine", fake_engine)
+    monkeypatch.setattr(repository, "_kv_cache_fraction", lambda gpu, metadata, engine_dir: gpu.kv_cache_free_gpu_mem_fraction)
+    gpu = GpuSettings(vision_gpus=(1,))
+    repository.build_gpu(tiny, tmp_path, BuildSettings(), gpu)
+    assert builds == ["plan", "engine"]
+    repository.build_gpu(tiny, tmp_path, BuildSettings(preprocess_instances=3), gpu)  # Triton-side only: reused
+    assert builds == ["plan", "engine"]
+    assert (tmp_path / "model_repository" / "vision_encoder" / "1" / "model.plan").read_bytes() == b"plan"
+    repository.build_gpu(tiny, tmp_path, BuildSettings(max_images=1), gpu)  # the engine's limits changed
+    assert builds == ["plan", "engine"] * 2
+    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "10.15.0")  # a new container
+    repository.build_gpu(tiny, tmp_path, BuildSettings(max_images=1), gpu)
+    assert builds == ["plan", "engine"] * 3
