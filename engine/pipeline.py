@@ -25,6 +25,7 @@ from engine.llm.model import DecoderLM
 from engine.llm.runner import EngineRunner
 from engine.preprocess import load_images
 from engine.prompt import Prompt, PromptBuilder
+from engine.reasoning import R1_SYSTEM_PROMPT, ReasoningSplitter
 from engine.sampling_params import SamplingParams
 from engine.templates import Turn
 from engine.tokenizer import TextTokenizer
@@ -42,6 +43,8 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
     question: str  # as it enters the history (model.chat may prepend "<image>\n")
+    content: str  # text without the reasoning: after </think>, or all of it when there is none
+    reasoning_content: str | None  # inside <think>…</think> (engine/reasoning.py); None without it
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +152,10 @@ class Pipeline:
         max_tiles: int | None = None,
         system_message: str | None = None,
         stop: Sequence[str] = (),
+        enable_thinking: bool = False,
     ) -> Generator[str, None, GenerationResult]:
+        if enable_thinking and system_message is None:  # the InternVL3.5 card's switch (seed card 004)
+            system_message = R1_SYSTEM_PROMPT
         params = SamplingParams(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
@@ -189,10 +195,15 @@ class Pipeline:
         tail = reply.finish()
         if tail:
             yield tail
+        split = ReasoningSplitter(request.prompt.opens_reasoning)
+        split.push(reply.text)
+        split.finish()
         return GenerationResult(
             text=reply.text,
             token_ids=token_ids,
             finish_reason=finish_reason,
             prompt_tokens=len(input_ids),
             question=request.prompt.question,
+            content=split.content,
+            reasoning_content=split.reasoning if split.saw_reasoning else None,
         )

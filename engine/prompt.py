@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.reasoning import THINK_START
 from engine.templates import Turn
 from engine.tokenizer import TextTokenizer
 
@@ -28,6 +29,7 @@ class Prompt:
     input_ids: np.ndarray  # int32 [L]; image-context positions hold vocab_size + k
     num_image_tokens: int  # T·Q: rows of the prompt table this prompt reads
     question: str  # as entered in the history (with the `<image>\n` tags prepended to an untagged first turn)
+    opens_reasoning: bool = False  # the prompt ends in <think> (R1-style templates): the reply starts inside it
 
 
 class PromptBuilder:
@@ -84,4 +86,5 @@ class PromptBuilder:
             input_ids=np.asarray(ids, dtype=np.int32),
             num_image_tokens=next_fake - self._vocab_size,
             question=question,
+            opens_reasoning=query.rstrip().endswith(THINK_START),
         )
