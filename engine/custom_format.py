@@ -77,18 +77,12 @@ def hf_name(key: str) -> str:
 def llama_name(key: str) -> str:
     """An InternLM2 decoder weight name (language_model.*) under the Llama name (attention.wqkv becomes
     self_attn.wqkv, still fused: split_wqkv splits the tensor); other names pass through."""
-    if key.startswith("language_model."):
-        for internlm2, llama in _INTERNLM2_NAMES:
-            key = key.replace(internlm2, llama, 1)
-    return key
+    return _replace_pieces(key, _INTERNLM2_NAMES, forward=True) if key.startswith("language_model.") else key
 
 
 def internlm2_name(key: str) -> str:
     """The inverse of llama_name (build/checkpoint.py writes InternLM2 checkpoints with it)."""
-    if key.startswith("language_model."):
-        for internlm2, llama in _INTERNLM2_NAMES:
-            key = key.replace(llama, internlm2, 1)
-    return key
+    return _replace_pieces(key, _INTERNLM2_NAMES, forward=False) if key.startswith("language_model.") else key
 
 
 def wqkv_layout(llm_config: dict) -> tuple[int, int, int]:
@@ -173,12 +167,18 @@ def custom_name(key: str) -> str:
     return _rename(key, forward=False)
 
 
+def _replace_pieces(key: str, pairs: tuple[tuple[str, str], ...], forward: bool) -> str:
+    """Each (a, b) piece of `pairs` replaced once, a -> b (forward) or b -> a, in order."""
+    src, dst = (0, 1) if forward else (1, 0)
+    for pair in pairs:
+        key = key.replace(pair[src], pair[dst], 1)
+    return key
+
+
 def _rename(key: str, forward: bool) -> str:
     src, dst = (0, 1) if forward else (1, 0)
     if key.startswith(_VISION_NAMES[0][src]):
-        for pair in _VISION_NAMES:
-            key = key.replace(pair[src], pair[dst], 1)
-        return key
+        return _replace_pieces(key, _VISION_NAMES, forward)
     for pair in _PROJECTOR_NAMES:
         if key.startswith(pair[src]):
             return pair[dst] + key[len(pair[src]) :]

@@ -74,8 +74,7 @@ def load_weights(
 def iter_weights(path: str | Path, prefix: str = "", dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name without `prefix`, tensor) for every canonical name under `prefix`, file by file (fused
     q/k/v and experts split); dtype None keeps the stored one."""
-    layout = None  # InternLM2's wqkv layout, read from llm_config at the first wqkv tensor
-    split_experts = None  # whether fused experts are Qwen3-MoE's, read from the config at the first one
+    llm = None  # the checkpoint's language-model config, read at the first tensor that needs it
     for file in checkpoint_files(Path(path)):
         with safe_open(file, "pt") as f:
             for key in f.keys():
@@ -86,32 +85,27 @@ def iter_weights(path: str | Path, prefix: str = "", dtype: torch.dtype | None =
                 if dtype is not None:
                     tensor = tensor.to(dtype)
                 if ".self_attn.wqkv." in name:
-                    layout = layout or _wqkv_layout(Path(path))
-                    parts = split_wqkv(name, tensor, layout)
+                    llm = _llm_config(Path(path)) if llm is None else llm
+                    parts = split_wqkv(name, tensor, wqkv_layout(llm))
                 else:
                     parts = split_qkv(name, tensor)
                 for part, tensor in parts.items():
                     part = part[len(prefix) :]
                     if tensor.ndim == 3 and ".experts." in part:
-                        if split_experts is None:
-                            split_experts = _text_model_type(Path(path)) != "gpt_oss"
-                        if split_experts:
+                        llm = _llm_config(Path(path)) if llm is None else llm
+                        if llm.get("model_type") != "gpt_oss":  # Qwen3-MoE's fused layout: split per expert
                             yield from _per_expert(part, tensor).items()
                             continue
                     yield part, tensor
 
 
-def _wqkv_layout(path: Path) -> tuple[int, int, int]:
-    llm = json.loads((path / "config.json").read_text(encoding="utf-8")).get("llm_config") or {}
-    return wqkv_layout(llm)
-
-
-def _text_model_type(path: Path) -> str | None:
-    if not (path / "config.json").is_file():  # bare weights: the Qwen3-MoE layout
-        return None
+def _llm_config(path: Path) -> dict:
+    """The language model's config as stored: text_config, llm_config (custom format), or the file
+    itself (an LLM-only checkpoint); {} for bare weights (fused experts then read as Qwen3-MoE's)."""
+    if not (path / "config.json").is_file():
+        return {}
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    text = config.get("text_config") or config.get("llm_config") or config  # an LLM-only checkpoint: itself
-    return text.get("model_type")
+    return config.get("text_config") or config.get("llm_config") or config
 
 
 def _per_expert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
