@@ -45,7 +45,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
 
-from build.custom_checkpoint import CUSTOM_ARCHITECTURES, add_flash, write_custom
+from build.custom_checkpoint import CUSTOM_ARCHITECTURES, add_flash, check_internlm2_shape, write_custom
 from build.presets import LLM_VARIANTS, PRESETS, VISION_VARIANTS, Preset
 
 
@@ -143,9 +143,8 @@ def check_preset(preset: Preset, llm: str, vision_variant: str) -> None:
         raise ValueError(f"--preset {name} has an {preset.vision_variant} tower; --vision {vision_variant} does not fit it")
     if llm in ("qwen3_moe", "gpt_oss") and preset.moe is None:
         raise ValueError(f"--preset {name} has no expert shape; --llm {llm} needs a preset with one (tiny or its real preset)")
-    text = preset.text
-    if llm == "internlm2" and text.get("head_dim", text["hidden_size"] // text["num_attention_heads"]) * text["num_attention_heads"] != text["hidden_size"]:
-        raise ValueError(f"--preset {name}: InternLM2 needs head_dim == hidden_size // num_attention_heads, this preset has another head_dim")
+    if llm == "internlm2":
+        check_internlm2_shape(preset.text, f"--preset {name}")
 
 
 @torch.no_grad()

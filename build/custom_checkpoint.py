@@ -74,11 +74,17 @@ def _internlm2_weights(language: dict, layout: tuple[int, int, int]) -> dict:
     return out
 
 
+def check_internlm2_shape(text: dict, what: str = "this preset") -> None:
+    """InternLM2 has no head_dim field: it is hidden_size // num_attention_heads."""
+    heads = text["num_attention_heads"]
+    if text.get("head_dim", text["hidden_size"] // heads) * heads != text["hidden_size"]:
+        raise ValueError(f"InternLM2 needs head_dim == hidden_size // num_attention_heads; {what} has another head_dim")
+
+
 def internlm2_llm_config(llama: dict) -> dict:
     """InternLM2Config.to_dict() (configuration_internlm2.py field names) for a Llama llm_config."""
     heads = llama["num_attention_heads"]
-    if llama.get("head_dim", llama["hidden_size"] // heads) * heads != llama["hidden_size"]:
-        raise ValueError("InternLM2 needs head_dim == hidden_size // num_attention_heads; this preset has another head_dim")
+    check_internlm2_shape(llama)
     return dict(
         architectures=["InternLM2ForCausalLM"],
         auto_map={

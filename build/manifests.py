@@ -247,9 +247,10 @@ def main() -> None:
     values = vars(args).copy()
     try:
         gpu, settings = from_arguments(GpuSettings, values), from_arguments(BuildSettings, values)
-        settings.limits(ModelConfig.from_pretrained(args.model))  # the checkpoint and the limits agree
+        config = ModelConfig.from_pretrained(args.model)
+        settings.limits(config)  # the checkpoint and the limits agree
         if args.target == "gpu":
-            check_gpu_build(ModelConfig.from_pretrained(args.model), gpu)
+            check_gpu_build(config, gpu)
             check_nodes(gpu, args.nodes, args.build_claim)
         else:
             refuse_gpu_flags(gpu)
