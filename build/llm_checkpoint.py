@@ -108,12 +108,10 @@ def extract_llm_checkpoint(checkpoint: str | Path, out: str | Path, shard_bytes:
     config = text_config(internvl)
     shards = ShardWriter(out, shard_bytes)
     # stored dtype, file by file, vision tensors never read; InternLM2's wqkv split into q/k/v
-    written = set()
     for prefix, causal_lm_prefix in (("language_model.", "model."), ("lm_head.", "lm_head.")):
         for name, tensor in iter_weights(checkpoint, prefix):
             shards.add(causal_lm_prefix + name, tensor)
-            written.add(causal_lm_prefix + name)
-    if config.get("tie_word_embeddings") and "lm_head.weight" not in written and "model.embed_tokens.weight" in written:
+    if config.get("tie_word_embeddings") and "lm_head.weight" not in shards and "model.embed_tokens.weight" in shards:
         # Tied models store no lm_head; TensorRT-LLM's QWenForCausalLM.from_hugging_face maps lm_head to
         # embed_tokens only for qwen2 / qwen2_vl (tensorrt_llm/models/qwen/model.py), so a tied Qwen3
         # (InternVL3.5-1B/2B/4B) would fail in ModelWeightsLoader without this copy.

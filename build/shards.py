@@ -33,6 +33,10 @@ class ShardWriter:
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 
+    def __contains__(self, name: str) -> bool:
+        """Whether a tensor of that name was added."""
+        return name in self._pending or any(name in names for names in self._shards)
+
     def close(self) -> None:
         """Saves the last shard and gives every shard its final name (plus the index when > 1)."""
         if self._pending or not self._shards:
