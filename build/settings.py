@@ -37,7 +37,9 @@ class BuildSettings:
     llm_max_batch_size: int = _setting(8, "sequences decoding together (in-flight batching)")
     max_num_tokens: int = _setting(2048, "tokens per engine step (bounds how long a prefill stalls decodes)")
     text_budget: int = _setting(2048, "prompt tokens beyond the image tokens")
-    max_output_len: int = _setting(4096, "generated tokens per request the GPU engine is built for (GPU target only)")
+    max_output_len: int = _setting(4096, "generated tokens per request beyond the longest prompt (max_seq_len = max_input_len + this)")
+    max_image_pixels: int = _setting(40_000_000, "pixels per image (width × height, read from the header before decoding)")
+    max_request_bytes: int = _setting(64 * 2**20, "encoded image bytes per request")
     preprocess_instances: int = _setting(2, "preprocess model instances (CPU processes)")
     vision_queue_delay_us: int = _setting(0, "vision dynamic-batching delay; requests arriving during a run still batch, waiting only adds TTFT")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import queue
-import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.protocol import strip_error_prefix
 from engine.sampling_params import SamplingParamError, SamplingParams
 
 Turn = tuple[str, str]
 
-__all__ = ["InternVLClient", "Request", "SamplingParamError", "ServerError", "ServerUnavailable"]
+__all__ = ["InternVLClient", "Reply", "Request", "SamplingParamError", "ServerError", "ServerUnavailable"]
 
 
 class ServerError(RuntimeError):
@@ -46,7 +46,7 @@ class ServerUnavailable(ConnectionError):
 class Request:
     question: str
     images: Sequence[bytes | str | Path] = ()
-    max_tokens: int = 256
+    max_tokens: int | None = 256  # None: up to the deployment's context length
     temperature: float | None = None  # None or 0: greedy
     top_p: float | None = None
     top_k: int | None = None
@@ -63,7 +63,7 @@ class Request:
         """The sampling values by the server's rules (TensorRT-LLM request semantics); raises
         SamplingParamError with the message the server would give."""
         return SamplingParams.from_request(
-            self.max_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed, self.min_tokens
+            1 if self.max_tokens is None else self.max_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed, self.min_tokens
         )
 
     def image_bytes(self) -> list[bytes]:
@@ -71,8 +71,9 @@ class Request:
 
     def fields(self, stream: bool) -> dict[str, tuple[str, object]]:
         """name -> (Triton dtype, value) for every input this request sets."""
-        f = {"text_input": ("BYTES", [self.question]), "max_tokens": ("INT32", [self.max_tokens]), "stream": ("BOOL", [stream])}
+        f = {"text_input": ("BYTES", [self.question]), "stream": ("BOOL", [stream])}
         optional = {
+            "max_tokens": ("INT32", self.max_tokens),
             "image_bytes": ("BYTES", self.image_bytes() or None),
             "temperature": ("FP32", self.temperature),
             "top_p": ("FP32", self.top_p),
@@ -115,21 +116,30 @@ class InternVLClient:
 
     def chat(self, question: str, images: Sequence = (), stream: bool = False, **kwargs) -> str:
         """The whole reply; stream=False asks the server for a single response."""
+        return self.generate(question, images, stream, **kwargs).text
+
+    def generate(self, question: str, images: Sequence = (), stream: bool = False, **kwargs) -> Reply:
+        """The whole reply with its reasoning / content split, token counts and finish reason."""
         request = self._request(question, images, kwargs)
-        if stream:
-            return "".join(self._deltas(request, keep_empty=False))
-        if self.protocol == "grpc":
-            return "".join(self._grpc(request, False))
-        return self._http_generate(request)
+        reply = Reply()
+        for response in self._responses(request, stream):
+            reply.add(response)
+        return reply
 
     def _deltas(self, request: Request, keep_empty: bool) -> Iterator[str]:
-        deltas = self._grpc(request, True) if self.protocol == "grpc" else self._http_stream(request)
+        responses = self._responses(request, True)
         try:
-            for delta in deltas:
+            for response in responses:
+                delta = response.get("text_output", "")
                 if delta or keep_empty:
                     yield delta
         finally:
-            deltas.close()  # closing the stream early cancels the request
+            responses.close()  # closing the stream early cancels the request
+
+    def _responses(self, request: Request, stream: bool) -> Iterator[dict]:
+        if self.protocol == "grpc":
+            return self._grpc(request, stream)
+        return self._http_stream(request) if stream else iter([self._http_generate(request)])
 
     def _request(self, question: str, images: Sequence, kwargs: dict) -> Request:
         request = Request(question, images, **kwargs)
@@ -171,10 +181,10 @@ class InternVLClient:
                 result, error = responses.get(timeout=self.timeout)
                 if error is not None:
                     raise self._error(error)
-                text = result.as_numpy("text_output")
-                if text is not None:
-                    yield b"".join(text.reshape(-1)).decode("utf-8")
-                if result.get_response().parameters["triton_final_response"].bool_param:
+                response = result.get_response()
+                if response.outputs:
+                    yield {o.name: _value(result.as_numpy(o.name)) for o in response.outputs}
+                if response.parameters["triton_final_response"].bool_param:
                     return
         finally:
             client.stop_stream(cancel_requests=True)
@@ -205,11 +215,11 @@ class InternVLClient:
         except (http.client.HTTPException, ConnectionError) as e:  # something that does not speak HTTP
             raise ServerUnavailable(self.url, self.protocol, f"{type(e).__name__}: {e}") from None
 
-    def _http_generate(self, request: Request) -> str:
+    def _http_generate(self, request: Request) -> dict:
         with self._http_post("generate", request, False) as response:
-            return json.loads(response.read())["text_output"]
+            return json.loads(response.read())
 
-    def _http_stream(self, request: Request) -> Iterator[str]:
+    def _http_stream(self, request: Request) -> Iterator[dict]:
         with self._http_post("generate_stream", request, True) as response:
             for line in response:
                 if not line.startswith(b"data:"):
@@ -217,11 +227,37 @@ class InternVLClient:
                 event = json.loads(line[5:])
                 if "error" in event:
                     raise ServerError(_message(event["error"]))
-                if "text_output" in event:
-                    yield event["text_output"]
+                yield event
 
 
 _NUMPY = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "UINT64": np.uint64}
+
+
+def _value(array: np.ndarray):
+    """One output of one response: text (its elements joined) or a number."""
+    if array.dtype == object:
+        return b"".join(array.reshape(-1)).decode("utf-8")
+    return array.reshape(-1)[0].item()
+
+
+@dataclass
+class Reply:
+    """A whole reply, accumulated from the ensemble's responses (outputs as docs/API.md lists them)."""
+
+    text: str = ""
+    reasoning: str = ""
+    content: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""
+
+    def add(self, response: dict) -> None:
+        self.text += response.get("text_output", "")
+        self.reasoning += response.get("reasoning_output", "")
+        self.content += response.get("content_output", "")
+        self.prompt_tokens = response.get("prompt_tokens", self.prompt_tokens)
+        self.completion_tokens = response.get("completion_tokens", self.completion_tokens)
+        self.finish_reason = response.get("finish_reason") or self.finish_reason
 
 
 def _message(error) -> str:
@@ -236,5 +272,4 @@ def _message(error) -> str:
         text = json.loads(text).get("error", text)
     except (json.JSONDecodeError, AttributeError):
         pass
-    text = re.sub(r"^in ensemble '[^']*', ", "", str(text).strip())
-    return " ".join(text.split())
+    return " ".join(strip_error_prefix(str(text)).split())

@@ -7,6 +7,7 @@ before the new ones so merges and spaces come out as the full decode has them.
 
 from __future__ import annotations
 
+from engine.reasoning import ReasoningSplitter
 from engine.tokenizer import TextTokenizer
 
 
@@ -97,3 +98,26 @@ class ReplyStream:
     @property
     def text(self) -> str:
         return self._text.text
+
+
+class ReplyParts:
+    """A served reply's token ids -> (text, reasoning, content) deltas and its token count: the
+    ReplyStream's text, split into reasoning and content as it streams (engine/reasoning.py)."""
+
+    def __init__(self, tokenizer: TextTokenizer, stop_strings: tuple[str, ...] = (), opens_reasoning: bool = False):
+        self._reply = ReplyStream(tokenizer, stop_strings)
+        self._split = ReasoningSplitter(opens_reasoning)
+        self.tokens = 0
+
+    def add(self, token_ids, final: bool) -> tuple[str, str, str]:
+        self.tokens += len(token_ids)
+        text = self._reply.add(token_ids) + (self._reply.finish() if final else "")
+        reasoning, content = self._split.push(text)
+        if final:
+            more_reasoning, more_content = self._split.finish()
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        return text, reasoning, content
+
+    @property
+    def stopped(self) -> bool:
+        return self._reply.stopped

@@ -184,10 +184,13 @@ def load_image(image, input_size=448, max_num=12, use_thumbnail=True, min_num=1)
     return out
 
 
-def load_images(images, input_size=448, max_num=12, use_thumbnail=True, min_num=1, max_total_tiles=None, normalize=True):
+def load_images(
+    images, input_size=448, max_num=12, use_thumbnail=True, min_num=1, max_total_tiles=None, normalize=True, max_pixels=None
+):
     """load_image for several images at once, decoded in parallel; errors name the failing image's index.
 
     max_total_tiles: refuse (ImageError) before decoding when the images need more tiles in all.
+    max_pixels: refuse (ImageError) an image whose header declares more pixels (decompression bombs).
     normalize=False: uint8 tiles (RGB values before ToTensor + Normalize) instead of float32.
     """
     # images: sequence of what load_image takes
@@ -203,6 +206,9 @@ def load_images(images, input_size=448, max_num=12, use_thumbnail=True, min_num=
             except (ImageError, TypeError) as e:
                 raise type(e)(f"image {i}: {e}") from e
         # Headers give the sizes, hence the tile counts, before anything is decoded.
+        for i, im in enumerate(opened):
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise ImageError(f"image {i}: {im.width}×{im.height} is {im.width * im.height} pixels; this deployment allows {max_pixels}")
         grids = [tile_grid(*im.size, input_size, max_num, min_num, use_thumbnail) for im in opened]
         counts = [num_tiles for _, _, num_tiles in grids]
         if max_total_tiles is not None and sum(counts) > max_total_tiles:

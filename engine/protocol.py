@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 
 import numpy as np
 
@@ -19,6 +20,37 @@ from engine.tokenizer import TextTokenizer
 
 class RequestError(ValueError):
     """A request field is malformed; the message names the field."""
+
+
+# Errors caused by the request itself: every one is a ValueError subclass (engine/preprocess.py
+# ImageError, engine/prompt.py PromptError, engine/sampling_params.py SamplingParamError, ...), and the
+# Triton models report them as "<class>: <message>" (triton_repo/pb.py error_response). Triton core's
+# own input checks ("[request id: …] expected …", "unexpected …") are the request's too.
+REQUEST_ERRORS = ("ValueError", "RequestError", "PromptError", "SamplingParamError", "ImageError")
+_TRITON_INPUT_ERRORS = re.compile(
+    r"^(\[request id: [^\]]*\] )?(expected|unexpected|inference input|out of bounds index 0: request has 0 inputs)\b"
+)
+
+
+def strip_error_prefix(message: str) -> str:
+    """The model's own message, without the ensemble's "in ensemble 'internvl', " prefix."""
+    return re.sub(r"^in ensemble '[^']*', ", "", message.strip())
+
+
+def is_request_error(message: str) -> bool:
+    """True when a Triton error message says the request was invalid (the API answers 400), False
+    for the server's own failures (500)."""
+    message = strip_error_prefix(message)
+    name = message.partition(":")[0]
+    return name in REQUEST_ERRORS or bool(_TRITON_INPUT_ERRORS.match(message))
+
+
+def check_images(images: list[bytes], max_images: int, max_bytes: int) -> None:
+    if len(images) > max_images:
+        raise RequestError(f"image_bytes: the request has {len(images)} images; this deployment allows {max_images}")
+    total = sum(len(i) for i in images)
+    if total > max_bytes:
+        raise RequestError(f"image_bytes: the request's images hold {total} bytes; this deployment allows {max_bytes}")
 
 
 def image_from_element(element: bytes, index: int) -> bytes:

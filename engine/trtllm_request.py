@@ -14,7 +14,7 @@ import hashlib
 
 import numpy as np
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, check_context
 
 # our name -> dtype tensorrt_llm declares; sent when the client sent it
 _SAMPLING = {"runtime_top_k": np.int32, "repetition_penalty": np.float32, "seed": np.uint64, "min_tokens": np.int32}
@@ -40,12 +40,8 @@ def tensorrt_llm_inputs(
         raise ValueError(f"input id {int(ids.max())} points past the prompt table ({table_rows} rows from id {vocab_size})")
     if image_key < 1:
         raise ValueError("image_key must be ≥ 1 (0 marks text tokens)")
-    requested = int(np.asarray(item["request_output_len"]).reshape(-1)[0])
-    if requested < 1:
-        raise ValueError(f"request_output_len must be ≥ 1, got {requested}")
-    if len(ids) >= max_seq_len:
-        raise ValueError(f"the prompt has {len(ids)} tokens; this engine's max_seq_len is {max_seq_len}")
     # the CPU llm's rules, so both targets refuse the same values with the same message
+    requested = check_context(len(ids), _value(item, "request_output_len"), max_seq_len)
     params = SamplingParams.from_request(
         requested,
         temperature=_value(item, "temperature"),
@@ -65,8 +61,7 @@ def tensorrt_llm_inputs(
     out = {
         "input_ids": ids[None],
         "input_lengths": scalar(len(ids), np.int32),
-        # as the CPU engine does: the reply ends at the context length instead of failing
-        "request_output_len": scalar(min(requested, max_seq_len - len(ids)), np.int32),
+        "request_output_len": scalar(params.max_new_tokens, np.int32),
         "streaming": scalar(bool(_value(item, "streaming", False)), np.bool_),
         "exclude_input_in_output": scalar(True, np.bool_),
     }
@@ -106,3 +101,9 @@ def _value(item: dict[str, np.ndarray], name: str, default=None):
     if name not in item:
         return default
     return np.asarray(item[name]).reshape(-1)[0].item()
+
+
+def finish_reason(generated: int, requested: int) -> str:
+    """tensorrt_llm's Triton outputs (output_ids, sequence_length, ...) carry no finish reason: a reply
+    that used its whole budget ended by length, any shorter one by its end id or a stop word."""
+    return "length" if generated >= requested else "stop"

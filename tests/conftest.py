@@ -63,8 +63,8 @@ def tiny(checkpoints) -> Path:
 
 @pytest.fixture(scope="session")
 def server(tiny, tmp_path_factory):
-    """A real tritonserver on the tiny checkpoint's repository; 2 images × 13 tiles per request."""
+    """A real tritonserver on the tiny checkpoint's repository; 2 images × 13 tiles, 8 MiB of images per request."""
     out = tmp_path_factory.mktemp("build")
-    build(tiny, out, BuildSettings(max_images=2, llm_max_batch_size=8))
+    build(tiny, out, BuildSettings(max_images=2, llm_max_batch_size=8, max_request_bytes=8 * 2**20))
     with TritonServer(out, free_port(), free_port(), free_port(), log_file=out / "tritonserver.log") as server:
         yield server

@@ -19,7 +19,7 @@ from engine.prompt import PromptBuilder
 from engine.protocol import stop_words_list
 from engine.sampling_params import MIN_TEMPERATURE
 from engine.tokenizer import TextTokenizer
-from engine.trtllm_request import image_key, response_tokens, tensorrt_llm_inputs
+from engine.trtllm_request import finish_reason, image_key, response_tokens, tensorrt_llm_inputs
 from tests.repository_checks import assert_ensemble_wired, full_dims, parse_configs
 from triton_repo.launch_gpu import server_command, world_size
 
@@ -184,20 +184,26 @@ def test_llm_wrapper_request_semantics(tiny):
     config = ModelConfig.from_pretrained(tiny)
     vocab = config.text.vocab_size
     ids = np.array([1, 2, vocab, vocab + 1, 3], np.int32)
-    base = {"input_ids": ids, "input_lengths": np.array([5], np.int32), "request_output_len": np.array([50], np.int32)}
+    base = {"input_ids": ids, "input_lengths": np.array([5], np.int32), "request_output_len": np.array([15], np.int32)}
     greedy = tensorrt_llm_inputs({**base, "runtime_top_k": np.array([40], np.int32)}, vocab, 2, 9, max_seq_len=20)
     assert greedy["runtime_top_k"][0, 0] == 1 and "temperature" not in greedy  # no temperature: greedy, as on CPU
-    assert greedy["request_output_len"][0, 0] == 15  # clamped to the context length, as on CPU
+    assert greedy["request_output_len"][0, 0] == 15
     assert greedy["exclude_input_in_output"][0, 0] and not greedy["streaming"][0, 0]
+    # absent: the rest of the context, as on CPU; more than that is refused, not cut
+    unset = {k: v for k, v in base.items() if k != "request_output_len"}
+    assert tensorrt_llm_inputs(unset, vocab, 2, 9, 20)["request_output_len"][0, 0] == 15
+    with pytest.raises(ValueError, match=r"max_tokens \+ the prompt's 5 tokens must fit this deployment's context of 20 tokens \(at most 15 new tokens\), got 16"):
+        tensorrt_llm_inputs({**base, "request_output_len": np.array([16], np.int32)}, vocab, 2, 9, 20)
     assert "prompt_table_extra_ids" not in tensorrt_llm_inputs({**base, "input_ids": ids.clip(max=5)}, vocab, 0, 9, 20)
     with pytest.raises(ValueError, match="2 image-token slots but the prompt table has 3 rows"):
         tensorrt_llm_inputs(base, vocab, 3, 9, 20)
     with pytest.raises(ValueError, match="does not match the 5 input_ids"):
         tensorrt_llm_inputs({**base, "input_lengths": np.array([4], np.int32)}, vocab, 2, 9, 20)
-    with pytest.raises(ValueError, match="max_seq_len is 5"):
+    with pytest.raises(ValueError, match="the prompt has 5 tokens; this deployment's context is 5"):
         tensorrt_llm_inputs(base, vocab, 2, 9, 5)
-    with pytest.raises(ValueError, match="request_output_len must be ≥ 1"):
+    with pytest.raises(ValueError, match="max_tokens must be ≥ 1"):
         tensorrt_llm_inputs({**base, "request_output_len": np.array([0], np.int32)}, vocab, 2, 9, 20)
+    assert (finish_reason(15, 15), finish_reason(3, 15)) == ("length", "stop")
     # responses: [1, beams, N] padded; sequence_length says how many are real
     assert response_tokens(np.array([[[5, 6, -1]]], np.int32), np.array([[2]], np.int32)).tolist() == [5, 6]
 

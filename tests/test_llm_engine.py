@@ -14,7 +14,7 @@ from transformers import InternVLForConditionalGeneration
 from engine.config import ModelConfig
 from engine.llm.engine import LLMEngine, TokenEvent
 from engine.llm.model import DecoderLM, SequenceInput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParamError, SamplingParams
 from engine.weights import load_weights
 
 FAMILIES = ("qwen2", "qwen3", "llama")
@@ -397,12 +397,21 @@ def short_context(qwen3) -> Setup:
 
 
 @pytest.mark.parametrize("length,expected_new", [(40, 8), (47, 1), (20, 25)])
-def test_output_is_clamped_to_the_context_length(length, expected_new, short_context):
+def test_output_runs_up_to_the_context_length(length, expected_new, short_context):
     ids = text_ids(np.random.default_rng(length), length)
-    events = run_alone(short_context, ids, SamplingParams(max_new_tokens=25), max_num_tokens=16)
+    events = run_alone(short_context, ids, SamplingParams(max_new_tokens=expected_new), max_num_tokens=16)
     check_stream_shape(events, "length")
     assert len(tokens_of(events)) == expected_new
     assert tokens_of(events) == reference_generate(short_context, ids, expected_new)
+
+
+@pytest.mark.parametrize("length", [40, 47, 20])
+def test_more_new_tokens_than_the_context_holds_is_refused_not_cut(length, short_context):
+    engine = LLMEngine(short_context.model, short_context.cfg.stop_token_id)
+    room = 48 - length
+    with pytest.raises(SamplingParamError, match=rf"max_tokens \+ the prompt's {length} tokens .* \(at most {room} new tokens\), got {room + 1}"):
+        engine.add_request("x", text_ids(np.random.default_rng(0), length), None, SamplingParams(max_new_tokens=room + 1))
+    assert not engine.has_work()
 
 
 @pytest.mark.parametrize("length", [48, 60])

@@ -135,11 +135,11 @@ def test_concurrent_requests_are_batched_and_each_correct(server, pipe):
     "images, kwargs, message",
     [
         ([b"\x89PNG\r\n\x1a\n" + b"\x00" * 64], {}, "cannot decode image"),
-        ([synthetic_image(4, 1800, 1800, "PNG")] * 3, {}, "allows at most 26"),  # 3 × 13 tiles > the 2 images × 13 tiles the test build allows
+        ([synthetic_image(4, 1800, 1800, "PNG")] * 3, {}, "the request has 3 images; this deployment allows 2"),
         ([IMAGES[0]], {"max_tiles": 99}, "max_tiles must be in"),
         ([], {"history": [["only one element"]]}, "history"),
     ],
-    ids=["corrupt-image", "too-many-tiles", "bad-max-tiles", "bad-history"],
+    ids=["corrupt-image", "too-many-images", "bad-max-tiles", "bad-history"],
 )
 def test_bad_request_gets_a_clear_error_while_good_ones_succeed(server, pipe, images, kwargs, message):
     client = InternVLClient(server.grpc_url)

@@ -46,7 +46,14 @@ def scalar(request, name: str, default=REQUIRED):
     if value.size != 1:
         raise ValueError(f"input {name!r} must hold one value, got shape {list(value.shape)}")
     value = value.reshape(())[()]
-    return value.decode("utf-8") if isinstance(value, bytes) else value.item()
+    return utf8(value, name) if isinstance(value, bytes) else value.item()
+
+
+def utf8(value: bytes, name: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"input {name!r} is not valid UTF-8 (byte {e.start}: {e.reason})") from None
 
 
 def strings(request, name: str) -> list[bytes]:
@@ -76,22 +83,27 @@ def tensor(name: str, array: np.ndarray, dtype: np.dtype) -> pb_utils.Tensor:
 
 # The llm step (CPU engine or the GPU wrapper over tensorrt_llm) answers every response with these,
 # because a step after a decoupled model may read only that model's outputs.
-def stream_echo(request, default_key: str) -> dict[str, np.ndarray]:
-    """The request's request_key and stop_words_list, echoed in each of its llm responses."""
+def stream_echo(request, default_key: str, prompt_tokens: int) -> dict[str, np.ndarray]:
+    """What postprocess needs per stream, echoed in each llm response: the request_key, the
+    stop_words_list, whether the prompt opened the reasoning, and the prompt's token count."""
     stop_words = item(request, "stop_words_list", required=False)
     return {
         "request_key": np.array([scalar(request, "request_key", default_key).encode()]),
         "stop_words_list": np.zeros((2, 0), np.int32) if stop_words is None else stop_words,
+        "opens_reasoning": np.array([bool(scalar(request, "opens_reasoning", False))]),
+        "prompt_tokens": np.array([prompt_tokens], np.int32),
     }
 
 
-def llm_response(dtypes: dict, tokens, final: bool, echo: dict[str, np.ndarray]) -> pb_utils.InferenceResponse:
-    """One llm response: new tokens, their count, is_final and the stream's echo."""
+def llm_response(dtypes: dict, tokens, finish_reason: str | None, echo: dict[str, np.ndarray]) -> pb_utils.InferenceResponse:
+    """One llm response: new tokens, their count, is_final, finish_reason ("" until the final
+    response, then "stop" | "length") and the stream's echo."""
     return pb_utils.InferenceResponse(
         [
             tensor("output_ids", tokens, dtypes["output_ids"]),
             tensor("sequence_length", [len(tokens)], dtypes["sequence_length"]),
-            tensor("is_final", [final], dtypes["is_final"]),
+            tensor("is_final", [finish_reason is not None], dtypes["is_final"]),
+            tensor("finish_reason", [(finish_reason or "").encode()], dtypes["finish_reason"]),
             *(tensor(name, value, dtypes[name]) for name, value in echo.items()),
         ]
     )

@@ -21,7 +21,7 @@ import torch
 
 from engine.llm.model import DecoderLM, KVCache, SequenceInput
 from engine.llm.sampling import Sampler
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, check_context
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +48,18 @@ class _Sequence:
 
 
 class LLMEngine:
-    def __init__(self, model: DecoderLM, stop_token_id: int, max_batch_size: int = 8, max_num_tokens: int = 2048):
+    def __init__(
+        self,
+        model: DecoderLM,
+        stop_token_id: int,
+        max_batch_size: int = 8,
+        max_num_tokens: int = 2048,
+        max_seq_len: int | None = None,  # prompt + reply; default and upper bound: the model's positions
+    ):
         self.model = model
         self.vocab_size = model.config.vocab_size
-        self.max_seq_len = model.config.max_position_embeddings
+        positions = model.config.max_position_embeddings
+        self.max_seq_len = positions if max_seq_len is None else min(max_seq_len, positions)
         self.stop_token_id = stop_token_id
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens  # tokens per step: bounds how long a prefill stalls decodes
@@ -70,8 +78,7 @@ class LLMEngine:
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.int64)
         if ids.ndim != 1 or len(ids) == 0:
             raise ValueError("input_ids must be a non-empty 1-D sequence")
-        if len(ids) >= self.max_seq_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_seq_len}")
+        max_new_tokens = check_context(len(ids), params.max_new_tokens, self.max_seq_len)
         if int(ids.min()) < 0:
             raise ValueError("input_ids must be ≥ 0")
         table = None
@@ -98,7 +105,7 @@ class LLMEngine:
             params=params,
             sampler=Sampler(params, ids, self.vocab_size),
             stop_ids=frozenset((self.stop_token_id, *params.stop_token_ids)),
-            max_new_tokens=min(params.max_new_tokens, self.max_seq_len - len(ids)),
+            max_new_tokens=max_new_tokens,
         )
         with self._lock:
             if any(s.request_id == request_id for s in self._live()):

@@ -16,7 +16,7 @@ from engine.llm.engine import LLMEngine, TokenEvent
 from engine.llm.model import DecoderLM
 from engine.llm.runner import EngineRunner
 from engine.protocol import stop_sequences
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, check_context
 from triton_repo import pb
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -33,15 +33,30 @@ class TritonPythonModel:
             model_config.stop_token_id,
             max_batch_size=int(params["max_batch_size"]),
             max_num_tokens=int(params["max_num_tokens"]),
+            max_seq_len=int(params["max_seq_len"]),
         )
-        self.step_family = pb_utils.MetricFamily(  # must outlive its metrics
-            name="internvl_llm_steps_total",
-            description="engine steps by the number of sequences they ran together",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
+        self.max_seq_len = engine.max_seq_len
+        self.families = [  # must outlive their metrics
+            pb_utils.MetricFamily(
+                name="internvl_llm_steps_total",
+                description="engine steps by the number of sequences they ran together",
+                kind=pb_utils.MetricFamily.COUNTER,
+            ),
+            pb_utils.MetricFamily(
+                name="internvl_llm_aborted_total",
+                description="requests ended because their client cancelled or went away",
+                kind=pb_utils.MetricFamily.COUNTER,
+            ),
+            pb_utils.MetricFamily(
+                name="internvl_llm_requests_in_flight",
+                description="requests holding an engine slot (waiting or running, KV cache allocated or pending)",
+                kind=pb_utils.MetricFamily.GAUGE,
+            ),
+        ]
         self.step_metric = {
-            n: self.step_family.Metric(labels={"batch_size": str(n)}) for n in range(1, engine.max_batch_size + 1)
+            n: self.families[0].Metric(labels={"batch_size": str(n)}) for n in range(1, engine.max_batch_size + 1)
         }
+        self.aborted, self.in_flight = self.families[1].Metric(), self.families[2].Metric()
         self.runner = EngineRunner(engine, on_step=lambda n: self.step_metric[n].increment(1))
 
     def execute(self, requests):
@@ -50,16 +65,31 @@ class TritonPythonModel:
             request_id = uuid.uuid4().hex
             try:
                 ids, table, params, streaming = self._parse(request)
-                stream = _Stream(sender, streaming, pb.stream_echo(request, request_id), self.dtypes)
-                self.runner.submit(request_id, ids, table, params, stream.on_event, sender.is_cancelled)
+                echo = pb.stream_echo(request, request_id, len(ids))
+                stream = _Stream(sender, streaming, echo, self.dtypes, self._finished)
+                self.in_flight.increment(1)  # before submit: the final event may come first
+                try:
+                    self.runner.submit(request_id, ids, table, params, stream.on_event, sender.is_cancelled)
+                except Exception:
+                    self.in_flight.increment(-1)
+                    raise
             except Exception as error:  # noqa: BLE001 — this request fails alone
                 sender.send(pb.error_response(error), flags=FINAL)
         return None
 
+    def _finished(self, finish_reason: str) -> None:
+        self.in_flight.increment(-1)
+        if finish_reason == "abort":
+            self.aborted.increment(1)
+
     def _parse(self, request):
+        ids = pb.item(request, "input_ids")
+        tile_tokens = pb.item(request, "tile_tokens", required=False)
+        if tile_tokens is not None:
+            ids = drop_compressed(ids, self.vocab_size, self.tokens_per_tile, tile_tokens)
         end_id = pb.scalar(request, "end_id", None)
         params = SamplingParams.from_request(
-            max_tokens=pb.scalar(request, "request_output_len"),
+            max_tokens=check_context(len(ids), pb.scalar(request, "request_output_len", None), self.max_seq_len),
             temperature=pb.scalar(request, "temperature", None),
             top_p=pb.scalar(request, "runtime_top_p", None),
             top_k=pb.scalar(request, "runtime_top_k", None),
@@ -70,10 +100,6 @@ class TritonPythonModel:
             stop_sequences=stop_sequences(pb.item(request, "stop_words_list", required=False)),
         )
         table = pb.item(request, "prompt_embedding_table", required=False)
-        ids = pb.item(request, "input_ids")
-        tile_tokens = pb.item(request, "tile_tokens", required=False)
-        if tile_tokens is not None:
-            ids = drop_compressed(ids, self.vocab_size, self.tokens_per_tile, tile_tokens)
         return ids, table, params, bool(pb.scalar(request, "streaming", False))
 
     def finalize(self):
@@ -83,12 +109,13 @@ class TritonPythonModel:
 class _Stream:
     """One request's responses, built from its engine events (called on the engine loop's thread)."""
 
-    def __init__(self, sender, streaming: bool, echo: dict, dtypes: dict):
-        self.sender, self.streaming, self.echo, self.dtypes = sender, streaming, echo, dtypes
+    def __init__(self, sender, streaming: bool, echo: dict, dtypes: dict, on_finish):
+        self.sender, self.streaming, self.echo, self.dtypes, self.on_finish = sender, streaming, echo, dtypes, on_finish
         self.tokens: list[int] = []  # without streaming, the reply's tokens until the end
 
     def on_event(self, event: TokenEvent) -> None:
-        final = event.finish_reason is not None
+        if event.finish_reason is not None:
+            self.on_finish(event.finish_reason)
         if event.finish_reason == "abort":  # the client cancelled: nobody reads a response
             self.sender.send(flags=FINAL)
             return
@@ -98,7 +125,8 @@ class _Stream:
         new = [] if event.token_id is None else [event.token_id]
         if not self.streaming:
             self.tokens += new
-            if not final:
+            if event.finish_reason is None:
                 return
             new = self.tokens
-        self.sender.send(pb.llm_response(self.dtypes, new, final, self.echo), flags=FINAL if final else 0)
+        final = event.finish_reason is not None
+        self.sender.send(pb.llm_response(self.dtypes, new, event.finish_reason, self.echo), flags=FINAL if final else 0)

@@ -1,7 +1,8 @@
-"""Triton adapter: generated token ids → reply text deltas (UTF-8 safe, stripped, cut at stop words).
+"""Triton adapter: generated token ids → reply deltas (UTF-8 safe, stripped, cut at stop words), the
+same deltas split into reasoning and content, and the counts clients need (OpenAI `usage`).
 
-Each response of the llm brings new tokens; the stream's ReplyStream (keyed by the request_key that
-preprocess minted) turns them into the next text delta and is dropped at the final response.
+Each response of the llm brings new tokens; the stream's ReplyParts (keyed by the request_key that
+preprocess minted) turns them into the next deltas and is dropped at the final response.
 """
 
 import time
@@ -9,7 +10,7 @@ import time
 import triton_python_backend_utils as pb_utils
 
 from engine.config import ModelConfig
-from engine.detokenize import ReplyStream
+from engine.detokenize import ReplyParts
 from engine.protocol import stop_sequences
 from engine.tokenizer import TextTokenizer
 from triton_repo import pb
@@ -22,7 +23,7 @@ class TritonPythonModel:
         checkpoint = params["checkpoint"]
         self.tokenizer = TextTokenizer(checkpoint, ModelConfig.from_pretrained(checkpoint).skip_special_tokens)
         self.ttl = float(params["state_ttl_seconds"])
-        self.streams: dict[str, tuple[ReplyStream, float]] = {}
+        self.streams: dict[str, tuple[ReplyParts, float]] = {}
 
     def execute(self, requests):
         responses = pb.answer_each(requests, self._postprocess)
@@ -31,17 +32,31 @@ class TritonPythonModel:
 
     def _postprocess(self, request):
         key = pb.scalar(request, "request_key")
-        stream, _ = self.streams.get(key) or (None, 0.0)
-        if stream is None:
+        parts, _ = self.streams.get(key) or (None, 0.0)
+        if parts is None:
             stops = stop_sequences(pb.item(request, "stop_words_list"))
-            stream = ReplyStream(self.tokenizer, tuple(self.tokenizer.decode(ids) for ids in stops))
-        text = stream.add(pb.item(request, "output_ids").tolist())
-        if pb.scalar(request, "is_final"):
-            text += stream.finish()
+            parts = ReplyParts(
+                self.tokenizer, tuple(self.tokenizer.decode(ids) for ids in stops), bool(pb.scalar(request, "opens_reasoning"))
+            )
+        final = bool(pb.scalar(request, "is_final"))
+        text, reasoning, content = parts.add(pb.item(request, "output_ids").tolist(), final)
+        finish_reason = pb.scalar(request, "finish_reason")
+        if final:
             self.streams.pop(key, None)
+            finish_reason = "stop" if parts.stopped else finish_reason
         else:
-            self.streams[key] = (stream, time.monotonic())
-        return pb_utils.InferenceResponse([pb.tensor("text_output", [text.encode("utf-8")], self.dtypes["text_output"])])
+            self.streams[key] = (parts, time.monotonic())
+        d = self.dtypes
+        return pb_utils.InferenceResponse(
+            [
+                pb.tensor("text_output", [text.encode()], d["text_output"]),
+                pb.tensor("reasoning_output", [reasoning.encode()], d["reasoning_output"]),
+                pb.tensor("content_output", [content.encode()], d["content_output"]),
+                pb.tensor("prompt_tokens", [pb.scalar(request, "prompt_tokens")], d["prompt_tokens"]),
+                pb.tensor("completion_tokens", [parts.tokens], d["completion_tokens"]),
+                pb.tensor("finish_reason", [finish_reason.encode()], d["finish_reason"]),
+            ]
+        )
 
     def _forget_abandoned(self):
         """Streams whose client went away never see a final response."""

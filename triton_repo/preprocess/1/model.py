@@ -8,7 +8,8 @@ import triton_python_backend_utils as pb_utils
 from engine.config import ModelConfig
 from engine.preprocess import load_images
 from engine.prompt import PromptBuilder
-from engine.protocol import image_from_element, parse_history, stop_words_list
+from engine.protocol import check_images, image_from_element, parse_history, stop_words_list
+from engine.reasoning import R1_SYSTEM_PROMPT
 from engine.tokenizer import TextTokenizer
 from triton_repo import pb
 
@@ -22,6 +23,9 @@ class TritonPythonModel:
         self.prompts = PromptBuilder(self.config, self.tokenizer)
         self.max_tiles_per_request = int(params["max_tiles_per_request"])
         self.max_input_len = int(params["max_input_len"])
+        self.max_images = int(params["max_images"])
+        self.max_image_pixels = int(params["max_image_pixels"])
+        self.max_request_bytes = int(params["max_request_bytes"])
 
     def execute(self, requests):
         return pb.answer_each(requests, self._preprocess)
@@ -30,22 +34,32 @@ class TritonPythonModel:
         c = self.config
         question = pb.scalar(request, "text_input")
         images = [image_from_element(e, i) for i, e in enumerate(pb.strings(request, "image_bytes"))]
+        check_images(images, self.max_images, self.max_request_bytes)
         max_tiles = int(pb.scalar(request, "max_tiles", c.max_num))
         if not 1 <= max_tiles <= c.max_num:
             raise ValueError(f"max_tiles must be in [1, {c.max_num}], got {max_tiles}")
         history = parse_history(pb.scalar(request, "history", b"") or None)
         system_prompt = pb.scalar(request, "system_prompt", "") or None
+        if system_prompt is None and pb.scalar(request, "enable_thinking", False):  # seed card 004's switch
+            system_prompt = R1_SYSTEM_PROMPT
         size = c.vision.image_size
         if images:
             pixel_values, num_tiles = load_images(
-                images, size, max_tiles, c.use_thumbnail, c.min_num, max_total_tiles=self.max_tiles_per_request, normalize=False
+                images,
+                size,
+                max_tiles,
+                c.use_thumbnail,
+                c.min_num,
+                max_total_tiles=self.max_tiles_per_request,
+                normalize=False,
+                max_pixels=self.max_image_pixels,
             )
         else:
             pixel_values, num_tiles = np.zeros((0, 3, size, size), np.uint8), []
         prompt = self.prompts.build(question, num_tiles, history, system_prompt)
         if len(prompt.input_ids) > self.max_input_len:
             raise ValueError(f"the prompt has {len(prompt.input_ids)} tokens; this deployment allows {self.max_input_len}")
-        stops = [w.decode("utf-8") for w in pb.strings(request, "stop_words")]
+        stops = [pb.utf8(w, "stop_words") for w in pb.strings(request, "stop_words")]
         d = self.dtypes
         return pb_utils.InferenceResponse(
             [
@@ -55,5 +69,6 @@ class TritonPythonModel:
                 pb.tensor("end_id", [c.stop_token_id], d["end_id"]),
                 pb.tensor("stop_words_list", stop_words_list(self.tokenizer, stops), d["stop_words_list"]),
                 pb.tensor("request_key", [uuid.uuid4().hex.encode()], d["request_key"]),
+                pb.tensor("opens_reasoning", [prompt.opens_reasoning], d["opens_reasoning"]),
             ]
         )

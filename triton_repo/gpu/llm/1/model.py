@@ -1,8 +1,9 @@
 """Triton adapter (GPU): the ensemble's llm step over the tensorrt_llm model, via decoupled BLS.
 
 execute() starts one thread per request and returns; the thread sends the mapped request
-(engine/trtllm_request.py) to tensorrt_llm, forwards every response with request_key and
-stop_words_list echoed, and ends the stream with an empty is_final response (a BLS response does
+(engine/trtllm_request.py) to tensorrt_llm, forwards every response with the stream's echo
+(request_key, stop_words_list, opens_reasoning, prompt_tokens), and ends the stream with an empty
+is_final response carrying the finish_reason (a BLS response does
 not say whether it was the last one); without streaming it sends one response with every token. The prompt table is passed on through DLPack (it may live in
 GPU memory and be bf16, which numpy cannot hold): [1, T, Q, H] → [1, T·Q, H], no copy.
 """
@@ -15,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from engine.config import ModelConfig
-from engine.trtllm_request import image_key, response_tokens, tensorrt_llm_inputs
+from engine.trtllm_request import finish_reason, image_key, response_tokens, tensorrt_llm_inputs
 from triton_repo import pb
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -41,16 +42,15 @@ class TritonPythonModel:
     def _serve(self, request):
         sender = request.get_response_sender()
         try:
-            echo = pb.stream_echo(request, uuid.uuid4().hex)
-            key = bytes(echo["request_key"][0])
             item = {name: value for name in INPUTS if (value := pb.item(request, name, required=False)) is not None}
+            echo = pb.stream_echo(request, uuid.uuid4().hex, len(item["input_ids"]))
+            key = bytes(echo["request_key"][0])
             table = pb_utils.get_input_tensor_by_name(request, "prompt_embedding_table")
             table = None if table is None else from_dlpack(table.to_dlpack())  # [1, T, Q, H]
             rows = 0 if table is None else table.shape[1] * table.shape[2]
-            inputs = [
-                pb_utils.Tensor(name, value)
-                for name, value in tensorrt_llm_inputs(item, self.vocab_size, rows, image_key(key), self.max_seq_len).items()
-            ]
+            sent = tensorrt_llm_inputs(item, self.vocab_size, rows, image_key(key), self.max_seq_len)
+            requested = int(sent["request_output_len"][0, 0])
+            inputs = [pb_utils.Tensor(name, value) for name, value in sent.items()]
             if rows:
                 flat = table.reshape(1, rows, table.shape[-1])
                 inputs.append(pb_utils.Tensor.from_dlpack("prompt_embedding_table", to_dlpack(flat)))
@@ -59,6 +59,7 @@ class TritonPythonModel:
                 model_name=self.target, inputs=inputs, requested_output_names=["output_ids", "sequence_length"]
             ).exec(decoupled=True)
             collected = []  # without streaming the client gets one response holding every token
+            generated = 0
             for response in responses:
                 if sender.is_cancelled():
                     responses.cancel()
@@ -69,16 +70,16 @@ class TritonPythonModel:
                 if "output_ids" not in tensors:  # an empty response can close the stream
                     continue
                 tokens = response_tokens(tensors["output_ids"], tensors["sequence_length"])
+                generated += len(tokens)
                 if streaming:
-                    self._send(sender, tokens, echo, final=False)
+                    sender.send(pb.llm_response(self.dtypes, tokens, None, echo))
                 else:
                     collected.append(tokens)
             if sender.is_cancelled():
                 sender.send(flags=FINAL)
             else:
-                self._send(sender, np.concatenate([np.zeros(0, np.int32), *collected]), echo, final=True)
+                tokens = np.concatenate([np.zeros(0, np.int32), *collected])
+                reason = finish_reason(generated, requested)
+                sender.send(pb.llm_response(self.dtypes, tokens, reason, echo), flags=FINAL)
         except Exception as error:  # noqa: BLE001 — this request fails alone
             sender.send(pb.error_response(error), flags=FINAL)
-
-    def _send(self, sender, tokens, echo, final):
-        sender.send(pb.llm_response(self.dtypes, tokens, final, echo), flags=FINAL if final else 0)
