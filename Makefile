@@ -19,6 +19,8 @@ MODEL ?= artifacts/checkpoints/tiny-qwen3
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+# the OpenAI-compatible API (openai_api/) next to tritonserver; OPENAI_PORT=0 serves Triton alone
+OPENAI_PORT ?= 9000
 
 .PHONY: setup gpu-container test demo build serve bench bench-components deploy-manifests clean
 
@@ -64,7 +66,7 @@ bench-components: setup
 
 SERVER := $(if $(filter gpu,$(TARGET)),triton_repo.launch_gpu --tritonserver $(TRITONSERVER),triton_repo.server)
 serve: setup
-	$(PY) -m $(SERVER) --out $(OUT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m $(SERVER) --out $(OUT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(if $(filter gpu,$(TARGET)),,--openai-port $(OPENAI_PORT))
 
 # Kubernetes manifests (OUT/k8s/*.yaml) for MODEL, with the same TARGET and BUILD_ARGS as `make build`;
 # DEPLOY_ARGS adds manifest flags (python -m build.manifests --help), e.g. --image, --replicas.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import queue
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -166,10 +167,11 @@ class InternVLClient:
             inputs.append(tensor)
         responses: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
+        request_id, finished = uuid.uuid4().hex, False
         try:
             client.start_stream(callback=lambda result, error: responses.put((result, error)), stream_timeout=self.timeout)
             try:
-                client.async_stream_infer(self.model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True)
+                client.async_stream_infer(self.model, inputs, request_id=request_id, enable_empty_final_response=True)
             except InferenceServerException as e:
                 # The stream already failed (e.g. nothing listens at the URL); its callback has the cause.
                 try:
@@ -180,13 +182,17 @@ class InternVLClient:
             while True:
                 result, error = responses.get(timeout=self.timeout)
                 if error is not None:
+                    finished = True
                     raise self._error(error)
                 response = result.get_response()
                 if response.outputs:
                     yield {o.name: _value(result.as_numpy(o.name)) for o in response.outputs}
                 if response.parameters["triton_final_response"].bool_param:
+                    finished = True
                     return
         finally:
+            if not finished:  # closed early: the engine slot is freed by a stop request (llm model.py)
+                _send_stop(client, request_id, grpcclient, responses)
             client.stop_stream(cancel_requests=True)
             client.close()
 
@@ -231,6 +237,37 @@ class InternVLClient:
 
 
 _NUMPY = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "UINT64": np.uint64}
+
+
+def stop_request(request_id: str) -> tuple[str, list[tuple[str, str, np.ndarray]], str]:
+    """The request that ends a running ensemble request: (model, [(input, dtype, value)], request id).
+    Triton does not cancel a running decoupled step of an ensemble; the llm model's `stop` input does
+    (TensorRT-LLM's convention). The required llm inputs ride along unused."""
+    inputs = [
+        ("input_ids", "INT32", np.zeros((1, 1), np.int32)),
+        ("input_lengths", "INT32", np.ones((1, 1), np.int32)),
+        ("stop", "BOOL", np.ones((1, 1), np.bool_)),
+    ]
+    return "llm", inputs, request_id
+
+
+def _send_stop(client, request_id: str, grpcclient, responses: queue.Queue, timeout: float = 2.0) -> None:
+    """Sends the stop request on the stream and waits (up to timeout) for its empty final response."""
+    model, inputs, request_id = stop_request(request_id)
+    tensors = []
+    for name, dtype, value in inputs:
+        tensor = grpcclient.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    try:
+        client.async_stream_infer(model, tensors, request_id=request_id, enable_empty_final_response=True)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            result, error = responses.get(timeout=left)
+            if error is not None or (not result.get_response().outputs and result.get_response().parameters["triton_final_response"].bool_param):
+                return
+    except Exception:  # noqa: BLE001 — the stream is gone (so is the server or the request), or no answer in time
+        pass
 
 
 def _value(array: np.ndarray):

@@ -25,7 +25,7 @@ HELP_EXAMPLES = [ROOT / "client" / "chat.py"]  # its docstring is `python -m cli
 SAMPLE = ROOT / "client" / "samples" / "lake_house.jpg"
 PYTHONS = {"python", "python3", ".venv/bin/python"}
 COMMAND_WORDS = PYTHONS | {"make", "curl", "mpirun", "docker", "tritonserver"}
-PROJECT = ("build", "client", "triton_repo", "engine")
+PROJECT = ("build", "client", "triton_repo", "engine", "openai_api")
 SHELL_FENCES = {"", "sh", "bash", "shell", "console"}
 PLACEHOLDER = re.compile(r"<(?!image>)[^<>\s][^<>]*>")  # <dir>, <internvl checkpoint>; not the <image> tag
 CAPS_PLACEHOLDER = re.compile(r"(?<![\w=/.$-])[A-Z]{1,5}(?![\w=])")  # DIR, FILE, N (not MODEL=…)

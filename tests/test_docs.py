@@ -33,6 +33,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from openai_api.server import running_server
+from openai_api.settings import Settings
 from tests.doc_commands import (
     COMMANDS,
     DOCKER_BUILD_OPTIONS,
@@ -149,10 +151,15 @@ def test_doc_client_commands_run_against_a_server(command, server, workdir):
         text = text.replace("client.chat", f"client.chat --url {server.grpc_url}", 1)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     stdin = "Describe the image.\nAnd the colours?\n" if "--interactive" in text else None
-    result = subprocess.run(["bash", "-c", text], cwd=workdir, env=env, input=stdin, capture_output=True, text=True, timeout=300)
+    with running_server(Settings(triton_url=server.grpc_url, port=0, served_model_name="tiny-qwen3")) as openai_url:
+        text = text.replace("http://127.0.0.1:9000", openai_url)
+        result = subprocess.run(["bash", "-c", text], cwd=workdir, env=env, input=stdin, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{command.where}: {command.text}\n{result.stderr}"
     assert "error" not in result.stderr.lower(), result.stderr
-    if command.words[0] == "curl":
+    if command.words[0] == "curl" and "/v1/chat/completions" in text:  # the OpenAI server (docs/API.md)
+        reply = json.loads(result.stdout)
+        assert reply["model"] == "tiny-qwen3" and reply["choices"][0]["message"]["content"].strip()
+    elif command.words[0] == "curl":
         reply = json.loads(result.stdout)
         assert reply["model_name"] == "internvl" and reply["text_output"].strip()
     elif "--interactive" in text:

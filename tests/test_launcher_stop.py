@@ -5,6 +5,7 @@ launcher in a group of its own and signal that group, as the terminal would."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,11 +13,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from build.repository import build
 from client.triton_client import InternVLClient
-from triton_repo.server import TritonServer, free_port
+from triton_repo.server import TritonServer, free_port, port_in_use
 
 SHM = Path("/dev/shm")
 
@@ -66,7 +68,7 @@ def _assert_nothing_left(out: Path, regions: set[str], prefix: str) -> None:
 
 def _launch(out: Path) -> tuple[subprocess.Popen, dict[str, int]]:
     """The launcher as `make serve` runs it, in a process group of its own; output into files."""
-    ports = {flag: free_port() for flag in ("--http-port", "--grpc-port", "--metrics-port")}
+    ports = {flag: free_port() for flag in ("--http-port", "--grpc-port", "--metrics-port", "--openai-port")}
     command = [sys.executable, "-m", "triton_repo.server", "--out", str(out)]
     for flag, port in ports.items():
         command += [flag, str(port)]
@@ -139,6 +141,10 @@ def test_ctrl_c_while_streaming_stops_promptly_and_leaves_no_orphan_stub_or_shm(
         _wait(lambda: _ready(tmp_path) or launcher.poll() is not None, 180, "ready")
         assert launcher.poll() is None, (tmp_path / "launcher.err").read_text()
         deltas = _stream_in_background(f"127.0.0.1:{ports['--grpc-port']}")
+        openai = f"http://127.0.0.1:{ports['--openai-port']}"
+        assert f"OpenAI {openai}/v1" in (tmp_path / "launcher.out").read_text()
+        models = json.loads(urllib.request.urlopen(f"{openai}/v1/models", timeout=10).read())
+        assert [m["id"] for m in models["data"]] == [tiny.name]
         regions = _mapped_shm(_processes_naming(tmp_path))
         assert regions
         seconds, stderr = _ctrl_c(launcher, tmp_path)
@@ -147,6 +153,7 @@ def test_ctrl_c_while_streaming_stops_promptly_and_leaves_no_orphan_stub_or_shm(
     # within 15 s: --exit-timeout (3 s) for the in-flight stream, then the process group is killed
     _assert_stopped_cleanly(launcher, stderr, seconds, "stopped", tmp_path, regions)
     assert len(deltas) < 2000
+    assert not port_in_use("127.0.0.1", ports["--openai-port"]), "the OpenAI API server outlived the launcher"
 
 
 def test_server_context_manager_under_load_leaves_no_orphan_stub_or_shm(tiny, tmp_path):

@@ -134,6 +134,17 @@ def test_cancelled_request_finishes_with_abort(qwen3, runner):
     assert events.wait()[-1] == TokenEvent("c", None, "abort")
 
 
+def test_cancel_client_ends_only_the_requests_sent_with_that_client_id(qwen3, runner):
+    events = {name: Collector() for name in ("a1", "a2", "b")}
+    for name, collector in events.items():
+        ids = text_ids(np.random.default_rng(len(name)), 5)
+        runner.submit(name, ids, None, SamplingParams(max_new_tokens=400), collector, client_id=name[0])
+    assert runner.cancel_client("a") == 2
+    assert [events[n].wait()[-1].finish_reason for n in ("a1", "a2")] == ["abort", "abort"]
+    assert events["b"].wait()[-1].finish_reason == "length" and len(tokens_of(events["b"].wait())) == 400
+    assert runner.cancel_client("a") == 0  # finished: nothing left to cancel
+
+
 def test_bad_request_is_refused_at_submit_and_never_called_back(qwen3, runner):
     def never(event):
         raise AssertionError(f"called back: {event}")

@@ -4,6 +4,7 @@ that goes away freeing its engine slot."""
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import time
@@ -19,6 +20,8 @@ from client.synthetic import synthetic_image
 from client.triton_client import InternVLClient, ServerError
 from engine.pipeline import Pipeline
 from engine.protocol import is_request_error
+from openai_api.server import running_server
+from openai_api.settings import Settings
 
 IMAGES = [synthetic_image(11, 640, 400, "PNG"), synthetic_image(12, 300, 800, "JPEG")]
 
@@ -188,17 +191,36 @@ def _metric(server, name: str) -> float:
     return sum(values)
 
 
-def test_a_client_that_goes_away_frees_its_engine_slot_within_a_second(server):
+def _openai_stream(url: str):
+    """Lines of a streamed chat completion over plain HTTP (closing it drops the connection)."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 3000, "stream": True}
+    request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    response = urllib.request.urlopen(request, timeout=60)
+    try:
+        yield from response
+    finally:
+        response.close()
+
+
+@pytest.mark.parametrize("via", ["grpc", "openai-sse"])
+def test_a_client_that_goes_away_frees_its_engine_slot_within_a_second(server, via):
     aborted = _metric(server, "internvl_llm_aborted_total")
-    stream = InternVLClient(server.grpc_url).stream("Tell me a very long story.", keep_empty=True, max_tokens=3000)
-    for _ in range(3):
-        next(stream)
-    assert _metric(server, "internvl_llm_requests_in_flight") == 1
-    stream.close()  # cancels the gRPC stream
-    closed = time.monotonic()
+    with running_server(Settings(triton_url=server.grpc_url, port=0, served_model_name="tiny")) as url:
+        if via == "grpc":
+            stream = InternVLClient(server.grpc_url).stream("Tell me a very long story.", keep_empty=True, max_tokens=3000)
+        else:
+            stream = _openai_stream(url)
+        for _ in range(4):
+            next(stream)
+        assert _metric(server, "internvl_llm_requests_in_flight") == 1
+        stream.close()  # drops the gRPC stream / the HTTP connection
+        closed = time.monotonic()
+        _wait_until_freed(server, aborted, closed)
+
+
+def _wait_until_freed(server, aborted: float, closed: float) -> None:
     while time.monotonic() - closed < 1.0:
         if _metric(server, "internvl_llm_aborted_total") == aborted + 1 and _metric(server, "internvl_llm_requests_in_flight") == 0:
-            break
+            return
         time.sleep(0.05)
-    assert _metric(server, "internvl_llm_aborted_total") == aborted + 1
-    assert _metric(server, "internvl_llm_requests_in_flight") == 0
+    raise AssertionError("the request still holds its engine slot one second after its client went away")

@@ -109,6 +109,16 @@ def llm_response(dtypes: dict, tokens, finish_reason: str | None, echo: dict[str
     )
 
 
+def stop_by_request_id(request, sender, cancel) -> None:
+    """A `stop` request: cancel(its Triton request id) ends the live requests sent with that id (as
+    TensorRT-LLM's tensorrt_llm model does with its `stop` input); answered with an empty final response."""
+    request_id = request.request_id()
+    if not request_id:
+        raise ValueError("a stop request needs the request id of the request to stop")
+    cancel(request_id)
+    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
 def decoupled_output_dtypes(config: dict, model: str) -> dict[str, np.dtype]:
     if not pb_utils.using_decoupled_model_transaction_policy(config):
         raise ValueError(f"the {model} model must be decoupled (model_transaction_policy {{ decoupled: true }})")

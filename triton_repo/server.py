@@ -37,6 +37,7 @@ import urllib.request
 from pathlib import Path
 
 from build.settings import HelpFormatter
+from openai_api.process import OpenAIProcess
 
 SHARED_MEMORY = Path("/dev/shm")
 EXIT_TIMEOUT = 3  # s Triton gives in-flight requests on stop (--exit-timeout-secs)
@@ -84,7 +85,7 @@ def port_in_use(address: str, port: int) -> bool:
     return False
 
 
-PORT_FLAGS = {"--http-port": "HTTP_PORT", "--grpc-port": "GRPC_PORT", "--metrics-port": "METRICS_PORT"}
+PORT_FLAGS = {"--http-port": "HTTP_PORT", "--grpc-port": "GRPC_PORT", "--metrics-port": "METRICS_PORT", "--openai-port": "OPENAI_PORT"}
 
 
 def check_ports(address: str, ports: dict[str, int]) -> None:
@@ -350,20 +351,29 @@ def main() -> None:
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC endpoint (KServe v2, streaming)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics")
     parser.add_argument("--exit-timeout", type=int, default=EXIT_TIMEOUT, help="seconds in-flight requests get to finish on Ctrl-C / SIGTERM")
+    parser.add_argument("--openai-port", type=int, default=0, help="also serve the OpenAI-compatible API (python -m openai_api) on this port; 0 = no")
     args = parser.parse_args()
     server = TritonServer(args.out, args.http_port, args.grpc_port, args.metrics_port, args.address, echo=True, exit_timeout=args.exit_timeout)
+    openai = OpenAIProcess(server.grpc_url, args.address, args.openai_port) if args.openai_port else None
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: server.request_stop())
     try:
         refuse_gpu_build(args.out)
+        if openai:
+            check_ports(args.address, {"--openai-port": args.openai_port})
         server.start()
-        print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {args.address}:{args.metrics_port}  (Ctrl-C stops)", flush=True)
+        if openai:
+            openai.start()
+        api = f"  OpenAI {openai.url}/v1" if openai else ""
+        print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {args.address}:{args.metrics_port}{api}  (Ctrl-C stops)", flush=True)
         server.serve_until_stopped()
     except Interrupted as stopped:
         parser.exit(0, f"{stopped}\n")
-    except LaunchError as error:
-        parser.exit(error.status, f"error: {error}\n")
+    except (LaunchError, RuntimeError) as error:
+        parser.exit(getattr(error, "status", 1), f"error: {error}\n")
     finally:
+        if openai:
+            openai.stop()
         server.stop()
     print("stopped", file=sys.stderr)
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class _Request:
     on_event: Callable[[TokenEvent], None]
     is_cancelled: Callable[[], bool] | None
+    client_id: str | None
 
 
 class EngineRunner:
@@ -49,6 +50,7 @@ class EngineRunner:
         params: SamplingParams,
         on_event: Callable[[TokenEvent], None],  # called from the loop thread
         is_cancelled: Callable[[], bool] | None = None,  # polled before each step
+        client_id: str | None = None,  # the id the client knows the request by (cancel_client)
     ) -> None:
         """Raises ValueError for a bad request; nothing is queued then and on_event is never called."""
         if self._closing:
@@ -57,13 +59,21 @@ class EngineRunner:
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in flight")
             self.engine.add_request(request_id, input_ids, prompt_table, params)
-            self._requests[request_id] = _Request(on_event, is_cancelled)
+            self._requests[request_id] = _Request(on_event, is_cancelled, client_id)
         self._wakeup.set()
 
     def cancel(self, request_id: str) -> None:
         """The request finishes with an "abort" event at the next step (no-op once it has finished)."""
         self.engine.abort(request_id)
         self._wakeup.set()
+
+    def cancel_client(self, client_id: str) -> int:
+        """cancel() for every live request submitted with this client_id -> how many."""
+        with self._lock:
+            ids = [rid for rid, r in self._requests.items() if r.client_id == client_id]
+        for request_id in ids:
+            self.cancel(request_id)
+        return len(ids)
 
     def close(self, timeout: float = 10.0) -> None:
         self._closing = True

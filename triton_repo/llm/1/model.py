@@ -4,6 +4,11 @@ execute() only validates and submits; the engine loop (engine/llm/runner.py) ste
 flight on its own thread and answers each request through its response sender: one response per
 token when streaming, one response with all tokens otherwise, the last one flagged FINAL. A request
 whose sequence fails gets its own error response; the others run on.
+
+Cancellation: Triton cancels a composing model's request only when the ensemble schedules it after
+the client cancelled (core src/ensemble_scheduler/ensemble_scheduler.cc), never a decoupled step
+already running, so a client that goes away sends `stop` (TensorRT-LLM's tensorrt_llm input of that
+name) with its request id straight to this model (client/triton_client.py stop_request).
 """
 
 import uuid
@@ -64,12 +69,17 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             request_id = uuid.uuid4().hex
             try:
+                if pb.scalar(request, "stop", False):
+                    pb.stop_by_request_id(request, sender, self.runner.cancel_client)
+                    continue
                 ids, table, params, streaming = self._parse(request)
                 echo = pb.stream_echo(request, request_id, len(ids))
                 stream = _Stream(sender, streaming, echo, self.dtypes, self._finished)
                 self.in_flight.increment(1)  # before submit: the final event may come first
                 try:
-                    self.runner.submit(request_id, ids, table, params, stream.on_event, sender.is_cancelled)
+                    self.runner.submit(
+                        request_id, ids, table, params, stream.on_event, sender.is_cancelled, request.request_id() or None
+                    )
                 except Exception:
                     self.in_flight.increment(-1)
                     raise

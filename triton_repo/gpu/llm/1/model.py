@@ -33,14 +33,40 @@ class TritonPythonModel:
         self.vocab_size = ModelConfig.from_pretrained(params["checkpoint"]).text.vocab_size
         self.target = params["tensorrt_llm_model"]
         self.max_seq_len = int(params["max_seq_len"])
+        self.stops: dict[str, list[threading.Event]] = {}  # Triton request id -> its live requests' stop flags
+        self.stops_lock = threading.Lock()
 
     def execute(self, requests):
         for request in requests:
-            threading.Thread(target=self._serve, args=(request,), daemon=True).start()
+            sender = request.get_response_sender()
+            try:
+                if pb.scalar(request, "stop", False):
+                    pb.stop_by_request_id(request, sender, self._stop)
+                    continue
+            except Exception as error:  # noqa: BLE001 — this request fails alone
+                sender.send(pb.error_response(error), flags=FINAL)
+                continue
+            threading.Thread(target=self._serve, args=(request, sender), daemon=True).start()
         return None
 
-    def _serve(self, request):
-        sender = request.get_response_sender()
+    def _stop(self, request_id: str) -> None:
+        with self.stops_lock:
+            for flag in self.stops.get(request_id, ()):
+                flag.set()
+
+    def _serve(self, request, sender):
+        stop, request_id = threading.Event(), request.request_id()
+        with self.stops_lock:
+            self.stops.setdefault(request_id, []).append(stop)
+        try:
+            self._generate(request, sender, lambda: stop.is_set() or sender.is_cancelled())
+        finally:
+            with self.stops_lock:
+                self.stops[request_id].remove(stop)
+                if not self.stops[request_id]:
+                    del self.stops[request_id]
+
+    def _generate(self, request, sender, cancelled):
         try:
             item = {name: value for name in INPUTS if (value := pb.item(request, name, required=False)) is not None}
             echo = pb.stream_echo(request, uuid.uuid4().hex, len(item["input_ids"]))
@@ -61,7 +87,7 @@ class TritonPythonModel:
             collected = []  # without streaming the client gets one response holding every token
             generated = 0
             for response in responses:
-                if sender.is_cancelled():
+                if cancelled():
                     responses.cancel()
                     break
                 if response.has_error():
@@ -75,7 +101,7 @@ class TritonPythonModel:
                     sender.send(pb.llm_response(self.dtypes, tokens, None, echo))
                 else:
                     collected.append(tokens)
-            if sender.is_cancelled():
+            if cancelled():
                 sender.send(flags=FINAL)
             else:
                 tokens = np.concatenate([np.zeros(0, np.int32), *collected])

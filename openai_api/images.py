@@ -1,0 +1,92 @@
+"""Image parts -> encoded image bytes: data URIs and plain base64 are decoded here; remote http(s)
+URLs are fetched only from hosts the operator allow-listed, within a byte and a time limit.
+Whether the bytes are an image is the ensemble's call (its ImageError is a 400 too)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from openai_api.conversation import ImageRef
+from openai_api.errors import bad_request
+from openai_api.settings import Settings
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # A redirect could lead an allow-listed host's URL to any other host.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} refused", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+class ImageLoader:
+    def __init__(self, settings: Settings):
+        self.allowed_hosts = {h.lower() for h in settings.allow_image_hosts}
+        self.max_bytes = settings.max_image_bytes
+        self.timeout = settings.image_fetch_timeout
+
+    async def load(self, images: list[ImageRef]) -> list[bytes]:
+        return [await self.load_one(image) for image in images]
+
+    async def load_one(self, image: ImageRef) -> bytes:
+        url = image.url.url.strip()
+        where = f"{image.param}.image_url"
+        if url.startswith("data:"):
+            return _decode_data_uri(url, where)
+        scheme = url.partition(":")[0].lower()
+        if scheme in ("http", "https"):
+            return await self._fetch(url, where)
+        if scheme.isalpha() and url[len(scheme) : len(scheme) + 3] == "://":
+            raise bad_request(f"{where}: unsupported URL scheme {scheme!r} (use a data URI, base64 or http(s))", where)
+        return _decode_base64(url, where)
+
+    async def _fetch(self, url: str, where: str) -> bytes:
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
+        if host not in self.allowed_hosts:
+            raise bad_request(
+                f"{where}: remote image URLs are refused unless the server allows their host "
+                f"(--allow-image-host); {host!r} is not allowed. Send the image as a base64 data URI.",
+                where,
+            )
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._get, url), self.timeout)
+        except TimeoutError:
+            raise bad_request(f"{where}: fetching {url} took longer than {self.timeout:g} s", where) from None
+        except urllib.error.HTTPError as e:
+            raise bad_request(f"{where}: could not fetch {url}: HTTP {e.code} {e.reason}", where) from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise bad_request(f"{where}: could not fetch {url}: {reason}", where) from None
+
+    def _get(self, url: str) -> bytes:
+        with _OPENER.open(url, timeout=self.timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                raise ValueError(f"the image is {int(length)} bytes, the limit is {self.max_bytes}")
+            data = response.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise ValueError(f"the image is larger than the limit of {self.max_bytes} bytes")
+        return data
+
+
+def _decode_data_uri(url: str, where: str) -> bytes:
+    header, comma, payload = url[len("data:") :].partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise bad_request(f"{where}: a data URI must look like data:image/png;base64,<data>", where)
+    return _decode_base64(payload, where)
+
+
+def _decode_base64(text: str, where: str) -> bytes:
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{where}: invalid base64 image data", where) from None
+    if not data:
+        raise bad_request(f"{where}: empty image", where)
+    return data

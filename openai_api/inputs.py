@@ -1,0 +1,60 @@
+"""A chat completion request -> the ensemble's input fields. Value ranges are checked with the rules
+Triton applies (engine/sampling_params.py), plus top_p > 0: in the OpenAI API top_p 0 is not "off"."""
+
+from __future__ import annotations
+
+import json
+
+from engine.sampling_params import SamplingParamError, SamplingParams
+from openai_api.conversation import Conversation
+from openai_api.errors import bad_request
+from openai_api.schema import ChatCompletionRequest
+from openai_api.triton import Fields
+
+
+def max_tokens(body: ChatCompletionRequest) -> int | None:
+    return body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+
+
+def check_values(body: ChatCompletionRequest) -> None:
+    """Raises a 400 APIError naming the field whose value is out of range."""
+    if body.n is not None and body.n != 1:
+        raise bad_request(f"n must be 1 (one choice per request), got {body.n}", "n")
+    if body.top_p is not None and not 0 < body.top_p <= 1:
+        raise bad_request(f"top_p must be in (0, 1], got {body.top_p}", "top_p")
+    for field in ("max_tokens", "max_completion_tokens", "top_k"):  # INT32 inputs
+        if (value := getattr(body, field)) is not None and value >= 2**31:
+            raise bad_request(f"{field} must be < 2^31, got {value}", field)
+    limit = max_tokens(body)
+    try:
+        # max_tokens absent means "up to the context length", which the ensemble decides: any valid stand-in.
+        SamplingParams.from_request(
+            1 if limit is None else limit, body.temperature, body.top_p, body.top_k, body.repetition_penalty, body.seed
+        )
+    except SamplingParamError as e:
+        param = "max_completion_tokens" if e.field == "max_tokens" and body.max_completion_tokens is not None else e.field
+        raise bad_request(str(e), param) from None
+
+
+def ensemble_fields(body: ChatCompletionRequest, conversation: Conversation, images: list[bytes], stream: bool) -> Fields:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
+    thinking = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None
+    optional = {
+        "image_bytes": ("BYTES", images or None),
+        "max_tokens": ("INT32", max_tokens(body)),
+        "temperature": ("FP32", body.temperature),
+        "top_p": ("FP32", body.top_p),
+        "top_k": ("INT32", body.top_k),
+        "repetition_penalty": ("FP32", body.repetition_penalty),
+        "random_seed": ("UINT64", body.seed),
+        "stop_words": ("BYTES", [s for s in stop if s] or None),
+        "max_tiles": ("INT32", conversation.max_tiles),
+        "history": ("BYTES", json.dumps([list(t) for t in conversation.history]) if conversation.history else None),
+        "system_prompt": ("BYTES", conversation.system_prompt),
+        "enable_thinking": ("BOOL", thinking),
+    }
+    fields: Fields = {"text_input": ("BYTES", [conversation.question]), "stream": ("BOOL", [stream])}
+    for name, (dtype, value) in optional.items():
+        if value is not None:
+            fields[name] = (dtype, value if isinstance(value, list) else [value])
+    return fields

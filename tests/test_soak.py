@@ -1,0 +1,167 @@
+"""client.soak: the soak loop against fake targets (counts, error classes, percentiles, time limit,
+concurrency, report files), the RSS sampler on a growing and on a steady process, and one soak of a
+real tritonserver."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from client import soak
+
+FAKE_KINDS = ("bad a", "bad b", "accepted by mistake")
+CONFIG = {"requests": 60, "target": "fake", "url": "nowhere"}
+
+
+def _reply(job: soak.Job):
+    """A fake valid request: the first piece after a short wait, the second after another."""
+    time.sleep(0.002 * (job.index % 5))
+    yield "a"
+    time.sleep(0.002 * (job.index % 3) + 0.001)
+    yield "b"
+
+
+def _refuse(job: soak.Job):
+    if job.kind == "accepted by mistake":
+        return iter(["some reply"])
+    raise ValueError(f"refused {job.kind}: request id 1234567 deadbeefcafe")
+
+
+def test_counts_error_classes_percentiles_and_report_files(tmp_path):
+    plan = soak.make_plan(60, 0.25, 0.5, seed=1, invalid_kinds=FAKE_KINDS)
+    assert [j.index for j in plan] == list(range(60)) and sum(not j.valid for j in plan) == 15
+    assert {j.kind for j in plan if not j.valid} == set(FAKE_KINDS) and {j.kind for j in plan if j.valid} == set(soak.VALID_KINDS)
+    assert 10 < sum(j.stream for j in plan) < 50
+    broken = next(j.index for j in plan if j.valid)
+
+    def valid(job):
+        if job.index == broken:
+            raise RuntimeError("boom")
+        return _reply(job)
+
+    outcomes, wall = soak.run_soak(plan, valid, _refuse, concurrency=4, time_limit=60)
+    report = soak.summarize(CONFIG, outcomes, wall, [], 0.0, 5.0)
+
+    counts = report["counts"]
+    assert report["issued"] == 60 and report["not_issued"] == 0
+    assert counts["valid_ok"] == 44 and counts["valid_failed"] == {"count": 1, "messages": {"RuntimeError: boom": 1}}
+    assert counts["invalid_refused"] == {"ValueError: refused bad a: request id N N": 5, "ValueError: refused bad b: request id N N": 5}
+    assert counts["unexpected_success"] == {"count": 5, "kinds": {"accepted by mistake": 5}}
+    assert report["invalid_by_kind"]["bad a"] == {"sent": 5, "unexpected_success": 0, "refused": {"ValueError: refused bad a: request id N N": 5}}
+
+    ok = [o for o in outcomes if o.job.valid and o.error is None]
+    latencies = [o.end - o.start for o in ok]
+    ttfts = [o.first - o.start for o in ok if o.job.stream]
+    for name, values in (("total", latencies), ("time_to_first_token", ttfts)):
+        got = report["latency_s"][name]
+        assert got["count"] == len(values) > 0
+        assert [got["p50"], got["p90"], got["p99"]] == pytest.approx(np.percentile(values, [50, 90, 99]).tolist())
+        assert got["max"] == max(values)
+    assert all(0 < o.first - o.start < o.end - o.start for o in ok)
+    assert report["throughput"]["requests_per_s"] == pytest.approx(60 / wall)
+
+    text = soak.summary_text(report)
+    assert "44 ok, 1 failed" in text and "FAILED ×1: RuntimeError: boom" in text and "ACCEPTED ×5: accepted by mistake" in text
+
+    soak.write_report(report, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "soak.json").read_text()) == json.loads(json.dumps(report))
+    assert (tmp_path / "out" / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_limit_stops_issuing_requests():
+    plan = soak.make_plan(1000, 0.0, 0.0, seed=0, invalid_kinds=FAKE_KINDS)
+
+    def slow(job):
+        time.sleep(0.05)
+        return ["x"]
+
+    outcomes, wall = soak.run_soak(plan, slow, _refuse, concurrency=2, time_limit=0.3)
+    assert 6 <= len(outcomes) <= 16  # ≈ 2 threads × 0.3 s / 0.05 s
+    assert max(o.start for o in outcomes) < 0.3 and wall < 0.3 + 0.05 + 0.5
+    report = soak.summarize({**CONFIG, "requests": 1000}, outcomes, wall, [], 0.0, 5.0)
+    assert report["not_issued"] == 1000 - len(outcomes)
+
+
+@pytest.mark.parametrize("concurrency", [1, 5])
+def test_concurrency_is_reached_and_never_exceeded(concurrency):
+    lock, in_flight, peak = threading.Lock(), [0], [0]
+
+    def tracked(job):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.02)
+        with lock:
+            in_flight[0] -= 1
+        return ["x"]
+
+    plan = soak.make_plan(40, 0.0, 0.0, seed=0, invalid_kinds=FAKE_KINDS)
+    outcomes, _ = soak.run_soak(plan, tracked, _refuse, concurrency=concurrency, time_limit=60)
+    assert len(outcomes) == 40 and peak[0] == concurrency
+
+
+# A parent process whose child grows (or holds) memory: the sampler must count children.
+PARENT = "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1]])"
+GROWING = """
+import time
+chunks = []
+print("ready", flush=True)
+for _ in range(40):  # 160 MiB in 2 s, every page written
+    chunks.append(b"x" * (4 << 20))
+    time.sleep(0.05)
+print("done", flush=True)
+time.sleep(60)
+"""
+STEADY = """
+import time
+chunk = b"x" * (64 << 20)
+print("ready", flush=True)
+time.sleep(1.5)
+print("done", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(("script", "bounded"), [(GROWING, False), (STEADY, True)])
+def test_rss_sampler_follows_a_child_process(script, bounded):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        sampler = soak.RssSampler([parent.pid], interval=0.05).start()
+        assert parent.stdout.readline().strip() == "done"
+        samples = sampler.stop()
+    finally:
+        for process in [*psutil.Process(parent.pid).children(recursive=True), parent]:
+            process.kill()
+        parent.wait()
+    assert len(samples) >= 10 and samples == sorted(samples, key=lambda s: s[0])
+    summary = soak.rss_summary(samples, slope_limit=5.0)
+    assert summary["rss_bounded"] is bounded
+    assert summary["start_mib"] > 64 if script is STEADY else summary["start_mib"] > 5
+    if bounded:
+        assert abs(summary["last_half_slope_mib_per_min"]) < 5 and summary["end_mib"] == pytest.approx(summary["start_mib"], abs=2)
+    else:  # 80 MiB/s is 4800 MiB/min
+        assert summary["last_half_slope_mib_per_min"] > 1000 and summary["end_mib"] - summary["start_mib"] > 100
+        assert summary["last_half_change_mib"] > 30
+
+
+def test_soak_of_a_live_tritonserver(server, tmp_path):
+    """Every valid request served, every invalid one refused (no class of bad input accepted)."""
+    code = soak.main([
+        "--url", server.grpc_url, "--requests", "40", "--concurrency", "4", "--invalid-fraction", "0.25", "--max-tokens", "4",
+        "--pid", str(server.process.pid), "--rss-interval", "0.2", "--time-limit", "120", "--out", str(tmp_path),
+    ])  # fmt: skip
+    report = json.loads((tmp_path / "soak.json").read_text())
+    counts = report["counts"]
+    assert report["issued"] == 40 and counts["valid_ok"] == 30
+    assert counts["valid_failed"]["count"] == 0 and code == 0, counts["valid_failed"]
+    assert counts["unexpected_success"]["count"] == 0, counts["unexpected_success"]
+    assert report["latency_s"]["total"]["count"] == 30 and report["rss"]["start_mib"] > 100
+    assert (tmp_path / "soak.png").stat().st_size > 0
