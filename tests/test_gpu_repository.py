@@ -384,9 +384,61 @@ def test_gpu_llm_wrapper_through_tritonserver(wrapper_server, tiny, streaming):
     assert tokens == [2 * q, 2 * q, 1, 2 * q + 3, 1, 100, 101, 102]
     assert [bool(r["is_final"][0, 0]) for r in responses] == [False] * (len(responses) - 1) + [True]
     assert len(responses) == (9 if streaming else 1)  # streaming ends with an empty is_final response
+    assert [r["finish_reason"][0, 0] for r in responses] == [b""] * (len(responses) - 1) + [b"length"]
+    assert all(r["prompt_tokens"][0, 0] == 3 + 2 * q for r in responses)
     for r in responses:
         assert r["request_key"][0, 0] == b"key-2" and r["stop_words_list"][0].tolist() == [[9, 0], [1, -1]]
         assert r["sequence_length"][0, 0] == len(r["output_ids"][0])
+
+
+def test_gpu_llm_wrapper_stop_request_ends_the_stream_with_that_request_id(wrapper_server, tiny):
+    """A client that goes away sends the llm a `stop` request with its request id (client/triton_client.py
+    stop_request): the wrapper cancels its BLS stream to tensorrt_llm and ends the request."""
+    import queue
+    import threading
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    from client.triton_client import stop_request
+
+    def tensors(inputs):
+        out = []
+        for name, value in inputs:
+            tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            tensor.set_data_from_numpy(value)
+            out.append(tensor)
+        return out
+
+    config = ModelConfig.from_pretrained(tiny)
+    received: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(wrapper_server.grpc_url)
+    client.start_stream(callback=lambda result, error: received.put(error or result))
+    long = _llm_request(config, tiles=0, streaming=True, output_len=2000)
+    client.async_stream_infer("llm", tensors(long.items()), request_id="to-stop", enable_empty_final_response=True)
+    for _ in range(3):
+        assert received.get(timeout=60).get_response().outputs
+    model, inputs, request_id = stop_request("to-stop")
+    stopper = grpcclient.InferenceServerClient(wrapper_server.grpc_url)
+    stopped = threading.Event()
+    stopper.start_stream(callback=lambda result, error: stopped.set())
+    stopper.async_stream_infer(model, tensors((n, v) for n, _, v in inputs), request_id=request_id, enable_empty_final_response=True)
+    assert stopped.wait(10)
+    tokens, error = 3, None
+    while True:
+        result = received.get(timeout=10)
+        if isinstance(result, Exception):
+            error = result.message()
+            break
+        tokens += bool(result.get_response().outputs)
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    stopper.stop_stream()
+    assert tokens < 1000  # ended long before its 2000 tokens (20 s at the double's pace)
+    # The BLS ResponseIterator.cancel() the wrapper calls came with python_backend #398 (2025-04, Triton
+    # 25.05); the GPU container (26.04) has it, the CPU machines' Triton 2.51 (24.10) does not.
+    assert error is None or "ResponseIterator' object has no attribute 'cancel'" in error, error
 
 
 def test_gpu_llm_wrapper_text_only_and_bad_requests(wrapper_server, tiny):

@@ -3,10 +3,15 @@ decoupled python model with the generated tensorrt_llm config's inputs that answ
 describing what it received, in TensorRT-LLM's output layout (output_ids [1, beams, N],
 sequence_length [1, beams]; one response per token when streaming, else one response):
 [table rows, image slots marked in prompt_table_extra_ids, distinct extra ids, input length,
- exclude_input_in_output, 100, 101, ...] cut to request_output_len."""
+ exclude_input_in_output, 100, 101, ...] cut to request_output_len. Long streams are paced and
+honour cancellation, as the real backend does."""
+
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+PACED_FROM = 100  # longer streams send a token every 10 ms and end early when cancelled
 
 
 def _get(request, name):
@@ -34,6 +39,11 @@ class TritonPythonModel:
             streaming = bool(_get(request, "streaming").reshape(-1)[0])
             chunks = [[t] for t in tokens] if streaming else [tokens]
             for i, chunk in enumerate(chunks):
+                if sender.is_cancelled():  # the wrapper's BLS cancel (a stop request)
+                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    break
+                if len(chunks) > PACED_FROM:
+                    time.sleep(0.01)
                 response = pb_utils.InferenceResponse(
                     [
                         pb_utils.Tensor("output_ids", np.array([[chunk + [-1]]], np.int32)),  # padded, as beams are
