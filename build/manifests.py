@@ -34,6 +34,8 @@ from build.settings import BuildSettings, GpuSettings, HelpFormatter, add_argume
 from engine.config import ModelConfig
 
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Dockerfile.cpu / Dockerfile.gpu EXPOSE and start command
+OPENAI_PORT = 9000  # the OpenAI-compatible server: a second container of the pod, from the same image (EXPOSEd)
+OPENAI_COMMAND = ["python3", "-m", "openai_api", "--triton-url", f"127.0.0.1:{PORTS['grpc']}", "--host", "0.0.0.0", "--port", str(OPENAI_PORT)]
 MODEL_MOUNT, BUILD_MOUNT = "/models/checkpoint", "/var/lib/internvl-serve/build"  # the images' MODEL and OUT
 # the first start builds the repository (GPU: TensorRT and TensorRT-LLM engines, tens of minutes)
 STARTUP_SECONDS = {"cpu": 20 * 60, "gpu": 2 * 60 * 60}
@@ -84,7 +86,7 @@ def multi_node(objects: dict[str, dict], gpu: GpuSettings, nodes: int) -> dict[s
     name, labels = deployment["metadata"]["name"], deployment["metadata"]["labels"]
     per_node = gpu.world_size // nodes
     leader = deployment["spec"]["template"]
-    (container,) = leader["spec"]["containers"]
+    container = leader["spec"]["containers"][0]  # triton; the openai container stays on the leader only
     container.update(command=["bash", "-c", LEADER_COMMAND])
     container["resources"]["limits"]["nvidia.com/gpu"] = len(set(gpu.vision_gpus) | set(range(per_node)))
     leader["spec"]["serviceAccountName"] = name
@@ -158,6 +160,16 @@ def manifests(name: str, image: str, target: str, settings: BuildSettings, gpu: 
             {"name": "shm", "mountPath": "/dev/shm"},  # python-backend tensors cross processes here
         ],
     }
+    openai = {
+        "name": "openai",
+        "image": image,
+        "command": OPENAI_COMMAND,
+        "ports": [{"name": "openai", "containerPort": OPENAI_PORT}],
+        # /health is 503 until Triton's models are ready: ready then; alive while it listens
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "openai"}, "periodSeconds": 10, "failureThreshold": 3},
+        "livenessProbe": {"tcpSocket": {"port": "openai"}, "periodSeconds": 10, "failureThreshold": 6},
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+    }
     pod = {
         "metadata": {
             "labels": labels,
@@ -165,7 +177,7 @@ def manifests(name: str, image: str, target: str, settings: BuildSettings, gpu: 
         },
         "spec": {
             "terminationGracePeriodSeconds": 60,  # triton_repo.server lets in-flight requests finish on SIGTERM
-            "containers": [container],
+            "containers": [container, openai],
             "volumes": [
                 {"name": "checkpoint", "persistentVolumeClaim": {"claimName": args.model_claim, "readOnly": True}},
                 {"name": "build", **build_volume},
@@ -185,7 +197,10 @@ def manifests(name: str, image: str, target: str, settings: BuildSettings, gpu: 
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": meta,
-            "spec": {"selector": labels, "ports": [{"name": n, "port": p, "targetPort": n} for n, p in PORTS.items()]},
+            "spec": {
+                "selector": labels,
+                "ports": [{"name": n, "port": p, "targetPort": n} for n, p in {**PORTS, "openai": OPENAI_PORT}.items()],
+            },
         },
         "hpa": {
             "apiVersion": "autoscaling/v2",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from build.manifests import PORTS, build_flags, gpu_count
+from build.manifests import OPENAI_PORT, PORTS, build_flags, gpu_count
 from build.settings import BuildSettings, GpuSettings, from_arguments
 from tests.doc_commands import module_parser
 from tests.test_deploy_images import IMAGES, _one
@@ -50,14 +50,27 @@ def test_manifests_pass_kubernetes_validate_strict(generated):
     assert result.stdout.count("passed") == 3
 
 
+def parse_openai_args(command: list[str]):
+    from openai_api.__main__ import parser
+
+    assert command[:3] == ["python3", "-m", "openai_api"]
+    return parser().parse_args(command[3:])
+
+
 def test_gpu_requests_ports_probes_and_metrics_follow_the_build_and_the_image(generated):
     _, target, flags, gpus, objects = generated
     pod = objects["deployment"]["spec"]["template"]
-    (container,) = pod["spec"]["containers"]
+    container, openai = pod["spec"]["containers"]
     assert container["resources"]["limits"].get("nvidia.com/gpu", 0) == gpus
     image_ports = {int(p) for p in _one(IMAGES[target], "EXPOSE").split()}
-    assert {p["containerPort"] for p in container["ports"]} == image_ports == set(PORTS.values())
-    assert {p["name"]: p["port"] for p in objects["service"]["spec"]["ports"]} == PORTS
+    assert {p["containerPort"] for p in container["ports"]} == set(PORTS.values())
+    assert image_ports == set(PORTS.values()) | {OPENAI_PORT}
+    assert {p["name"]: p["port"] for p in objects["service"]["spec"]["ports"]} == {**PORTS, "openai": OPENAI_PORT}
+    # the OpenAI server: same image, talks to this pod's Triton, ready when Triton's models are
+    assert openai["image"] == container["image"] and openai["ports"] == [{"name": "openai", "containerPort": OPENAI_PORT}]
+    args = parse_openai_args(openai["command"])
+    assert (args.triton_url, args.host, args.port) == (f"127.0.0.1:{PORTS['grpc']}", "0.0.0.0", OPENAI_PORT)
+    assert openai["readinessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(PORTS["metrics"])
@@ -68,7 +81,7 @@ def test_gpu_requests_ports_probes_and_metrics_follow_the_build_and_the_image(ge
 
 def test_pods_rebuild_with_the_same_settings_at_the_images_paths(generated):
     _, target, flags, _, objects = generated
-    (container,) = objects["deployment"]["spec"]["template"]["spec"]["containers"]
+    container, _ = objects["deployment"]["spec"]["template"]["spec"]["containers"]  # triton, openai
     env = {e["name"]: e["value"] for e in container["env"]}
     image_env = dict(kv.split("=", 1) for kv in shlex.split(_one(IMAGES[target], "ENV")))
     assert env["MODEL"] == image_env["MODEL"] and env["OUT"] == image_env["OUT"]

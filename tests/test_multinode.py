@@ -62,7 +62,8 @@ def test_the_leaderworkerset_uses_only_its_api_fields(group):
 
 def test_gpus_per_pod_and_the_shared_build(group):
     lws = group[1]["leaderworkerset"]["spec"]["leaderWorkerTemplate"]
-    (leader,), (worker,) = lws["leaderTemplate"]["spec"]["containers"], lws["workerTemplate"]["spec"]["containers"]
+    (leader, openai), (worker,) = lws["leaderTemplate"]["spec"]["containers"], lws["workerTemplate"]["spec"]["containers"]
+    assert openai["name"] == "openai"  # the leader serves the API; workers only run ranks
     assert leader["resources"]["limits"]["nvidia.com/gpu"] == 2  # ranks 0-1 (vision shares GPU 0)
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 2  # ranks 2-3
     for pod in (lws["leaderTemplate"], lws["workerTemplate"]):
@@ -73,7 +74,7 @@ def test_gpus_per_pod_and_the_shared_build(group):
 
 def test_the_leader_runs_the_images_build_then_every_rank_through_the_pods(group):
     lws = group[1]["leaderworkerset"]["spec"]["leaderWorkerTemplate"]
-    (leader,) = lws["leaderTemplate"]["spec"]["containers"]
+    leader, _ = lws["leaderTemplate"]["spec"]["containers"]
     assert leader["command"][:2] == ["bash", "-c"]
     env = {e["name"]: e["value"] for e in leader["env"]}
     line = leader["command"][2].replace("$BUILD_ARGS", env["BUILD_ARGS"]).replace('"$MODEL"', env["MODEL"]).replace('"$OUT"', env["OUT"])
