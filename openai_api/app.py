@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from openai_api.conversation import build_conversation
@@ -93,7 +94,14 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
         error = as_api_error(error)
         return JSONResponse(error.body(), status_code=error.status)
 
+    async def schema_error(request, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None  # without "body"
+        message = f"{where}: {first.get('msg', 'invalid request body')}" if where else first.get("msg", "invalid request body")
+        return JSONResponse(APIError(422, message, where).body(), status_code=422)
+
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, schema_error)
     app.add_exception_handler(Exception, api_error)  # Starlette logs these (unexpected) with their traceback
 
     @app.get("/health")

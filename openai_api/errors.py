@@ -3,7 +3,7 @@ status in `code`; the openai SDK raises BadRequestError, NotFoundError, ... from
 
 from __future__ import annotations
 
-_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+_TYPES = {400: "BadRequestError", 404: "NotFoundError", 422: "UnprocessableEntityError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
 class APIError(Exception):

@@ -188,7 +188,8 @@ def test_out_of_range_values_are_400_naming_the_field(fake, fields, param):
 @pytest.mark.parametrize("fields, field", [({"max_tokens": "many"}, "max_tokens"), ({"messages": "Hi"}, "messages"), ({"stream": {}}, "stream")])
 def test_wrong_json_types_are_422(fake, fields, field):
     status, body = _post(fake.url, _body(**fields))
-    assert status == 422 and field in json.dumps(json.loads(body)["detail"])
+    error = json.loads(body)["error"]
+    assert status == error["code"] == 422 and error["param"].startswith(field) and field in error["message"]
 
 
 def test_non_streaming_reply_and_the_fields_sent_to_triton(fake):
