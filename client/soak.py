@@ -8,14 +8,16 @@ broken value or input each, see the targets' INVALID_KINDS) must be refused: one
 reported as `unexpected_success`. A request in flight at --time-limit runs to its end; no new one
 starts after it. The exit code is 1 when a valid request failed, else 0.
 
-Memory: the summed RSS of the tracked processes and all their children (shared pages count once
-per process) is sampled every --rss-interval seconds. The first half of the samples is warm-up
-(allocator pools, caches, lazily loaded kernels grow then settle); a leak keeps growing after it.
-So `rss_bounded` is true when the least-squares slope over the second half of the samples is below
---rss-slope-limit MiB/min, and null with fewer than 3 samples there. A short run exaggerates a
-one-off step (1 MiB in 10 s is 6 MiB/min): soak for minutes before trusting a false.
+Memory: every --rss-interval s, RSS, USS and PSS of each tracked process and its children, and the
+bytes of the server's /dev/shm regions. Summed RSS counts a shared page (libraries; the shm regions
+tritonserver and every stub map) once per process, summed PSS once, summed USS never. The first half
+of the samples is warm-up (allocator pools, ONNX Runtime's arena growing to the largest batch, shm
+regions to the largest tensor); a leak keeps growing after it. So `rss_bounded` is true when the
+least-squares slope of summed --bounded-by (PSS) over the second half is below --rss-slope-limit
+MiB/min (null with < 3 samples there), for each process too. A short run exaggerates a one-off step
+(1 MiB in 10 s is 6 MiB/min; a new largest batch): soak for minutes before trusting a false.
 
-Writes soak.json (counts, error classes, latencies, RSS, every request) and soak.png into --out.
+Writes soak.json (counts, error classes, latencies, memory, every request) and soak.png into --out.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import random
 import re
 import threading
@@ -72,16 +75,14 @@ def make_plan(requests: int, invalid_fraction: float, stream_fraction: float, se
     """round(requests × invalid_fraction) invalid jobs cycling through every kind, shuffled among valid ones."""
     rng = random.Random(seed)
     invalid = round(requests * invalid_fraction)
-    kinds = [invalid_kinds[i % len(invalid_kinds)] for i in range(invalid)]
-    kinds += [rng.choice(VALID_KINDS) for _ in range(requests - invalid)]
+    kinds = [invalid_kinds[i % len(invalid_kinds)] for i in range(invalid)] + [rng.choice(VALID_KINDS) for _ in range(requests - invalid)]
     valid = [False] * invalid + [True] * (requests - invalid)
     order = rng.sample(range(requests), requests)
     return [Job(i, valid[k], kinds[k], rng.random() < stream_fraction, rng.randrange(2**31)) for i, k in enumerate(order)]
 
 
 def error_class(error: BaseException) -> str:
-    """The exception's class and the first 60 characters of its message, ids and long numbers
-    replaced, so one refusal of many requests counts as one class."""
+    """The exception's class and the first 60 characters of its message, ids and long numbers replaced, so one refusal of many requests counts as one class."""
     body = getattr(error, "body", None)  # openai.APIStatusError: the server's JSON; its str() adds the status
     inner = body.get("error", body) if isinstance(body, dict) else None
     message = (inner.get("message") or inner.get("detail") or inner) if isinstance(inner, dict) else inner or str(error)
@@ -93,9 +94,8 @@ Submit = Callable[[Job], Iterable[str]]
 
 
 def run_soak(plan: list[Job], submit_valid: Submit, submit_invalid: Submit, concurrency: int, time_limit: float, on_done: Callable[[Outcome], None] = lambda o: None) -> tuple[list[Outcome], float]:
-    """Runs the plan's jobs on `concurrency` threads until done or until time_limit seconds have
-    passed (then no new job starts). A submit callable returns the reply's text pieces; raising is a
-    refusal. Returns the outcomes (plan order; jobs not started are absent) and the wall time."""
+    """Runs the plan's jobs on `concurrency` threads until done or until time_limit seconds have passed (then no new job starts).
+    A submit callable returns the reply's text pieces; raising is a refusal. -> outcomes (plan order; jobs not started absent), wall time."""
     jobs, lock, outcomes, t0 = iter(plan), threading.Lock(), [], time.monotonic()
 
     def run_one(job: Job) -> Outcome:
@@ -110,13 +110,11 @@ def run_soak(plan: list[Job], submit_valid: Submit, submit_invalid: Submit, conc
     def worker() -> None:
         while True:
             with lock:
-                job = next(jobs, None) if time.monotonic() - t0 < time_limit else None
-            if job is None:
-                return
+                if (job := next(jobs, None) if time.monotonic() - t0 < time_limit else None) is None:
+                    return
             outcome = run_one(job)
             with lock:
-                outcomes.append(outcome)
-                on_done(outcome)
+                outcomes.append(outcome), on_done(outcome)
 
     workers = max(1, min(concurrency, len(plan)))
     with ThreadPoolExecutor(workers) as pool:
@@ -124,49 +122,71 @@ def run_soak(plan: list[Job], submit_valid: Submit, submit_invalid: Submit, conc
     return sorted(outcomes, key=lambda o: o.job.index), time.monotonic() - t0
 
 
+FIELDS = ("rss", "uss", "pss")
+
+
 class RssSampler:
-    """Samples (time.monotonic(), summed RSS in bytes) of processes and their children on a thread."""
+    """Samples on a thread (time.monotonic(), RSS, USS, PSS in bytes): `samples` summed over the processes
+    and all their children, `processes` each one's by _label; `shm` (time, bytes of the /dev/shm files
+    named with a tracked tritonserver's python backend prefix)."""
 
     def __init__(self, pids: Iterable[int], interval: float = 0.5):
-        self.pids, self.interval, self.samples = list(pids), interval, []
+        self.pids, self.interval, self.samples, self.shm, self.processes, self._labels, self._prefixes = list(pids), interval, [], [], {}, {}, set()
         self._stop, self._thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
 
-    def total(self) -> int:
+    def sample(self) -> None:
         processes: dict[int, psutil.Process] = {}
         for pid in self.pids:
             with suppress(psutil.Error):  # gone, or not ours to inspect
                 process = psutil.Process(pid)
                 processes.update({pid: process, **{child.pid: child for child in process.children(recursive=True)}})
-        rss = 0
+        now, memory = time.monotonic(), {}
         for process in processes.values():
             with suppress(psutil.Error):
-                rss += process.memory_info().rss
-        return rss
+                m = process.memory_full_info()  # USS, PSS: /proc/<pid>/smaps_rollup
+                memory[self._label(process)] = (m.rss, m.uss, m.pss)
+                self.processes.setdefault(self._label(process), []).append((now, m.rss, m.uss, m.pss))
+        self.samples.append((now, *(sum(m[i] for m in memory.values()) for i in range(len(FIELDS)))))
+        with suppress(OSError):  # no /dev/shm (macOS), or a file went meanwhile
+            self.shm.append((now, sum(e.stat().st_size for e in os.scandir("/dev/shm") if self._prefixes and e.name.startswith(tuple(self._prefixes)))))
+
+    def _label(self, process: psutil.Process) -> str:  # name[pid]: a stub by its model directory, `python -m X` by X
+        if process.pid not in self._labels:
+            cmd, name = process.cmdline(), process.name()
+            if len(cmd) > 1 and cmd[0].endswith("triton_python_backend_stub"):
+                name = Path(cmd[1]).parent.parent.name  # <repository>/<model>/<version>/model.py
+            elif "-m" in cmd[:-1]:
+                name = cmd[cmd.index("-m") + 1]
+            if name == "tritonserver":  # its option, else python_be.cc's default
+                self._prefixes.add(next((a.split("=")[-1] for a in cmd if "shm-region-prefix-name=" in a), "triton_python_backend_shm_region_"))
+            self._labels[process.pid] = f"{name}[{process.pid}]"
+        return self._labels[process.pid]
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.monotonic(), self.total()))
-            self._stop.wait(self.interval)
+        while not self._stop.wait(self.interval if self.samples else 0):
+            self.sample()
 
     def start(self) -> RssSampler:
         self._thread.start()
         return self
 
-    def stop(self) -> list[tuple[float, int]]:
-        self._stop.set()
-        self._thread.join()
-        self.samples.append((time.monotonic(), self.total()))
+    def stop(self) -> list[tuple[float, int, int, int]]:
+        self._stop.set(), self._thread.join(), self.sample()
         return self.samples
 
 
 def default_pids(target: str, url: str) -> list[int]:
-    """Every `tritonserver` process; for the openai target also the one listening on the URL's port."""
-    pids = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "tritonserver"}
-    if target == "openai":
-        port = urlparse(url).port or 80
-        with suppress(psutil.AccessDenied):  # unprivileged on some systems (macOS)
-            pids |= {c.pid for c in psutil.net_connections("tcp") if c.pid and c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-    return sorted(pids)
+    """The process listening on the URL's port, and the one on its --triton-url's (the OpenAI server's); every
+    `tritonserver` only when sockets cannot be seen: other servers (test runs) come and go and would count."""
+    listening: dict[int, int] = {}
+    with suppress(psutil.AccessDenied):  # unprivileged on some systems (macOS)
+        listening = {c.laddr.port: c.pid for c in psutil.net_connections("tcp") if c.pid and c.status == psutil.CONN_LISTEN}
+    port = lambda u: urlparse(u if "//" in u else "//" + u).port or 80  # noqa: E731
+    pids = {listening[port(url)]} if port(url) in listening else set()
+    with suppress(psutil.Error, ValueError, IndexError, KeyError, StopIteration):  # none, or no --triton-url
+        cmd = psutil.Process(next(iter(pids))).cmdline()
+        pids.add(listening[port(cmd[cmd.index("--triton-url") + 1])])
+    return sorted(pids) or sorted(p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "tritonserver")
 
 
 def percentiles(values: list[float]) -> dict:
@@ -174,51 +194,40 @@ def percentiles(values: list[float]) -> dict:
     return {"count": len(values), "p50": p50, "p90": p90, "p99": p99, "max": max(values, default=None)}
 
 
-def rss_summary(samples: list[tuple[float, int]], slope_limit: float) -> dict:
-    """Start, max and end RSS in MiB; the least-squares slope (MiB/min) over the second half of the
-    samples and the change that fitted line makes across it; rss_bounded by the module's rule."""
-    summary = {"start_mib": None, "max_mib": None, "end_mib": None, "last_half_slope_mib_per_min": None, "last_half_change_mib": None, "rss_bounded": None}
-    if not samples:
-        return summary
-    minutes, mib = np.array(samples, dtype=float).T / [[60], [MIB]]
-    summary.update(start_mib=mib[0], max_mib=mib.max(), end_mib=mib[-1])
-    minutes, mib = minutes[len(samples) // 2 :], mib[len(samples) // 2 :]
-    if len(minutes) >= 3 and minutes[-1] > minutes[0]:
-        slope = float(np.polyfit(minutes, mib, 1)[0])
-        summary.update(last_half_slope_mib_per_min=slope, last_half_change_mib=slope * (minutes[-1] - minutes[0]), rss_bounded=slope < slope_limit)
-    return {k: v if v is None or isinstance(v, bool) else float(v) for k, v in summary.items()}
-    return summary
+def rss_summary(samples: list[tuple], slope_limit: float, bounded_by: str | None = None, t0: float = 0.0) -> dict:
+    """(time, bytes) samples -> start, max and end in MiB; the least-squares slope (MiB/min) over the
+    second half and the change that fitted line makes across it; rss_bounded by the module's rule.
+    (time, RSS, USS, PSS) samples and bounded_by -> that for each, bounded_by's verdict, the samples."""
+    if bounded_by:
+        by = {f: rss_summary([(s[0], s[1 + i]) for s in samples], slope_limit) for i, f in enumerate(FIELDS)}
+        return {"rss_bounded": by[bounded_by]["rss_bounded"], "slope_mib_per_min": by[bounded_by]["last_half_slope_mib_per_min"], **by, "samples": [[t - t0, *m] for t, *m in samples]}
+    minutes, mib = np.array(samples, dtype=float).reshape(-1, 2).T / [[60], [MIB]]
+    half = len(samples) // 2
+    slope = float(np.polyfit(minutes[half:], mib[half:], 1)[0]) if len(samples) - half >= 3 and minutes[-1] > minutes[half] else None
+    ends = {"start_mib": float(mib[0]), "max_mib": float(mib.max()), "end_mib": float(mib[-1])} if samples else dict.fromkeys(("start_mib", "max_mib", "end_mib"))
+    return {**ends, "last_half_slope_mib_per_min": slope, "last_half_change_mib": None if slope is None else slope * float(minutes[-1] - minutes[half]), "rss_bounded": None if slope is None else slope < slope_limit}
 
 
-def summarize(config: dict, outcomes: list[Outcome], wall: float, rss: list[tuple[float, int]], rss_t0: float, rss_slope_limit: float) -> dict:
-    """The report: rss_t0 is the time.monotonic() at which the soak started (outcomes' time zero)."""
-    valid = [o for o in outcomes if o.job.valid]
-    ok = [o for o in valid if o.error is None]
-    failed = Counter(o.error for o in valid if o.error)
-    invalid = [o for o in outcomes if not o.job.valid]
+def summarize(config: dict, outcomes: list[Outcome], wall: float, rss: RssSampler | None, rss_t0: float, rss_slope_limit: float, bounded_by: str = "pss") -> dict:
+    """The report: rss (stopped) has the samples; rss_t0 is the time.monotonic() of the soak's start."""
+    valid, invalid = [o for o in outcomes if o.job.valid], [o for o in outcomes if not o.job.valid]
+    ok, failed = [o for o in valid if o.error is None], Counter(o.error for o in valid if o.error)
     accepted = Counter(o.job.kind for o in invalid if o.error is None)
-    by_kind = {
-        kind: {"sent": sum(o.job.kind == kind for o in invalid), "unexpected_success": accepted[kind], "refused": dict(Counter(o.error for o in invalid if o.job.kind == kind and o.error))}
-        for kind in sorted({o.job.kind for o in invalid})
-    }
+    by_kind = {kind: {"sent": sum(o.job.kind == kind for o in invalid), "unexpected_success": accepted[kind], "refused": dict(Counter(o.error for o in invalid if o.job.kind == kind and o.error))} for kind in sorted({o.job.kind for o in invalid})}
     return {
-        "config": config,
-        "wall_time_s": wall,
-        "issued": len(outcomes),
-        "not_issued": config["requests"] - len(outcomes),
+        "config": config, "wall_time_s": wall, "issued": len(outcomes), "not_issued": config["requests"] - len(outcomes),
         "counts": {
-            "valid_ok": len(ok),
-            "valid_failed": {"count": sum(failed.values()), "messages": dict(failed)},
-            "invalid_refused": dict(Counter(o.error for o in invalid if o.error)),
+            "valid_ok": len(ok), "valid_failed": {"count": sum(failed.values()), "messages": dict(failed)}, "invalid_refused": dict(Counter(o.error for o in invalid if o.error)),
             "unexpected_success": {"count": sum(accepted.values()), "kinds": dict(accepted)},
         },
         "invalid_by_kind": by_kind,
-        "latency_s": {
-            "total": percentiles([o.end - o.start for o in ok]),
-            "time_to_first_token": percentiles([o.first - o.start for o in ok if o.job.stream and o.first is not None]),
-        },
+        "latency_s": {"total": percentiles([o.end - o.start for o in ok]), "time_to_first_token": percentiles([o.first - o.start for o in ok if o.job.stream and o.first is not None])},
         "throughput": {"requests_per_s": len(outcomes) / wall, "valid_ok_per_s": len(ok) / wall},
-        "rss": {"samples": [[t - rss_t0, b] for t, b in rss], **rss_summary(rss, rss_slope_limit)},
+        "memory": {  # samples: [time_s, rss, uss, pss] bytes; shm's [time_s, bytes]
+            "bounded_by": bounded_by, "total": rss_summary(rss.samples if rss else [], rss_slope_limit, bounded_by, rss_t0),
+            "processes": {k: rss_summary(v, rss_slope_limit, bounded_by, rss_t0) for k, v in (rss.processes if rss else {}).items()},
+            "shm": {**rss_summary(rss.shm if rss else [], rss_slope_limit), "samples": [[t - rss_t0, b] for t, b in (rss.shm if rss else [])]},
+        },
         "requests": [{**asdict(o.job), "start": o.start, "end": o.end, "first": o.first, "error": o.error} for o in outcomes],
     }
 
@@ -228,18 +237,21 @@ def write_report(report: dict, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    fig = Figure(figsize=(10, 4.5), layout="constrained")
-    ax = fig.subplots()
-    samples = report["rss"]["samples"]
-    if samples:
-        ax.plot([s[0] for s in samples], [s[1] / MIB for s in samples], color="tab:blue", label="RSS of tracked processes")
+    fig = Figure(figsize=(11, 8), layout="constrained")
+    ax, per = fig.subplots(2, 1, sharex=True)
+    memory, column = report["memory"], 1 + FIELDS.index(report["memory"]["bounded_by"])
+    series = [(ax, memory["total"]["samples"], 1 + i, {"linestyle": (":", "--", "-")[i], "color": "tab:blue", "label": f"summed {f.upper()}"}) for i, f in enumerate(FIELDS)]
+    series += [(per, p["samples"], column, {"label": label}) for label, p in memory["processes"].items()]  # each one's bounded_by
+    for axes, samples, i, style in series + [(per, memory["shm"]["samples"], 1, {"color": "black", "linestyle": ":", "label": "/dev/shm regions"})]:
+        axes.plot([s[0] for s in samples], [s[i] / MIB for s in samples], **style)
     marks = {"valid ok": (True, False, "tab:green"), "valid failed": (True, True, "tab:red"), "invalid refused": (False, True, "tab:gray"), "unexpected success": (False, False, "tab:orange")}
     for row, (label, (valid, failed, color)) in enumerate(marks.items()):
         ends = [r["end"] for r in report["requests"] if r["valid"] == valid and bool(r["error"]) == failed]
         if ends:  # ticks along the bottom (axes coordinates), one row per outcome
             ax.scatter(ends, [0.02 + 0.04 * row] * len(ends), marker="|", color=color, label=f"{label} ({len(ends)})", transform=ax.get_xaxis_transform())
-    ax.set(xlabel="time since start (s)", ylabel="RSS (MiB)", title=f"soak: {report['config']['target']} {report['config']['url']}")
-    ax.legend(loc="best", fontsize="small")
+    ax.set(ylabel="tracked processes (MiB)", title=f"soak: {report['config']['target']} {report['config']['url']}")
+    per.set(xlabel="time since start (s)", ylabel=f"{memory['bounded_by'].upper()} of each process (MiB)")
+    ax.legend(loc="best", fontsize="small"), per.legend(loc="best", fontsize="small")
     fig.savefig(out / "soak.png", dpi=100)
 
 
@@ -256,8 +268,7 @@ class TritonTarget:
     def __init__(self, url: str, max_tokens: int, timeout: float):
         from client.triton_client import InternVLClient
 
-        self.client = InternVLClient(url, timeout=timeout, check_sampling=False)  # the server must refuse
-        self.max_tokens = max_tokens
+        self.client, self.max_tokens = InternVLClient(url, timeout=timeout, check_sampling=False), max_tokens  # the server must refuse
 
     def valid(self, job: Job) -> Iterator[str]:
         return self._call(job.stream, TWO_IMAGES if job.kind == "2 images" else QUESTION, _images(job))
@@ -267,20 +278,15 @@ class TritonTarget:
         if job.kind in BAD_SAMPLING:
             return self._call(job.stream, QUESTION, image, **BAD_SAMPLING[job.kind])
         question, images, kwargs = {
-            "corrupt image": (QUESTION, [_corrupt(job.seed)], {}),
-            "more <image> tags than images": (TWO_IMAGES, image, {}),
-            "max_tiles=0": (QUESTION, image, {"max_tiles": 0}),
+            "corrupt image": (QUESTION, [_corrupt(job.seed)], {}), "more <image> tags than images": (TWO_IMAGES, image, {}),
+            "max_tiles=0": (QUESTION, image, {"max_tiles": 0}), "empty image": (QUESTION, [b""], {}),
             "history not JSON": (QUESTION, image, {"extra": {"history": ("BYTES", '[["Hi", ')}}),
-            "empty image": (QUESTION, [b""], {}),
-        }[job.kind]
+        }[job.kind]  # fmt: skip
         return self._call(job.stream, question, images, **kwargs)
 
     def _call(self, stream: bool, question: str, images: list[bytes], **kwargs) -> Iterator[str]:
-        kwargs = {"max_tokens": self.max_tokens, **kwargs}
-        if stream:
-            yield from self.client.stream(question, images, keep_empty=True, **kwargs)  # one piece per token
-        else:
-            yield self.client.chat(question, images, **kwargs)
+        kwargs = {"max_tokens": self.max_tokens, **kwargs}  # streamed: one piece per token
+        yield from self.client.stream(question, images, keep_empty=True, **kwargs) if stream else [self.client.chat(question, images, **kwargs)]
 
 
 class OpenAITarget:
@@ -291,8 +297,7 @@ class OpenAITarget:
 
         # No retries: a retried failure would hide in the latency instead of being counted.
         self.client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key="none", timeout=timeout, max_retries=0)
-        self.model = self.client.models.list().data[0].id
-        self.max_tokens = max_tokens
+        self.model, self.max_tokens = self.client.models.list().data[0].id, max_tokens
 
     def valid(self, job: Job) -> Iterator[str]:
         return self._call(job.stream, [_user(QUESTION, _images(job))])
@@ -300,16 +305,13 @@ class OpenAITarget:
     def invalid(self, job: Job) -> Iterator[str]:
         user = _user(QUESTION, _images(job, 1))
         if job.kind in BAD_SAMPLING:
-            bad = BAD_SAMPLING[job.kind]
-            return self._call(job.stream, [user], **({"extra_body": bad} if {"top_k", "repetition_penalty"} & bad.keys() else bad))
+            return self._call(job.stream, [user], **({"extra_body": bad} if {"top_k", "repetition_penalty"} & (bad := BAD_SAMPLING[job.kind]).keys() else bad))
         messages, kwargs = {
-            "corrupt image": ([_user(QUESTION, [_corrupt(job.seed)])], {}),
+            "corrupt image": ([_user(QUESTION, [_corrupt(job.seed)])], {}), "empty image": ([_user(QUESTION, [b""])], {}),
             "bad base64": ([_user(QUESTION, ["data:image/jpeg;base64,@@not*base64@@"])], {}),
-            "empty image": ([_user(QUESTION, [b""])], {}),
             "assistant before user": ([{"role": "assistant", "content": "Hello."}, user, {"role": "user", "content": "And?"}], {}),
-            "n=2": ([user], {"n": 2}),
-            "unknown model": ([user], {"model": "no-such-model"}),
-        }[job.kind]
+            "n=2": ([user], {"n": 2}), "unknown model": ([user], {"model": "no-such-model"}),
+        }[job.kind]  # fmt: skip
         return self._call(job.stream, messages, **kwargs)
 
     def _call(self, stream: bool, messages: list[dict], **kwargs) -> Iterator[str]:
@@ -318,10 +320,8 @@ class OpenAITarget:
         if not stream:
             yield reply.choices[0].message.content or ""
             return
-        for chunk in reply:
-            text = chunk.choices[0].delta.content if chunk.choices else None
-            if text:  # the first chunk carries the role only
-                yield text
+        # the first chunk carries the role only
+        yield from (text for chunk in reply if (text := chunk.choices[0].delta.content if chunk.choices else None))
 
 
 def _images(job: Job, count: int | None = None) -> list[bytes]:
@@ -355,9 +355,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix and images")
     p.add_argument("--time-limit", type=float, default=600, help="seconds after which no new request starts")
     p.add_argument("--request-timeout", type=float, default=300, help="seconds one request may take")
-    p.add_argument("--pid", type=int, action="append", help="a process to track with its children, repeatable (default: every `tritonserver`, and for openai the process listening on the URL's port)")
-    p.add_argument("--rss-interval", type=float, default=0.5, help="seconds between RSS samples")
-    p.add_argument("--rss-slope-limit", type=float, default=5.0, help="MiB/min of RSS growth over the last half below which RSS counts as bounded")
+    p.add_argument("--pid", type=int, action="append", help="a process to track with its children, repeatable (default: the one listening on the URL's port, and for openai also the tritonserver it calls)")
+    p.add_argument("--rss-interval", type=float, default=0.5, help="seconds between memory samples")
+    p.add_argument("--rss-slope-limit", type=float, default=5.0, help="MiB/min of growth over the last half below which memory counts as bounded")
+    p.add_argument("--bounded-by", choices=FIELDS, default="pss", help="the summed memory that decides rss_bounded (RSS counts shared pages once per process)")
     p.add_argument("--out", type=Path, default=Path("soak"), help="directory for soak.json and soak.png")
     args = p.parse_args(argv)
     args.url = args.url or ("127.0.0.1:8001" if args.target == "triton" else "http://127.0.0.1:9000")
@@ -365,8 +366,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def summary_text(report: dict) -> str:
-    counts, latency = report["counts"], report["latency_s"]["total"]
-    rss = {k: round(v, 2) if isinstance(v, float) else v for k, v in report["rss"].items() if k != "samples"}
+    counts, latency, memory = report["counts"], report["latency_s"]["total"], report["memory"]
+    mib = lambda v, sign="": "-" if v is None else f"{v:{sign}.0f}"  # noqa: E731
+    lines = [f"  {name}: " + ", ".join(f"{f.upper()} {mib(m[f]['start_mib'])}→{mib(m[f]['end_mib'])} (max {mib(m[f]['max_mib'])})" for f in FIELDS) + f"; last half {mib(m['slope_mib_per_min'], '+')} MiB/min"
+             for name, m in {"summed": memory["total"], **memory["processes"]}.items()]  # fmt: skip
     return "\n".join([
         f"{report['issued']} requests in {report['wall_time_s']:.1f} s ({report['not_issued']} not issued: time limit)",
         f"valid: {counts['valid_ok']} ok, {counts['valid_failed']['count']} failed",
@@ -374,23 +377,20 @@ def summary_text(report: dict) -> str:
         f"invalid: {sum(counts['invalid_refused'].values())} refused, {counts['unexpected_success']['count']} unexpected successes",
         *(f"  ACCEPTED ×{n}: {kind}" for kind, n in counts["unexpected_success"]["kinds"].items()),
         "latency (s): " + ", ".join(f"{k} {v:.3f}" for k, v in latency.items() if k != "count" and v is not None),
-        f"RSS (MiB): {rss}",
+        f"memory (MiB, slopes of {memory['bounded_by'].upper()}): rss_bounded {memory['total']['rss_bounded']}", *lines,
+        f"  /dev/shm regions: {mib(memory['shm']['start_mib'])}→{mib(memory['shm']['end_mib'])} (max {mib(memory['shm']['max_mib'])})",
     ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     target = (TritonTarget if args.target == "triton" else OpenAITarget)(args.url, args.max_tokens, args.request_timeout)
-    plan = make_plan(args.requests, args.invalid_fraction, args.stream_fraction, args.seed, target.INVALID_KINDS)
-    pids = args.pid or default_pids(args.target, args.url)
-    config = {**vars(args), "out": str(args.out), "pid": pids}
-    progress = tqdm(total=len(plan), unit="req", desc="soak")
-    sampler = RssSampler(pids, args.rss_interval).start()
-    t0 = time.monotonic()
+    plan, pids = make_plan(args.requests, args.invalid_fraction, args.stream_fraction, args.seed, target.INVALID_KINDS), args.pid or default_pids(args.target, args.url)
+    config, progress = {**vars(args), "out": str(args.out), "pid": pids}, tqdm(total=len(plan), unit="req", desc="soak")
+    sampler, t0 = RssSampler(pids, args.rss_interval).start(), time.monotonic()
     outcomes, wall = run_soak(plan, target.valid, target.invalid, args.concurrency, args.time_limit, lambda outcome: progress.update())
-    progress.close()
-    report = summarize(config, outcomes, wall, sampler.stop(), t0, args.rss_slope_limit)
-    write_report(report, args.out)
+    progress.close(), sampler.stop()
+    write_report(report := summarize(config, outcomes, wall, sampler, t0, args.rss_slope_limit, args.bounded_by), args.out)
     print(summary_text(report) + f"\nreport: {args.out / 'soak.json'}, {args.out / 'soak.png'}")
     return 1 if report["counts"]["valid_failed"]["count"] else 0
 

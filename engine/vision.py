@@ -176,7 +176,14 @@ class TorchVisionEncoder(_RequestEncoder):
 
 
 class OnnxVisionEncoder(_RequestEncoder):
-    def __init__(self, onnx_file: str | Path, threads: int | None = None, spin: bool = False, flash: FlashConfig | None = None):
+    def __init__(
+        self,
+        onnx_file: str | Path,
+        threads: int | None = None,
+        spin: bool = False,
+        flash: FlashConfig | None = None,
+        max_tiles_per_run: int | None = None,  # larger inputs run in chunks (bounds the activations' peak)
+    ):
         import onnxruntime as ort
 
         if not Path(onnx_file).is_file():
@@ -190,6 +197,10 @@ class OnnxVisionEncoder(_RequestEncoder):
         # By default worker threads sleep when a run ends instead of spinning for the next one: what
         # follows an encode is the LLM's prefill (here or in another Triton stub) on the same cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        # The CPU arena keeps every block it ever allocated, a multiple of the largest run's activations:
+        # a Triton vision instance that ran 8 requests × 26 tiles once held ~12 GiB (soak, issue 13).
+        options.enable_cpu_mem_arena = False
+        self.max_tiles_per_run = max_tiles_per_run
         self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
         if self.session.get_inputs()[0].type != "tensor(uint8)":
             raise ValueError(
@@ -203,8 +214,12 @@ class OnnxVisionEncoder(_RequestEncoder):
             raise ValueError(f"{onnx_file} has outputs {found}, this checkpoint's encoder needs {self.outputs}: re-export it")
 
     def run(self, pixel_values: np.ndarray) -> list[np.ndarray]:
-        # pixel_values: uint8 [T, 3, S, S] -> the graph's outputs (tiles of any number of requests)
-        return self.session.run(self.outputs, {ONNX_INPUT: _check_tiles(pixel_values)})
+        # pixel_values: uint8 [T, 3, S, S] -> the graph's outputs (tiles of any number of requests; every
+        # output's first axis runs over the tiles, so chunks concatenate)
+        tiles = _check_tiles(pixel_values)
+        step = self.max_tiles_per_run or len(tiles)
+        runs = [self.session.run(self.outputs, {ONNX_INPUT: tiles[i : i + step]}) for i in range(0, len(tiles), step)]
+        return runs[0] if len(runs) == 1 else [np.concatenate(parts) for parts in zip(*runs)]
 
 
 def _check_tiles(pixel_values: np.ndarray) -> np.ndarray:

@@ -1,14 +1,17 @@
 """client.soak: the soak loop against fake targets (counts, error classes, percentiles, time limit,
-concurrency, report files), the RSS sampler on a growing and on a steady process, and one soak of a
+concurrency, report files), the memory sampler on a growing and on a steady process, on two processes
+sharing memory (RSS counts it twice, PSS once, USS never) and on /dev/shm regions, and one soak of a
 real tritonserver."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -66,6 +69,7 @@ def test_counts_error_classes_percentiles_and_report_files(tmp_path):
         assert got["max"] == max(values)
     assert all(0 < o.first - o.start < o.end - o.start for o in ok)
     assert report["throughput"]["requests_per_s"] == pytest.approx(60 / wall)
+    assert report["memory"]["total"]["rss_bounded"] is None and report["memory"]["processes"] == {}
 
     text = soak.summary_text(report)
     assert "44 ok, 1 failed" in text and "FAILED ×1: RuntimeError: boom" in text and "ACCEPTED ×5: accepted by mistake" in text
@@ -129,27 +133,81 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize(("script", "bounded"), [(GROWING, False), (STEADY, True)])
-def test_rss_sampler_follows_a_child_process(script, bounded):
+def _sample(script: str, prefixes: set[str] = frozenset(), interval: float = 0.05) -> tuple[soak.RssSampler, list[int]]:
+    """Runs PARENT with `script`; samples from its "ready" to its "done" -> (the sampler, pids of PARENT and its child)."""
     parent = subprocess.Popen([sys.executable, "-c", PARENT, script], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout.readline().strip() == "ready"
-        sampler = soak.RssSampler([parent.pid], interval=0.05).start()
+        sampler = soak.RssSampler([parent.pid], interval=interval)
+        sampler._prefixes |= prefixes  # as a tracked tritonserver's shm-region-prefix-name would set
+        sampler.start()
         assert parent.stdout.readline().strip() == "done"
-        samples = sampler.stop()
+        sampler.stop()
+        return sampler, [parent.pid] + [c.pid for c in psutil.Process(parent.pid).children()]
     finally:
         for process in [*psutil.Process(parent.pid).children(recursive=True), parent]:
             process.kill()
         parent.wait()
-    assert len(samples) >= 10 and samples == sorted(samples, key=lambda s: s[0])
-    summary = soak.rss_summary(samples, slope_limit=5.0)
-    assert summary["rss_bounded"] is bounded
-    assert summary["start_mib"] > 64 if script is STEADY else summary["start_mib"] > 5
-    if bounded:
-        assert abs(summary["last_half_slope_mib_per_min"]) < 5 and summary["end_mib"] == pytest.approx(summary["start_mib"], abs=2)
-    else:  # 80 MiB/s is 4800 MiB/min
-        assert summary["last_half_slope_mib_per_min"] > 1000 and summary["end_mib"] - summary["start_mib"] > 100
-        assert summary["last_half_change_mib"] > 30
+
+
+@pytest.mark.parametrize(("script", "bounded"), [(GROWING, False), (STEADY, True)])
+def test_rss_sampler_follows_a_child_process(script, bounded):
+    sampler, (parent, child) = _sample(script)
+    samples = sampler.samples
+    assert len(samples) >= 10 and samples == sorted(samples, key=lambda s: s[0]) and all(len(s) == 4 for s in samples)
+    python = os.path.basename(psutil.Process().name())
+    assert set(sampler.processes) == {f"{python}[{parent}]", f"{python}[{child}]"}
+    assert all(len(v) == len(samples) for v in sampler.processes.values())
+    summary = soak.rss_summary(samples, 5.0, "uss")
+    for field in soak.FIELDS:  # the child's written pages are its own: RSS, USS and PSS all see them
+        got = summary[field]
+        assert got["start_mib"] > 64 if script is STEADY else got["start_mib"] > 5
+        if bounded:
+            assert abs(got["last_half_slope_mib_per_min"]) < 5 and got["end_mib"] == pytest.approx(got["start_mib"], abs=2)
+        else:  # 80 MiB/s is 4800 MiB/min
+            assert got["last_half_slope_mib_per_min"] > 1000 and got["end_mib"] - got["start_mib"] > 100
+            assert got["last_half_change_mib"] > 30
+    assert summary["rss_bounded"] is summary["uss"]["rss_bounded"] is bounded
+    assert summary["slope_mib_per_min"] == summary["uss"]["last_half_slope_mib_per_min"]
+    child_uss = soak.rss_summary(sampler.processes[f"{python}[{child}]"], 5.0, "uss")
+    assert child_uss["rss_bounded"] is bounded and child_uss["samples"][0][0] == samples[0][0]
+
+
+# Two processes map the same 64 MiB /dev/shm file and read every page, as tritonserver and a stub do.
+SHARED = """
+import mmap, os, time
+with open({path!r}, "r+b") as f:
+    shared = mmap.mmap(f.fileno(), 64 << 20)
+read, write = os.pipe()
+child = os.fork()
+sum(shared[i] for i in range(0, 64 << 20, 4096))  # every page resident in this process
+if child == 0:
+    os.write(write, b"1")
+    time.sleep(60)
+    os._exit(0)
+os.read(read, 1)
+print("ready", flush=True)
+time.sleep(0.5)
+print("done", flush=True)
+time.sleep(60)
+"""
+
+
+def test_shared_pages_count_twice_in_rss_once_in_pss_never_in_uss():
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    prefix = f"soaktest_{os.getpid()}_"
+    path = Path("/dev/shm") / f"{prefix}region"
+    path.write_bytes(bytes(64 << 20))
+    try:
+        sampler, _ = _sample(SHARED.format(path=str(path)), {prefix})
+    finally:
+        path.unlink()
+    assert len(sampler.processes) == 3  # PARENT, the script, its fork
+    rss, uss, pss = (np.mean([s[i] for s in sampler.samples]) / 2**20 for i in (1, 2, 3))
+    assert 64 <= rss - pss < 64 + 30  # 64 MiB in two processes: RSS counts it twice, PSS once (and shared libraries)
+    assert 64 <= pss - uss < 64 + 20  # ...USS never
+    assert all(b == 64 << 20 for _, b in sampler.shm) and len(sampler.shm) == len(sampler.samples)
 
 
 def test_soak_of_a_live_tritonserver(server, tmp_path):
@@ -163,5 +221,11 @@ def test_soak_of_a_live_tritonserver(server, tmp_path):
     assert report["issued"] == 40 and counts["valid_ok"] == 30
     assert counts["valid_failed"]["count"] == 0 and code == 0, counts["valid_failed"]
     assert counts["unexpected_success"]["count"] == 0, counts["unexpected_success"]
-    assert report["latency_s"]["total"]["count"] == 30 and report["rss"]["start_mib"] > 100
+    assert report["latency_s"]["total"]["count"] == 30
+    memory = report["memory"]
+    assert memory["bounded_by"] == "pss" and memory["total"]["rss"]["start_mib"] > 100
+    assert memory["total"]["pss"]["start_mib"] <= memory["total"]["rss"]["start_mib"]  # shared pages once, not once per process
+    models = {label.split("[")[0] for label in memory["processes"]}
+    assert {"tritonserver", "preprocess", "vision_encoder", "llm", "postprocess"} <= models, models
+    assert memory["shm"]["start_mib"] > 0  # the stubs' regions, named with the server's prefix
     assert (tmp_path / "soak.png").stat().st_size > 0

@@ -35,6 +35,20 @@ def test_onnx_matches_torch_for_dynamic_tile_counts(encoders, num_tiles):
     assert np.abs(got - expected).max() <= 1e-4
 
 
+def test_runs_in_chunks_give_the_same_features_per_request_and_keep_no_arena(encoders, tiny):
+    """A Triton batch of requests runs in chunks of at most max_tiles_per_run tiles; the session's
+    CPU arena is off, so memory is returned after each run (issue 13's soak)."""
+    _, _, whole = encoders
+    chunked = OnnxVisionEncoder(default_onnx_path(tiny), max_tiles_per_run=2)
+    requests = [_pixels(n, seed=40 + n) for n in (3, 1, 2)]
+    expected = whole.encode_requests(requests)
+    got = chunked.encode_requests(requests)
+    for (table, tokens), (expected_table, expected_tokens) in zip(got, expected):
+        assert np.abs(table - expected_table).max() <= 1e-5 and np.array_equal(tokens, expected_tokens)
+    assert not np.allclose(got[0][0][: len(got[2][0])], got[2][0])  # the requests' features differ
+    assert not chunked.session.get_session_options().enable_cpu_mem_arena
+
+
 def test_torch_encoder_matches_transformers_image_features(encoders, tiny):
     _, torch_encoder, _ = encoders
     pixels = _pixels(3, seed=7)

@@ -14,7 +14,7 @@ class TritonPythonModel:
         config, params = pb.model_parameters(args)
         self.dtypes = pb.output_dtypes(config)
         flash = ModelConfig.from_pretrained(params["checkpoint"]).flash
-        self.encoder = OnnxVisionEncoder(params["onnx_file"], flash=flash)
+        self.encoder = OnnxVisionEncoder(params["onnx_file"], flash=flash, max_tiles_per_run=int(params["max_tiles_per_run"]))
         self.hidden_size = int(params["hidden_size"])
 
     def execute(self, requests):
