@@ -64,20 +64,10 @@ def test_pipeline_thinking_mode_is_the_cards_system_prompt_and_the_reply_is_spli
 
 def test_a_template_that_opens_the_think_tag_puts_the_whole_reply_in_reasoning_until_it_closes(tiny, tmp_path):
     """Skywork-R1V3 style: the generation prompt ends in <think>\\n, so the reply has no opening tag."""
-    import json
-    import shutil
-
     from engine.pipeline import Pipeline
+    from tests.thinking_checkpoint import copy_with_think_opening_template
 
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny / name, tmp_path / name)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.pop("template")  # the tokenizer's chat template then
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "chat_template.jinja").write_text(
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
-    )
+    copy_with_think_opening_template(tiny, tmp_path)
     with Pipeline.from_pretrained(tmp_path, vision_backend="torch") as pipe:
         assert pipe.prepare("Hi").prompt.opens_reasoning
         result = pipe.generate("Hi", max_new_tokens=6)

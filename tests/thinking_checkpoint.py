@@ -26,19 +26,29 @@ FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config
 LINK_LOGIT = 50.0
 
 
-def thinking_checkpoint(tiny: Path, out: Path, opens_tag: bool) -> tuple[Path, str, str]:
-    """-> (checkpoint, the reasoning its replies carry, their content)."""
+def copy_with_think_opening_template(tiny: Path, out: Path) -> Path:
+    """The checkpoint with a chat template whose generation prompt ends in `<think>\\n` (Skywork-R1V3 style)."""
     out.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         shutil.copy(tiny / name, out / name)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("template")  # the tokenizer's chat template then
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    )
+    return out
+
+
+def thinking_checkpoint(tiny: Path, out: Path, opens_tag: bool) -> tuple[Path, str, str]:
+    """-> (checkpoint, the reasoning its replies carry, their content)."""
     if opens_tag:
-        config = json.loads((out / "config.json").read_text())
-        config.pop("template")  # the tokenizer's chat template then
-        (out / "config.json").write_text(json.dumps(config))
-        (out / "chat_template.jinja").write_text(
-            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
-        )
+        copy_with_think_opening_template(tiny, out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in FILES:
+            shutil.copy(tiny / name, out / name)
     config = ModelConfig.from_pretrained(out)
     tokenizer = TextTokenizer(out, config.skip_special_tokens)
     last = int(PromptBuilder(config, tokenizer).build("Hi", []).input_ids[-1])
