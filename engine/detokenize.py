@@ -121,3 +121,16 @@ class ReplyParts:
     @property
     def stopped(self) -> bool:
         return self._reply.stopped
+
+    @property
+    def text(self) -> str:
+        return self._reply.text
+
+    @property
+    def content(self) -> str:
+        return self._split.content
+
+    @property
+    def reasoning_content(self) -> str | None:
+        """None when the reply has no reasoning (no `<think>`, and the prompt did not open one)."""
+        return self._split.reasoning if self._split.saw_reasoning else None

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
-from engine.detokenize import ReplyStream
+from engine.detokenize import ReplyParts
 from engine.flash import drop_compressed
 from engine.llm.engine import LLMEngine
 from engine.llm.model import DecoderLM
 from engine.llm.runner import EngineRunner
 from engine.preprocess import load_images
 from engine.prompt import Prompt, PromptBuilder
-from engine.reasoning import R1_SYSTEM_PROMPT, ReasoningSplitter
+from engine.reasoning import R1_SYSTEM_PROMPT
 from engine.sampling_params import SamplingParams
 from engine.templates import Turn
 from engine.tokenizer import TextTokenizer
@@ -172,7 +172,7 @@ class Pipeline:
             table, tile_tokens = self.vision.encode_request(request.pixel_values)
             input_ids = drop_compressed(input_ids, self.config.text.vocab_size, self.config.vision.tokens_per_tile, tile_tokens)
         request_id = str(next(self._request_ids))
-        reply = ReplyStream(self.tokenizer, tuple(stop))
+        reply = ReplyParts(self.tokenizer, tuple(stop), request.prompt.opens_reasoning)
         token_ids: list[int] = []
         finish_reason = None
         events: queue.SimpleQueue = queue.SimpleQueue()
@@ -185,25 +185,22 @@ class Pipeline:
                     raise GenerationError(event.error)
                 if event.token_id is not None:
                     token_ids.append(event.token_id)
-                    delta = reply.add([event.token_id])
+                    delta = reply.add([event.token_id], final=False)[0]
                     if delta:
                         yield delta
                 finish_reason = "stop" if reply.stopped else event.finish_reason
         finally:
             if finish_reason is None or reply.stopped:  # closed early, or cut at a stop string
                 self.runner.cancel(request_id)
-        tail = reply.finish()
+        tail = reply.add([], final=True)[0]
         if tail:
             yield tail
-        split = ReasoningSplitter(request.prompt.opens_reasoning)
-        split.push(reply.text)
-        split.finish()
         return GenerationResult(
             text=reply.text,
             token_ids=token_ids,
             finish_reason=finish_reason,
             prompt_tokens=len(input_ids),
             question=request.prompt.question,
-            content=split.content,
-            reasoning_content=split.reasoning if split.saw_reasoning else None,
+            content=reply.content,
+            reasoning_content=reply.reasoning_content,
         )
