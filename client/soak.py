@@ -12,9 +12,11 @@ Memory: every --rss-interval s, RSS, USS and PSS of each tracked process and its
 bytes of the server's /dev/shm regions. Summed RSS counts a shared page (libraries; the shm regions
 tritonserver and every stub map) once per process, summed PSS once, summed USS never. The first half
 of the samples is warm-up (allocator pools, ONNX Runtime's arena growing to the largest batch, shm
-regions to the largest tensor); a leak keeps growing after it. So `rss_bounded` is true when the
-least-squares slope of summed --bounded-by (PSS) over the second half is below --rss-slope-limit
-MiB/min (null with < 3 samples there), for each process too. A short run exaggerates a one-off step
+regions to the largest tensor); a leak keeps growing after it. Requests' transient buffers make the
+curve swing by hundreds of MiB, so the verdict reads its floor (the least held within a tenth of the
+run around each sample): `rss_bounded` is true when the least-squares slope of the floor of summed
+--bounded-by (PSS) over the second half is below --rss-slope-limit MiB/min (null with < 3 samples
+there), for each process too. A short run exaggerates a one-off step
 (1 MiB in 10 s is 6 MiB/min; a new largest batch): soak for minutes before trusting a false.
 
 Writes soak.json (counts, error classes, latencies, memory, every request) and soak.png into --out.
@@ -194,18 +196,32 @@ def percentiles(values: list[float]) -> dict:
     return {"count": len(values), "p50": p50, "p90": p90, "p99": p99, "max": max(values, default=None)}
 
 
+def memory_floor(minutes: np.ndarray, mib: np.ndarray, window: float) -> np.ndarray:
+    """The least memory held within ±window/2 minutes of each sample: a request's transient buffers
+    (the vision encoder's activations come and go with each batch) drop out, what stays does not."""
+    lo, hi = np.searchsorted(minutes, minutes - window / 2), np.searchsorted(minutes, minutes + window / 2, side="right")
+    return np.array([mib[a:b].min() for a, b in zip(lo, hi)])
+
+
 def rss_summary(samples: list[tuple], slope_limit: float, bounded_by: str | None = None, t0: float = 0.0) -> dict:
-    """(time, bytes) samples -> start, max and end in MiB; the least-squares slope (MiB/min) over the
-    second half and the change that fitted line makes across it; rss_bounded by the module's rule.
+    """(time, bytes) samples -> start, max and end in MiB; least-squares slopes (MiB/min) over the
+    second half of the samples and of their floor (memory_floor over a tenth of the run), the change
+    the floor's fitted line makes across it; rss_bounded by the module's rule.
     (time, RSS, USS, PSS) samples and bounded_by -> that for each, bounded_by's verdict, the samples."""
     if bounded_by:
         by = {f: rss_summary([(s[0], s[1 + i]) for s in samples], slope_limit) for i, f in enumerate(FIELDS)}
-        return {"rss_bounded": by[bounded_by]["rss_bounded"], "slope_mib_per_min": by[bounded_by]["last_half_slope_mib_per_min"], **by, "samples": [[t - t0, *m] for t, *m in samples]}
+        return {"rss_bounded": by[bounded_by]["rss_bounded"], "slope_mib_per_min": by[bounded_by]["floor_slope_mib_per_min"], **by, "samples": [[t - t0, *m] for t, *m in samples]}
     minutes, mib = np.array(samples, dtype=float).reshape(-1, 2).T / [[60], [MIB]]
     half = len(samples) // 2
-    slope = float(np.polyfit(minutes[half:], mib[half:], 1)[0]) if len(samples) - half >= 3 and minutes[-1] > minutes[half] else None
+    fits = len(samples) - half >= 3 and minutes[-1] > minutes[half]
+    floor = memory_floor(minutes, mib, (minutes[-1] - minutes[0]) / 10) if fits else None
+    slope, floor_slope = (float(np.polyfit(minutes[half:], y[half:], 1)[0]) if fits else None for y in (mib, floor))
     ends = {"start_mib": float(mib[0]), "max_mib": float(mib.max()), "end_mib": float(mib[-1])} if samples else dict.fromkeys(("start_mib", "max_mib", "end_mib"))
-    return {**ends, "last_half_slope_mib_per_min": slope, "last_half_change_mib": None if slope is None else slope * float(minutes[-1] - minutes[half]), "rss_bounded": None if slope is None else slope < slope_limit}
+    return {
+        **ends, "last_half_slope_mib_per_min": slope, "floor_slope_mib_per_min": floor_slope,
+        "floor_change_mib": None if floor_slope is None else floor_slope * float(minutes[-1] - minutes[half]),
+        "rss_bounded": None if floor_slope is None else floor_slope < slope_limit,
+    }
 
 
 def summarize(config: dict, outcomes: list[Outcome], wall: float, rss: RssSampler | None, rss_t0: float, rss_slope_limit: float, bounded_by: str = "pss") -> dict:
@@ -368,7 +384,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def summary_text(report: dict) -> str:
     counts, latency, memory = report["counts"], report["latency_s"]["total"], report["memory"]
     mib = lambda v, sign="": "-" if v is None else f"{v:{sign}.0f}"  # noqa: E731
-    lines = [f"  {name}: " + ", ".join(f"{f.upper()} {mib(m[f]['start_mib'])}→{mib(m[f]['end_mib'])} (max {mib(m[f]['max_mib'])})" for f in FIELDS) + f"; last half {mib(m['slope_mib_per_min'], '+')} MiB/min"
+    lines = [f"  {name}: " + ", ".join(f"{f.upper()} {mib(m[f]['start_mib'])}→{mib(m[f]['end_mib'])} (max {mib(m[f]['max_mib'])})" for f in FIELDS) + f"; floor, last half {mib(m['slope_mib_per_min'], '+')} MiB/min"
              for name, m in {"summed": memory["total"], **memory["processes"]}.items()]  # fmt: skip
     return "\n".join([
         f"{report['issued']} requests in {report['wall_time_s']:.1f} s ({report['not_issued']} not issued: time limit)",

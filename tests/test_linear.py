@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.llm.linear import Linear, onednn_packing_available
+from engine.llm.linear import BLOCK_ROWS, EXACT_ROWS, Linear, onednn_packing_available, padded_rows
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 17, 300])
+@pytest.mark.parametrize("rows", [1, 3, 8, 17, 300, BLOCK_ROWS + 1, 2 * BLOCK_ROWS + 77])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_linear_matches_f_linear(rows, with_bias):
     gen = torch.Generator().manual_seed(rows * 2 + with_bias)
@@ -28,3 +28,11 @@ def test_unpacked_dtypes_fall_back_to_f_linear():
     linear = Linear(weight)
     assert not linear.packed
     assert torch.equal(linear(x), F.linear(x, weight))
+
+
+def test_padded_rows_few_shapes_little_waste():
+    # oneDNN caches one primitive per row count: the padded counts must be few and close to n
+    sizes = [padded_rows(n) for n in range(1, BLOCK_ROWS + 1)]
+    assert all(n <= p <= n * 1.125 for n, p in zip(range(1, BLOCK_ROWS + 1), sizes))
+    assert sizes[:EXACT_ROWS] == list(range(1, EXACT_ROWS + 1))
+    assert len(set(sizes)) <= EXACT_ROWS + 8 * 5  # 16 exact, then 8 per power of two up to 512

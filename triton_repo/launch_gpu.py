@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 from build.settings import HelpFormatter
-from triton_repo.server import LaunchError, check_ports
+from triton_repo.server import LaunchError, check_ports, python_shm_config
 
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"  # in the NGC tritonserver containers
 
@@ -61,7 +61,7 @@ def server_command(
 ) -> list[str]:
     """hosts: the nodes, leader first; the ranks fill them in order, ranks / len(hosts) each."""
     repository = Path(out).resolve() / "model_repository"
-    ports = [f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}"]
+    ports = [f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}", *python_shm_config(out)]
     if ranks == 1 and not hosts:
         return [tritonserver, f"--model-repository={repository}", *ports]
     command = ["mpirun", "--allow-run-as-root"]

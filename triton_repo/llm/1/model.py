@@ -23,6 +23,7 @@ from engine.llm.runner import EngineRunner
 from engine.protocol import stop_sequences
 from engine.sampling_params import SamplingParams, check_context
 from triton_repo import pb
+from triton_repo.metric_lock import MetricLock
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -62,7 +63,8 @@ class TritonPythonModel:
             n: self.families[0].Metric(labels={"batch_size": str(n)}) for n in range(1, engine.max_batch_size + 1)
         }
         self.aborted, self.in_flight = self.families[1].Metric(), self.families[2].Metric()
-        self.runner = EngineRunner(engine, on_step=lambda n: self.step_metric[n].increment(1))
+        self.metrics = MetricLock()  # updated from execute and from the engine loop's thread
+        self.runner = EngineRunner(engine, on_step=lambda n: self.metrics.increment(self.step_metric[n], 1))
 
     def execute(self, requests):
         for request in requests:
@@ -75,22 +77,22 @@ class TritonPythonModel:
                 ids, table, params, streaming = self._parse(request)
                 echo = pb.stream_echo(request, request_id, len(ids))
                 stream = _Stream(sender, streaming, echo, self.dtypes, self._finished)
-                self.in_flight.increment(1)  # before submit: the final event may come first
+                self.metrics.increment(self.in_flight, 1)  # before submit: the final event may come first
                 try:
                     self.runner.submit(
                         request_id, ids, table, params, stream.on_event, sender.is_cancelled, request.request_id() or None
                     )
                 except Exception:
-                    self.in_flight.increment(-1)
+                    self.metrics.increment(self.in_flight, -1)
                     raise
             except Exception as error:  # noqa: BLE001 — this request fails alone
                 sender.send(pb.error_response(error), flags=FINAL)
         return None
 
     def _finished(self, finish_reason: str) -> None:
-        self.in_flight.increment(-1)
+        self.metrics.increment(self.in_flight, -1)
         if finish_reason == "abort":
-            self.aborted.increment(1)
+            self.metrics.increment(self.aborted, 1)
 
     def _parse(self, request):
         ids = pb.item(request, "input_ids")
