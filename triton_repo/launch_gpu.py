@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 from build.settings import HelpFormatter
+from triton_repo import allocator
 from triton_repo.server import LaunchError, check_ports, python_shm_config
 
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"  # in the NGC tritonserver containers
@@ -103,7 +104,7 @@ def main() -> None:
     if args.print_only:
         print(" ".join(command))
         return
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, **allocator.server_environment(), "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)}
     os.execvpe(command[0], command, env)  # the server (or mpirun) replaces this process
 
 

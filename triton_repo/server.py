@@ -38,6 +38,7 @@ from pathlib import Path
 
 from build.settings import HelpFormatter
 from openai_api.process import OpenAIProcess
+from triton_repo import allocator
 
 SHARED_MEMORY = Path("/dev/shm")
 EXIT_TIMEOUT = 3  # s Triton gives in-flight requests on stop (--exit-timeout-secs)
@@ -209,6 +210,7 @@ class TritonServer:
         # The stub imports with this interpreter's path: the venv's packages and this project.
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p)
+        env.update(allocator.server_environment())
         return env
 
     def start(self, timeout: float = 300.0) -> TritonServer:

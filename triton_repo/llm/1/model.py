@@ -22,7 +22,7 @@ from engine.llm.model import DecoderLM
 from engine.llm.runner import EngineRunner
 from engine.protocol import stop_sequences
 from engine.sampling_params import SamplingParams, check_context
-from triton_repo import pb
+from triton_repo import allocator, pb
 from triton_repo.metric_lock import MetricLock
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -30,6 +30,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args):
+        allocator.stub_settings()  # before this stub allocates anything big
         config, params = pb.model_parameters(args)
         self.dtypes = pb.decoupled_output_dtypes(config, "llm")
         model_config = ModelConfig.from_pretrained(params["checkpoint"])

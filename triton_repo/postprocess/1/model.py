@@ -13,11 +13,12 @@ from engine.config import ModelConfig
 from engine.detokenize import ReplyParts
 from engine.protocol import stop_sequences
 from engine.tokenizer import TextTokenizer
-from triton_repo import pb
+from triton_repo import allocator, pb
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        allocator.stub_settings()  # before this stub allocates anything big
         config, params = pb.model_parameters(args)
         self.dtypes = pb.output_dtypes(config)
         checkpoint = params["checkpoint"]

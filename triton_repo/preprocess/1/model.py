@@ -11,11 +11,12 @@ from engine.prompt import PromptBuilder
 from engine.protocol import check_images, image_from_element, parse_history, stop_words_list
 from engine.reasoning import R1_SYSTEM_PROMPT
 from engine.tokenizer import TextTokenizer
-from triton_repo import pb
+from triton_repo import allocator, pb
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        allocator.stub_settings()  # before this stub allocates anything big
         config, params = pb.model_parameters(args)
         self.dtypes = pb.output_dtypes(config)
         self.config = ModelConfig.from_pretrained(params["checkpoint"])

@@ -6,11 +6,12 @@ import triton_python_backend_utils as pb_utils
 
 from engine.config import ModelConfig
 from engine.vision import OnnxVisionEncoder
-from triton_repo import pb
+from triton_repo import allocator, pb
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        allocator.stub_settings()  # before this stub allocates anything big
         config, params = pb.model_parameters(args)
         self.dtypes = pb.output_dtypes(config)
         flash = ModelConfig.from_pretrained(params["checkpoint"]).flash
