@@ -63,10 +63,6 @@ class BuildSettings:
             # prompt-table rows in flight: every in-flight sequence may carry a full request's images
             # (TensorRT-LLM's multimodal README: max_batch_size × visual features × images)
             "max_multimodal_len": self.llm_max_batch_size * max_tiles * q,
-            # a python stub's shared-memory region: one vision batch's uint8 tiles in and float32
-            # prompt table out fit at once, so steady traffic never grows it (every growth maps the
-            # region again and keeps the old mappings: python_backend src/shm_manager.cc GrowIfNeeded)
-            "python_shm_bytes": self.max_batch_size * max_tiles * (3 * config.vision.image_size**2 + q * config.text.hidden_size * 4),
         }
 
 

@@ -8,16 +8,9 @@ broken value or input each, see the targets' INVALID_KINDS) must be refused: one
 reported as `unexpected_success`. A request in flight at --time-limit runs to its end; no new one
 starts after it. The exit code is 1 when a valid request failed, else 0.
 
-Memory: every --rss-interval s, RSS, USS and PSS of each tracked process and its children, and the
-bytes of the server's /dev/shm regions. Summed RSS counts a shared page (libraries; the shm regions
-tritonserver and every stub map) once per process, summed PSS once, summed USS never. The first half
-of the samples is warm-up (allocator pools, ONNX Runtime's arena growing to the largest batch, shm
-regions to the largest tensor); a leak keeps growing after it. Requests' transient buffers make the
-curve swing by hundreds of MiB, so the verdict reads its floor (the least held within a tenth of the
-run around each sample): `rss_bounded` is true when the least-squares slope of the floor of summed
---bounded-by (PSS) over the second half is below --rss-slope-limit MiB/min (null with < 3 samples
-there), for each process too. A short run exaggerates a one-off step
-(1 MiB in 10 s is 6 MiB/min; a new largest batch): soak for minutes before trusting a false.
+Memory (client/memory_sampler.py says how it is read): every --rss-interval s, RSS, USS and PSS of each
+tracked process and its children, and the bytes the server's /dev/shm regions hold; `rss_bounded`
+is its verdict. --warmup requests go first, unmeasured (their failures still count).
 
 Writes soak.json (counts, error classes, latencies, memory, every request) and soak.png into --out.
 """
@@ -45,9 +38,9 @@ import psutil
 from tqdm import tqdm
 
 from build.settings import HelpFormatter
+from client.memory_sampler import FIELDS, MIB, RssSampler, default_pids, memory_floor, rss_summary  # noqa: F401 (re-exported)
 from client.synthetic import synthetic_image
 
-MIB = 2**20
 VALID_KINDS = ("text", "1 image", "2 images")
 QUESTION = "Describe the image."
 TWO_IMAGES = "Image-1: <image>\nImage-2: <image>\nCompare the two images."
@@ -124,112 +117,20 @@ def run_soak(plan: list[Job], submit_valid: Submit, submit_invalid: Submit, conc
     return sorted(outcomes, key=lambda o: o.job.index), time.monotonic() - t0
 
 
-FIELDS = ("rss", "uss", "pss")
-
-
-class RssSampler:
-    """Samples on a thread (time.monotonic(), RSS, USS, PSS in bytes): `samples` summed over the processes
-    and all their children, `processes` each one's by _label; `shm` (time, bytes of the /dev/shm files
-    named with a tracked tritonserver's python backend prefix)."""
-
-    def __init__(self, pids: Iterable[int], interval: float = 0.5):
-        self.pids, self.interval, self.samples, self.shm, self.processes, self._labels, self._prefixes = list(pids), interval, [], [], {}, {}, set()
-        self._stop, self._thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> None:
-        processes: dict[int, psutil.Process] = {}
-        for pid in self.pids:
-            with suppress(psutil.Error):  # gone, or not ours to inspect
-                process = psutil.Process(pid)
-                processes.update({pid: process, **{child.pid: child for child in process.children(recursive=True)}})
-        now, memory = time.monotonic(), {}
-        for process in processes.values():
-            with suppress(psutil.Error):
-                m = process.memory_full_info()  # USS, PSS: /proc/<pid>/smaps_rollup
-                memory[self._label(process)] = (m.rss, m.uss, m.pss)
-                self.processes.setdefault(self._label(process), []).append((now, m.rss, m.uss, m.pss))
-        self.samples.append((now, *(sum(m[i] for m in memory.values()) for i in range(len(FIELDS)))))
-        with suppress(OSError):  # no /dev/shm (macOS), or a file went meanwhile
-            self.shm.append((now, sum(e.stat().st_size for e in os.scandir("/dev/shm") if self._prefixes and e.name.startswith(tuple(self._prefixes)))))
-
-    def _label(self, process: psutil.Process) -> str:  # name[pid]: a stub by its model directory, `python -m X` by X
-        if process.pid not in self._labels:
-            cmd, name = process.cmdline(), process.name()
-            if len(cmd) > 1 and cmd[0].endswith("triton_python_backend_stub"):
-                name = Path(cmd[1]).parent.parent.name  # <repository>/<model>/<version>/model.py
-            elif "-m" in cmd[:-1]:
-                name = cmd[cmd.index("-m") + 1]
-            if name == "tritonserver":  # its option, else python_be.cc's default
-                self._prefixes.add(next((a.split("=")[-1] for a in cmd if "shm-region-prefix-name=" in a), "triton_python_backend_shm_region_"))
-            self._labels[process.pid] = f"{name}[{process.pid}]"
-        return self._labels[process.pid]
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval if self.samples else 0):
-            self.sample()
-
-    def start(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def stop(self) -> list[tuple[float, int, int, int]]:
-        self._stop.set(), self._thread.join(), self.sample()
-        return self.samples
-
-
-def default_pids(target: str, url: str) -> list[int]:
-    """The process listening on the URL's port, and the one on its --triton-url's (the OpenAI server's); every
-    `tritonserver` only when sockets cannot be seen: other servers (test runs) come and go and would count."""
-    listening: dict[int, int] = {}
-    with suppress(psutil.AccessDenied):  # unprivileged on some systems (macOS)
-        listening = {c.laddr.port: c.pid for c in psutil.net_connections("tcp") if c.pid and c.status == psutil.CONN_LISTEN}
-    port = lambda u: urlparse(u if "//" in u else "//" + u).port or 80  # noqa: E731
-    pids = {listening[port(url)]} if port(url) in listening else set()
-    with suppress(psutil.Error, ValueError, IndexError, KeyError, StopIteration):  # none, or no --triton-url
-        cmd = psutil.Process(next(iter(pids))).cmdline()
-        pids.add(listening[port(cmd[cmd.index("--triton-url") + 1])])
-    return sorted(pids) or sorted(p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "tritonserver")
-
-
 def percentiles(values: list[float]) -> dict:
     p50, p90, p99 = np.percentile(values, [50, 90, 99]).tolist() if values else (None, None, None)
     return {"count": len(values), "p50": p50, "p90": p90, "p99": p99, "max": max(values, default=None)}
 
 
-def memory_floor(minutes: np.ndarray, mib: np.ndarray, window: float) -> np.ndarray:
-    """The least memory held within ±window/2 minutes of each sample: a request's transient buffers
-    (the vision encoder's activations come and go with each batch) drop out, what stays does not."""
-    lo, hi = np.searchsorted(minutes, minutes - window / 2), np.searchsorted(minutes, minutes + window / 2, side="right")
-    return np.array([mib[a:b].min() for a, b in zip(lo, hi)])
-
-
-def rss_summary(samples: list[tuple], slope_limit: float, bounded_by: str | None = None, t0: float = 0.0) -> dict:
-    """(time, bytes) samples -> start, max and end in MiB; least-squares slopes (MiB/min) over the
-    second half of the samples and of their floor (memory_floor over a tenth of the run), the change
-    the floor's fitted line makes across it; rss_bounded by the module's rule.
-    (time, RSS, USS, PSS) samples and bounded_by -> that for each, bounded_by's verdict, the samples."""
-    if bounded_by:
-        by = {f: rss_summary([(s[0], s[1 + i]) for s in samples], slope_limit) for i, f in enumerate(FIELDS)}
-        return {"rss_bounded": by[bounded_by]["rss_bounded"], "slope_mib_per_min": by[bounded_by]["floor_slope_mib_per_min"], **by, "samples": [[t - t0, *m] for t, *m in samples]}
-    minutes, mib = np.array(samples, dtype=float).reshape(-1, 2).T / [[60], [MIB]]
-    half = len(samples) // 2
-    fits = len(samples) - half >= 3 and minutes[-1] > minutes[half]
-    floor = memory_floor(minutes, mib, (minutes[-1] - minutes[0]) / 10) if fits else None
-    slope, floor_slope = (float(np.polyfit(minutes[half:], y[half:], 1)[0]) if fits else None for y in (mib, floor))
-    ends = {"start_mib": float(mib[0]), "max_mib": float(mib.max()), "end_mib": float(mib[-1])} if samples else dict.fromkeys(("start_mib", "max_mib", "end_mib"))
-    return {
-        **ends, "last_half_slope_mib_per_min": slope, "floor_slope_mib_per_min": floor_slope,
-        "floor_change_mib": None if floor_slope is None else floor_slope * float(minutes[-1] - minutes[half]),
-        "rss_bounded": None if floor_slope is None else floor_slope < slope_limit,
-    }
-
-
-def summarize(config: dict, outcomes: list[Outcome], wall: float, rss: RssSampler | None, rss_t0: float, rss_slope_limit: float, bounded_by: str = "pss") -> dict:
+def summarize(config: dict, outcomes: list[Outcome], wall: float, rss: RssSampler | None, rss_t0: float, rss_slope_limit: float, bounded_by: str = "uss") -> dict:
     """The report: rss (stopped) has the samples; rss_t0 is the time.monotonic() of the soak's start."""
     valid, invalid = [o for o in outcomes if o.job.valid], [o for o in outcomes if not o.job.valid]
     ok, failed = [o for o in valid if o.error is None], Counter(o.error for o in valid if o.error)
     accepted = Counter(o.job.kind for o in invalid if o.error is None)
     by_kind = {kind: {"sent": sum(o.job.kind == kind for o in invalid), "unexpected_success": accepted[kind], "refused": dict(Counter(o.error for o in invalid if o.job.kind == kind and o.error))} for kind in sorted({o.job.kind for o in invalid})}
+    total, shm = rss_summary(rss.samples if rss else [], rss_slope_limit, bounded_by, rss_t0), rss_summary(rss.shm if rss else [], rss_slope_limit)
+    if total["rss_bounded"] is not None and shm["rss_bounded"] is not None:
+        total["rss_bounded"] = total["rss_bounded"] and shm["rss_bounded"]
     return {
         "config": config, "wall_time_s": wall, "issued": len(outcomes), "not_issued": config["requests"] - len(outcomes),
         "counts": {
@@ -240,9 +141,9 @@ def summarize(config: dict, outcomes: list[Outcome], wall: float, rss: RssSample
         "latency_s": {"total": percentiles([o.end - o.start for o in ok]), "time_to_first_token": percentiles([o.first - o.start for o in ok if o.job.stream and o.first is not None])},
         "throughput": {"requests_per_s": len(outcomes) / wall, "valid_ok_per_s": len(ok) / wall},
         "memory": {  # samples: [time_s, rss, uss, pss] bytes; shm's [time_s, bytes]
-            "bounded_by": bounded_by, "total": rss_summary(rss.samples if rss else [], rss_slope_limit, bounded_by, rss_t0),
+            "bounded_by": bounded_by, "total": total,
             "processes": {k: rss_summary(v, rss_slope_limit, bounded_by, rss_t0) for k, v in (rss.processes if rss else {}).items()},
-            "shm": {**rss_summary(rss.shm if rss else [], rss_slope_limit), "samples": [[t - rss_t0, b] for t, b in (rss.shm if rss else [])]},
+            "shm": {**shm, "samples": [[t - rss_t0, b] for t, b in (rss.shm if rss else [])]},
         },
         "requests": [{**asdict(o.job), "start": o.start, "end": o.end, "first": o.first, "error": o.error} for o in outcomes],
     }
@@ -364,6 +265,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", choices=("triton", "openai"), default="triton", help="the server's protocol")
     p.add_argument("--url", help="server address (default: 127.0.0.1:8001 for triton, http://127.0.0.1:9000 for openai)")
     p.add_argument("--requests", type=int, default=300, help="requests to send")
+    p.add_argument("--warmup", type=int, default=0, help="requests of the same mix sent first, outside the measurement (default: 0)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     p.add_argument("--invalid-fraction", type=float, default=0.2, help="share of requests that must be refused")
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of the valid requests")
@@ -374,7 +276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pid", type=int, action="append", help="a process to track with its children, repeatable (default: the one listening on the URL's port, and for openai also the tritonserver it calls)")
     p.add_argument("--rss-interval", type=float, default=0.5, help="seconds between memory samples")
     p.add_argument("--rss-slope-limit", type=float, default=5.0, help="MiB/min of growth over the last half below which memory counts as bounded")
-    p.add_argument("--bounded-by", choices=FIELDS, default="pss", help="the summed memory that decides rss_bounded (RSS counts shared pages once per process)")
+    p.add_argument("--bounded-by", choices=FIELDS, default="uss", help="the summed memory that decides rss_bounded with the shm bytes (default: uss; RSS counts shared pages once per process)")
     p.add_argument("--out", type=Path, default=Path("soak"), help="directory for soak.json and soak.png")
     args = p.parse_args(argv)
     args.url = args.url or ("127.0.0.1:8001" if args.target == "triton" else "http://127.0.0.1:9000")
@@ -388,6 +290,7 @@ def summary_text(report: dict) -> str:
              for name, m in {"summed": memory["total"], **memory["processes"]}.items()]  # fmt: skip
     return "\n".join([
         f"{report['issued']} requests in {report['wall_time_s']:.1f} s ({report['not_issued']} not issued: time limit)",
+        *([f"warmup: {report['warmup']['issued']} requests, {report['warmup']['valid_failed']['count']} valid ones failed"] if report.get("warmup", {}).get("issued") else []),
         f"valid: {counts['valid_ok']} ok, {counts['valid_failed']['count']} failed",
         *(f"  FAILED ×{n}: {message}" for message, n in counts["valid_failed"]["messages"].items()),
         f"invalid: {sum(counts['invalid_refused'].values())} refused, {counts['unexpected_success']['count']} unexpected successes",
@@ -402,14 +305,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     target = (TritonTarget if args.target == "triton" else OpenAITarget)(args.url, args.max_tokens, args.request_timeout)
     plan, pids = make_plan(args.requests, args.invalid_fraction, args.stream_fraction, args.seed, target.INVALID_KINDS), args.pid or default_pids(args.target, args.url)
-    config, progress = {**vars(args), "out": str(args.out), "pid": pids}, tqdm(total=len(plan), unit="req", desc="soak")
+    config = {**vars(args), "out": str(args.out), "pid": pids}
+    warmup = make_plan(args.warmup, args.invalid_fraction, args.stream_fraction, args.seed + 1, target.INVALID_KINDS)
+    with tqdm(total=len(warmup), unit="req", desc="warmup", disable=not warmup) as progress:
+        warm, _ = run_soak(warmup, target.valid, target.invalid, args.concurrency, args.time_limit, lambda outcome: progress.update())
+    warm_failed = Counter(o.error for o in warm if o.job.valid and o.error)
+    progress = tqdm(total=len(plan), unit="req", desc="soak")
     sampler, t0 = RssSampler(pids, args.rss_interval).start(), time.monotonic()
     outcomes, wall = run_soak(plan, target.valid, target.invalid, args.concurrency, args.time_limit, lambda outcome: progress.update())
     progress.close(), sampler.stop()
-    write_report(report := summarize(config, outcomes, wall, sampler, t0, args.rss_slope_limit, args.bounded_by), args.out)
+    report = summarize(config, outcomes, wall, sampler, t0, args.rss_slope_limit, args.bounded_by)
+    report["warmup"] = {"issued": len(warm), "valid_failed": {"count": sum(warm_failed.values()), "messages": dict(warm_failed)}}
+    write_report(report, args.out)
     print(summary_text(report) + f"\nreport: {args.out / 'soak.json'}, {args.out / 'soak.png'}")
-    return 1 if report["counts"]["valid_failed"]["count"] else 0
-
+    return 1 if report["counts"]["valid_failed"]["count"] or warm_failed else 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -162,9 +162,6 @@ def test_server_context_manager_under_load_leaves_no_orphan_stub_or_shm(tiny, tm
         deltas = _stream_in_background(server.grpc_url)
         regions = _mapped_shm(_processes_naming(tmp_path))
         assert _stubs(tmp_path) and regions
-        # every stub's region starts at the build's python_shm_bytes (a vision batch), not 1 MiB grown on demand
-        size = json.loads((tmp_path / "build.json").read_text())["values"]["python_shm_bytes"]
-        assert size > 2**20 and all((SHM / r).stat().st_size >= size for r in regions if r.startswith(server.shm_prefix))
         started = time.monotonic()
     assert time.monotonic() - started < 15
     assert len(deltas) < 2000

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from client import soak
+from client.soak import MIB
 
 FAKE_KINDS = ("bad a", "bad b", "accepted by mistake")
 CONFIG = {"requests": 60, "target": "fake", "url": "nowhere"}
@@ -225,20 +226,51 @@ def test_shared_pages_count_twice_in_rss_once_in_pss_never_in_uss():
     assert all(b == 64 << 20 for _, b in sampler.shm) and len(sampler.shm) == len(sampler.samples)
 
 
+def test_shm_bytes_are_the_pages_a_region_holds_not_its_size():
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    prefix = f"soaktest_{os.getpid()}_"
+    sparse, written = Path("/dev/shm") / f"{prefix}sparse", Path("/dev/shm") / f"{prefix}written"
+    with open(sparse, "wb") as f:
+        f.truncate(64 << 20)  # python_backend sizes regions like this before it touches them
+    written.write_bytes(bytes(8 << 20))
+    try:
+        sampler = soak.RssSampler([])
+        sampler._prefixes.add(prefix)
+        sampler.sample()
+    finally:
+        sparse.unlink(), written.unlink()
+    assert sampler.shm[-1][1] == 8 << 20
+
+
+class _Samples:  # what summarize reads of a stopped RssSampler
+    def __init__(self, uss_mib, shm_mib):
+        self.samples = [(t * 6.0, 0, u * MIB, 0) for t, u in enumerate(uss_mib)]
+        self.processes, self.shm = {}, [(t * 6.0, b * MIB) for t, b in enumerate(shm_mib)]
+
+
+@pytest.mark.parametrize(("shm", "bounded"), [([100] * 40, True), ([100 + 10 * t for t in range(40)], False)])
+def test_verdict_needs_the_shm_bytes_bounded_too(shm, bounded):
+    report = soak.summarize(CONFIG, [], 1.0, _Samples([500] * 40, shm), 0.0, 5.0)  # 4 minutes, USS flat
+    assert report["memory"]["total"]["uss"]["rss_bounded"] is True
+    assert report["memory"]["total"]["rss_bounded"] is bounded
+
+
 def test_soak_of_a_live_tritonserver(server, tmp_path):
     """Every valid request served, every invalid one refused (no class of bad input accepted)."""
     code = soak.main([
-        "--url", server.grpc_url, "--requests", "40", "--concurrency", "4", "--invalid-fraction", "0.25", "--max-tokens", "4",
+        "--url", server.grpc_url, "--requests", "40", "--warmup", "4", "--concurrency", "4", "--invalid-fraction", "0.25", "--max-tokens", "4",
         "--pid", str(server.process.pid), "--rss-interval", "0.2", "--time-limit", "120", "--out", str(tmp_path),
     ])  # fmt: skip
     report = json.loads((tmp_path / "soak.json").read_text())
     counts = report["counts"]
     assert report["issued"] == 40 and counts["valid_ok"] == 30
+    assert report["warmup"] == {"issued": 4, "valid_failed": {"count": 0, "messages": {}}}  # sent first, counted apart
     assert counts["valid_failed"]["count"] == 0 and code == 0, counts["valid_failed"]
     assert counts["unexpected_success"]["count"] == 0, counts["unexpected_success"]
     assert report["latency_s"]["total"]["count"] == 30
     memory = report["memory"]
-    assert memory["bounded_by"] == "pss" and memory["total"]["rss"]["start_mib"] > 100
+    assert memory["bounded_by"] == "uss" and memory["total"]["rss"]["start_mib"] > 100
     assert memory["total"]["pss"]["start_mib"] <= memory["total"]["rss"]["start_mib"]  # shared pages once, not once per process
     models = {label.split("[")[0] for label in memory["processes"]}
     assert {"tritonserver", "preprocess", "vision_encoder", "llm", "postprocess"} <= models, models

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from build.settings import HelpFormatter
 from triton_repo import allocator
-from triton_repo.server import LaunchError, check_ports, python_shm_config
+from triton_repo.server import LaunchError, check_ports
 
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"  # in the NGC tritonserver containers
 
@@ -62,7 +62,7 @@ def server_command(
 ) -> list[str]:
     """hosts: the nodes, leader first; the ranks fill them in order, ranks / len(hosts) each."""
     repository = Path(out).resolve() / "model_repository"
-    ports = [f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}", *python_shm_config(out)]
+    ports = [f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}"]
     if ranks == 1 and not hosts:
         return [tritonserver, f"--model-repository={repository}", *ports]
     command = ["mpirun", "--allow-run-as-root"]

@@ -190,7 +190,6 @@ class TritonServer:
             f"--model-repository={self.repository / 'model_repository'}",
             f"--backend-directory={backend_directory(self.repository)}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-            *python_shm_config(self.repository),
             f"--http-address={self.address}",
             f"--grpc-address={self.address}",
             f"--http-port={self.http_port}",
@@ -338,13 +337,6 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def python_shm_config(out: Path) -> list[str]:
-    """The build's python_shm_bytes as every stub's initial region (sparse: only pages used cost memory)."""
-    build_file = Path(out) / "build.json"
-    size = json.loads(build_file.read_text(encoding="utf-8"))["values"].get("python_shm_bytes") if build_file.is_file() else None
-    return [f"--backend-config=python,shm-default-byte-size={size}"] if size else []
 
 
 def refuse_gpu_build(out: Path) -> None:
