@@ -91,6 +91,25 @@ PRESETS = {
         moe=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96, mlp_only_layers=[0]),
         family_text={"gpt_oss": dict(sliding_window=64)},  # shorter than most test prompts
     ),
+    # The shapes demo model (build/train_demo.py, models/shapes-demo): trained, so no sharpening; small
+    # enough to ship in git at fp16 and to train on 2 CPU cores.
+    "shapes-demo": Preset(
+        vision=dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768),
+        text=dict(
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            intermediate_size=768,
+            max_position_embeddings=32768,
+        ),
+        vocab_size=None,
+        tokenizer_vocab=1024,
+        dtype=torch.float16,
+        tie_word_embeddings=True,
+        llm="qwen3",
+    ),
     # InternVL3.5-1B: InternViT-300M-448px-V2.5 + Qwen3-0.6B.
     "internvl3_5-1b": Preset(
         vision=_VIT_300M,
