@@ -11,8 +11,7 @@ scene and its features serve every question asked about that scene in the step. 
 normal HF-native checkpoint (fp16 storage) plus `generated_by.json` with the command's settings.
 
 Work in progress (issue 14): the script runs end to end, but the preset and the defaults are not
-tuned yet; on 2 cores one step of 2 scene groups takes 10–25 s (a 13-tile image dominates), far from
-the hour-long budget. Its notes on the issue say what was measured.
+tuned yet (the issue's notes hold what was measured).
 """
 
 from __future__ import annotations
