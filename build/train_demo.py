@@ -59,7 +59,7 @@ class ExampleMaker:
         self.builder = PromptBuilder(config, self.tokenizer)
         self.vocab_size = config.text.vocab_size
         self.image_token_id = config.image_token_id
-        self.stop_id = self.tokenizer.encode(config.template.stop_token)[0]
+        self.stop_id = config.stop_token_id
 
     def __call__(self, question: str, answer: str, tiles: list[int], images: list[int]) -> Example:
         prompt = self.builder.build(question, tiles)

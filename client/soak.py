@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import random
 import re
 import threading
@@ -28,17 +27,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
-import psutil
 from tqdm import tqdm
 
 from build.settings import HelpFormatter
-from client.memory_sampler import FIELDS, MIB, RssSampler, default_pids, memory_floor, rss_summary  # noqa: F401 (re-exported)
+from client.memory_sampler import FIELDS, MIB, RssSampler, default_pids, rss_summary
 from client.synthetic import synthetic_image
 
 VALID_KINDS = ("text", "1 image", "2 images")
@@ -319,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     write_report(report, args.out)
     print(summary_text(report) + f"\nreport: {args.out / 'soak.json'}, {args.out / 'soak.png'}")
     return 1 if report["counts"]["valid_failed"]["count"] or warm_failed else 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

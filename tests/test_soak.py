@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from client import soak
-from client.soak import MIB
+from client.memory_sampler import FIELDS, MIB, RssSampler, rss_summary
 
 FAKE_KINDS = ("bad a", "bad b", "accepted by mistake")
 CONFIG = {"requests": 60, "target": "fake", "url": "nowhere"}
@@ -147,12 +147,12 @@ time.sleep(60)
 """
 
 
-def _sample(script: str, prefixes: set[str] = frozenset(), interval: float = 0.05) -> tuple[soak.RssSampler, list[int]]:
+def _sample(script: str, prefixes: set[str] = frozenset(), interval: float = 0.05) -> tuple[RssSampler, list[int]]:
     """Runs PARENT with `script`; samples from its "ready" to its "done" -> (the sampler, pids of PARENT and its child)."""
     parent = subprocess.Popen([sys.executable, "-c", PARENT, script], stdout=subprocess.PIPE, text=True)
     try:
         assert parent.stdout.readline().strip() == "ready"
-        sampler = soak.RssSampler([parent.pid], interval=interval)
+        sampler = RssSampler([parent.pid], interval=interval)
         sampler._prefixes |= prefixes  # as a tracked tritonserver's shm-region-prefix-name would set
         sampler.start()
         assert parent.stdout.readline().strip() == "done"
@@ -172,8 +172,8 @@ def test_rss_sampler_follows_a_child_process(script, bounded):
     python = os.path.basename(psutil.Process().name())
     assert set(sampler.processes) == {f"{python}[{parent}]", f"{python}[{child}]"}
     assert all(len(v) == len(samples) for v in sampler.processes.values())
-    summary = soak.rss_summary(samples, 5.0, "uss")
-    for field in soak.FIELDS:  # the child's written pages are its own: RSS, USS and PSS all see them
+    summary = rss_summary(samples, 5.0, "uss")
+    for field in FIELDS:  # the child's written pages are its own: RSS, USS and PSS all see them
         got = summary[field]
         assert got["start_mib"] > 64 if script is not GROWING else got["start_mib"] > 5
         if script is STEADY:
@@ -185,7 +185,7 @@ def test_rss_sampler_follows_a_child_process(script, bounded):
             assert got["floor_change_mib"] > 30
     assert summary["rss_bounded"] is summary["uss"]["rss_bounded"] is bounded
     assert summary["slope_mib_per_min"] == summary["uss"]["floor_slope_mib_per_min"]
-    child_uss = soak.rss_summary(sampler.processes[f"{python}[{child}]"], 5.0, "uss")
+    child_uss = rss_summary(sampler.processes[f"{python}[{child}]"], 5.0, "uss")
     assert child_uss["rss_bounded"] is bounded and child_uss["samples"][0][0] == samples[0][0]
 
 
@@ -235,7 +235,7 @@ def test_shm_bytes_are_the_pages_a_region_holds_not_its_size():
         f.truncate(64 << 20)  # python_backend sizes regions like this before it touches them
     written.write_bytes(bytes(8 << 20))
     try:
-        sampler = soak.RssSampler([])
+        sampler = RssSampler([])
         sampler._prefixes.add(prefix)
         sampler.sample()
     finally:
