@@ -20,6 +20,9 @@ from openai_api.errors import APIError
 
 HEALTH_TIMEOUT = 2.0  # seconds, for liveness / readiness / config calls
 STOP_TIMEOUT = 5.0  # seconds for the stop request of a client that went away
+# A finished call is closed, not cancelled: tritonserver 2.51 keeps ~100 KiB per ensemble stream that is
+# cancelled after its final response (measured in docs/API.md "Memory"); cancelling is for early exits.
+CLOSE_TIMEOUT = 5.0
 
 # Fields: input name -> (Triton dtype, values of the one request, without the batch dim)
 Fields = dict[str, tuple[str, list]]
@@ -100,8 +103,10 @@ class TritonBackend:
             finished = True
             raise _rpc_error(e) from None
         finally:
-            call.cancel()
-            if not finished:  # Triton does not cancel the running llm step of an ensemble: stop it
+            if finished:
+                await _close(call)
+            else:  # Triton does not cancel the running llm step of an ensemble: stop it
+                call.cancel()
                 task = asyncio.get_running_loop().create_task(self._stop(request_id))
                 self._stopping.add(task)
                 task.add_done_callback(self._stopping.discard)
@@ -122,6 +127,16 @@ class TritonBackend:
             pass  # the server or the request is gone already
         finally:
             call.cancel()
+
+
+async def _close(call) -> None:
+    """Waits for the server to end a call whose final response came (our request stream is already
+    closed, so it ends at once); cancels it only if it does not end in time."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await call.code()
+    except TimeoutError:
+        call.cancel()
 
 
 def _request(model: str, request_id: str, fields: Fields) -> service_pb2.ModelInferRequest:

@@ -26,6 +26,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
 from client.synthetic import synthetic_image
+from client.triton_client import InternVLClient
 from engine.pipeline import Pipeline
 from openai_api.conversation import build_conversation
 from openai_api.errors import APIError
@@ -261,6 +262,7 @@ def test_health_and_chat_with_triton_down_are_503():
 class _FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self):
         self.requests, self.cancelled, self.tokens = [], threading.Event(), 3
+        self.ends: list[str] = []  # after the final response: "closed" by the client or "cancelled"
 
     def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -292,6 +294,11 @@ class _FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         final = service_pb2.ModelInferResponse(model_name="internvl", id=request.id)
         final.parameters["triton_final_response"].bool_param = True
         yield service_pb2.ModelStreamInferResponse(infer_response=final)
+        # Like tritonserver, the stream ends when the client closes its side (or cancels).
+        with contextlib.suppress(grpc.RpcError):
+            for _ in request_iterator:
+                pass
+        self.ends.append("closed" if context.is_active() else "cancelled")
 
 
 @pytest.fixture
@@ -301,7 +308,7 @@ def fake_triton():
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     with running_server(Settings(host="127.0.0.1", port=0, triton_url=f"127.0.0.1:{port}")) as url:
-        triton.url, triton.sdk = url, openai.OpenAI(base_url=url + "/v1", api_key="none")
+        triton.url, triton.port, triton.sdk = url, port, openai.OpenAI(base_url=url + "/v1", api_key="none")
         yield triton
     server.stop(0)
 
@@ -322,6 +329,24 @@ def test_grpc_client_streams_reads_the_checkpoint_name_and_classifies_errors(fak
     assert "".join(deltas) == "ababab"
     with pytest.raises(openai.BadRequestError, match="cannot decode image 0"):
         client.chat.completions.create(model="InternVL3-1B", messages=[{"role": "user", "content": "bad"}])
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "once"])
+@pytest.mark.parametrize("via", ["openai", "triton client"])
+def test_a_finished_call_is_closed_not_cancelled(fake_triton, via, stream):
+    # tritonserver 2.51 keeps ~100 KiB per ensemble stream cancelled after its final response (docs/API.md).
+    messages = [{"role": "user", "content": "Hi"}]
+    if via == "openai":
+        reply = fake_triton.sdk.chat.completions.create(model="InternVL3-1B", messages=messages, max_tokens=4, stream=stream)
+        text = "".join(c.choices[0].delta.content or "" for c in reply) if stream else reply.choices[0].message.content
+    else:
+        client = InternVLClient(f"127.0.0.1:{fake_triton.port}")
+        text = client.chat("Hi", max_tokens=4, stream=stream)
+    assert text == "ababab"
+    deadline = time.monotonic() + 3
+    while not fake_triton.ends and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fake_triton.ends == ["closed"] and not fake_triton.cancelled.is_set()
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["sse", "json"])
