@@ -94,14 +94,14 @@ PRESETS = {
     # The shapes demo model (build/train_demo.py, models/shapes-demo): trained, so no sharpening; small
     # enough to ship in git at fp16 and to train on 2 CPU cores.
     "shapes-demo": Preset(
-        vision=dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768),
+        vision=dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=2, intermediate_size=384),
         text=dict(
-            hidden_size=256,
-            num_hidden_layers=4,
+            hidden_size=192,
+            num_hidden_layers=3,
             num_attention_heads=4,
             num_key_value_heads=2,
-            head_dim=64,
-            intermediate_size=768,
+            head_dim=48,
+            intermediate_size=512,
             max_position_embeddings=32768,
         ),
         vocab_size=None,

@@ -36,6 +36,7 @@ SHAPE_QUESTIONS = ("What shape is in the image?", "Which shape is shown?", "What
 COLOR_QUESTIONS = ("What color is the {shape}?", "Which color does the {shape} have?", "What is the color of the {shape}?")
 COUNT_QUESTIONS = ("How many shapes are there?", "How many shapes are in the image?", "Count the shapes.")
 WHICH_QUESTIONS = ("Which image has {a} {color} {shape}?", "In which image is there {a} {color} {shape}?")
+WHICH_PREFIX = "Image-1: <image>\nImage-2: <image>\n"  # the image tags of a two-image question
 QUESTION_TYPES = ("describe", "shape", "color", "count", "which")
 
 
@@ -173,7 +174,7 @@ def which_questions(rng: np.random.Generator, scenes: tuple[Scene, Scene]) -> li
         holders = [k for k, scene in enumerate(scenes) if scene.has(color, shape)]
         if len(holders) == 1:
             phrasing = WHICH_QUESTIONS[rng.integers(len(WHICH_QUESTIONS))].format(a=_article(color), color=color, shape=shape)
-            out.append(("which", "Image-1: <image>\nImage-2: <image>\n" + phrasing, f"Image-{holders[0] + 1}."))
+            out.append(("which", WHICH_PREFIX + phrasing, f"Image-{holders[0] + 1}."))
     return out
 
 
