@@ -74,13 +74,14 @@ class ExampleMaker:
         labels: list[int] = []
         history: list[tuple[str, str]] = []
         for question, answer in turns:
-            prompt = self.builder.build(question, tiles, history or None).input_ids.tolist()
-            if prompt[: len(ids)] != ids:  # the template renders a finished turn as the reply + stop token
+            prompt = self.builder.build(question, tiles, history or None)
+            prompt_ids = prompt.input_ids.tolist()
+            if prompt_ids[: len(ids)] != ids:  # the template renders a finished turn as the reply + stop token
                 raise ValueError(f"turn {len(history) + 1} does not extend the conversation's tokens")
             reply = self.tokenizer.encode(answer) + [self.stop_id]
-            labels += [-100] * (len(prompt) - len(ids)) + reply
-            ids = prompt + reply
-            history.append((self.builder.render(question, len(tiles), history or None)[1], answer))
+            labels += [-100] * (len(prompt_ids) - len(ids)) + reply
+            ids = prompt_ids + reply
+            history.append((prompt.question, answer))
         tokens = torch.tensor(ids)
         tokens[tokens >= self.vocab_size] = self.image_token_id
         return Example(tokens, torch.tensor(labels), images)
@@ -110,7 +111,6 @@ def draw_step(rng: np.random.Generator, groups: int, maker: ExampleMaker, questi
         tiles.append(t)
     built = [maker(turns, [tiles[i] for i in refs], refs) for turns, refs in conversations]
     return torch.cat(pixel_values), tiles, built
-
 
 
 def loss_of(model: InternVLForConditionalGeneration, pixel_values, tiles, examples, image_token_id: int) -> torch.Tensor:

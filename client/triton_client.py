@@ -194,7 +194,7 @@ class InternVLClient:
             if not finished:  # closed early: the engine slot is freed by a stop request (llm model.py)
                 _send_stop(client, request_id, grpcclient, responses)
             # Cancelling a finished ensemble stream leaves ~100 KiB in tritonserver 2.51 (docs/API.md
-            # "Memory"): close it gracefully, cancel only what is still running.
+            # "Load and soak"): close it gracefully, cancel only what is still running.
             client.stop_stream(cancel_requests=not finished)
             client.close()
 

@@ -21,7 +21,7 @@ from openai_api.errors import APIError
 HEALTH_TIMEOUT = 2.0  # seconds, for liveness / readiness / config calls
 STOP_TIMEOUT = 5.0  # seconds for the stop request of a client that went away
 # A finished call is closed, not cancelled: tritonserver 2.51 keeps ~100 KiB per ensemble stream that is
-# cancelled after its final response (measured in docs/API.md "Memory"); cancelling is for early exits.
+# cancelled after its final response (measured in docs/API.md "Load and soak"); cancelling is for early exits.
 CLOSE_TIMEOUT = 5.0
 
 # Fields: input name -> (Triton dtype, values of the one request, without the batch dim)
