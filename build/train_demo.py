@@ -100,8 +100,7 @@ class ExampleMaker:
 
 def presence(scene: Scene) -> list[float]:
     # -> [len(PAIRS)]: 1.0 for each colour+shape pair the scene holds
-    held = {(i.color, i.shape) for i in scene.items}
-    return [float(pair in held) for pair in PAIRS]
+    return [float(scene.has(color, shape)) for color, shape in PAIRS]
 
 
 def draw_step(rng: np.random.Generator, groups: int, maker: ExampleMaker, questions_per_group: int):
@@ -155,14 +154,14 @@ def loss_of(model: InternVLForConditionalGeneration, presence_head, pixel_values
     return total / answer_tokens, held
 
 
-def held_out_accuracy(chat, seed: int, per_type: int, max_tiles: int | None = None) -> dict[str, float]:
-    """Accuracy per question type on fresh scenes; chat(question, images, max_tiles) -> reply."""
+def held_out_accuracy(chat, seed: int, per_type: int) -> dict[str, float]:
+    """Accuracy per question type on fresh scenes; chat(question, images) -> reply."""
     rng = np.random.default_rng(seed)
     right = dict.fromkeys(QUESTION_TYPES, 0)
     for kind in QUESTION_TYPES:
         for _ in range(per_type):
             sample = make_sample(rng, kind)
-            right[kind] += answer_matches(sample, chat(sample.question, [s.image for s in sample.scenes], max_tiles))
+            right[kind] += answer_matches(sample, chat(sample.question, [s.image for s in sample.scenes]))
     return {kind: right[kind] / per_type for kind in QUESTION_TYPES}
 
 
@@ -183,7 +182,7 @@ def initial_checkpoint(out: Path, seed: int) -> InternVLForConditionalGeneration
 def evaluate(out: Path, seed: int, per_type: int) -> dict[str, float]:
     """Held-out accuracy of the saved checkpoint, served in-process the way Triton serves it (ONNX vision)."""
     with Pipeline.from_pretrained(out) as pipe:
-        return held_out_accuracy(lambda q, images, tiles: pipe.chat(q, images, max_tiles=tiles, max_new_tokens=32), seed, per_type)
+        return held_out_accuracy(lambda q, images: pipe.chat(q, images, max_new_tokens=32), seed, per_type)
 
 
 def train(out: Path, seed: int, steps: int, groups: int, questions: int, lr: float, vision_lr: float, eval_per_type: int) -> dict:
