@@ -10,6 +10,7 @@ Everything is drawn from a seeded numpy Generator: the same seed gives the same 
 from __future__ import annotations
 
 import re
+from statistics import NormalDist
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,11 @@ class Sample:
     answer: str
 
 
+# Gaussian noise drawn by table lookup: 256 equally likely levels (normal quantiles, σ = 18), as fast
+# as drawing bytes — a 1920×1080 noisy background is drawn for every few training questions.
+_NOISE = np.round(18.0 * np.array([NormalDist().inv_cdf((k + 0.5) / 256) for k in range(256)])).astype(np.int16)
+
+
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     # -> [H, W, 3] uint8
     base = np.array(BACKGROUNDS[rng.integers(len(BACKGROUNDS))], dtype=np.float32)
@@ -73,12 +79,13 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     if kind == 1:
         other = np.array(BACKGROUNDS[rng.integers(len(BACKGROUNDS))], dtype=np.float32) + rng.uniform(-20, 20, 3)
         angle = rng.uniform(0, 2 * np.pi)
-        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-        t = xs / width * np.cos(angle) + ys / height * np.sin(angle)
+        xs = np.arange(width, dtype=np.float32) / width * np.cos(angle)
+        ys = np.arange(height, dtype=np.float32) / height * np.sin(angle)
+        t = ys[:, None] + xs[None, :]
         t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
         return (base * (1 - t[..., None]) + other * t[..., None]).clip(0, 255).astype(np.uint8)
-    noise = rng.normal(0.0, 18.0, (height, width, 3)).astype(np.float32)
-    return (base + noise).clip(0, 255).astype(np.uint8)
+    noise = _NOISE[rng.integers(0, 256, (height, width, 3), dtype=np.uint8)]  # [H, W, 3] int16, σ ≈ 18
+    return (base.astype(np.int16) + noise).clip(0, 255).astype(np.uint8)
 
 
 def _star(box: tuple[int, int, int, int], rotation: float) -> list[tuple[float, float]]:
