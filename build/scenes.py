@@ -10,8 +10,8 @@ Everything is drawn from a seeded numpy Generator: the same seed gives the same 
 from __future__ import annotations
 
 import re
-from statistics import NormalDist
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 from PIL import Image, ImageDraw
