@@ -61,6 +61,14 @@ def test_a_step_holds_its_tile_budget_and_its_chats_point_at_their_images(checkp
             assert 1 <= len(e.answers) <= 3
 
 
+def test_stage_two_steps_repeat_for_a_seed_and_differ_across_seeds(checkpoint):
+    def drawn(seed):
+        return [(tiles, [e.ids.tolist() for e in examples]) for _, tiles, examples in train_demo.Steps(checkpoint, seed, steps=3, questions=2)]
+
+    assert drawn(7) == drawn(7)
+    assert drawn(7) != drawn(8)
+
+
 def test_right_padded_chats_in_one_batch_score_as_each_alone(checkpoint):
     model = InternVLForConditionalGeneration.from_pretrained(checkpoint).eval()
     maker = train_demo.ExampleMaker(checkpoint)
