@@ -278,7 +278,6 @@ def train(out: Path, seed: int, tower_steps: int, steps: int, questions: int, lr
     tower_accuracy = pretrain_tower(model, np.random.default_rng([seed, 1]), tower_steps) if tower_steps else None
     inner = model.model
     inner.vision_tower.requires_grad_(False)  # its forward then builds no graph: a stage-2 step pays no encoder backward
-    maker = ExampleMaker(out)
     projector = list(inner.multi_modal_projector.parameters())
     seen = {id(p) for p in projector}
     llm = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
@@ -291,7 +290,7 @@ def train(out: Path, seed: int, tower_steps: int, steps: int, questions: int, lr
     drawn = torch.utils.data.DataLoader(Steps(out, seed, steps, questions), batch_size=None, num_workers=1, prefetch_factor=2)
     bar = tqdm(drawn, total=steps, desc="stage 2: answers", unit="step")
     for pixel_values, tiles, examples in bar:
-        loss, hits = loss_of(model, pixel_values, tiles, examples, maker.image_token_id)
+        loss, hits = loss_of(model, pixel_values, tiles, examples, model.config.image_token_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*projector, *llm], 1.0)
