@@ -64,7 +64,7 @@ bench: build
 bench-components: setup
 	$(PY) -m client.bench_components --out artifacts/bench $(BENCH_ARGS)
 
-SERVER := $(if $(filter gpu,$(TARGET)),triton_repo.launch_gpu --tritonserver $(TRITONSERVER),triton_repo.server)
+SERVER := $(if $(filter gpu,$(TARGET)),launcher.gpu --tritonserver $(TRITONSERVER),launcher.server)
 serve: setup
 	$(PY) -m $(SERVER) --out $(OUT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(if $(filter gpu,$(TARGET)),,--openai-port $(OPENAI_PORT))
 

@@ -14,9 +14,9 @@ engines then survive restarts).
 
 With --nodes N (GPU target), the TensorRT-LLM ranks span N nodes: a LeaderWorkerSet (the
 leaderworkerset.x-k8s.io/v1 API) of N pods per replica instead of the Deployment. The leader builds
-into the shared --build-claim (ReadWriteMany) and starts every rank with `launch_gpu --lws
+into the shared --build-claim (ReadWriteMany) and starts every rank with `launcher.gpu --lws
 --rsh-agent internvl-kube-exec`; the workers mount the same build and wait; a ServiceAccount with a
-Role allowing pods/exec lets the leader's mpirun start the workers' ranks (triton_repo/kube_exec.py).
+Role allowing pods/exec lets the leader's mpirun start the workers' ranks (launcher/kube_exec.py).
 The Service selects the leaders (worker index 0) and the autoscaler scales the LeaderWorkerSet.
 """
 
@@ -44,7 +44,7 @@ LWS_API = "leaderworkerset.x-k8s.io/v1"
 LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"  # label LeaderWorkerSet puts on its pods
 # the leader's start: Dockerfile.gpu's command, with the ranks spread over the group's pods
 LEADER_COMMAND = (
-    'python3 -m build.repository --model "$MODEL" --out "$OUT" --target gpu $BUILD_ARGS && exec python3 -m triton_repo.launch_gpu '
+    'python3 -m build.repository --model "$MODEL" --out "$OUT" --target gpu $BUILD_ARGS && exec python3 -m launcher.gpu '
     '--out "$OUT" --lws --rsh-agent internvl-kube-exec --http-port 8000 --grpc-port 8001 --metrics-port 8002'
 )
 
@@ -176,7 +176,7 @@ def manifests(name: str, image: str, target: str, settings: BuildSettings, gpu: 
             "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORTS["metrics"]), "prometheus.io/path": "/metrics"},
         },
         "spec": {
-            "terminationGracePeriodSeconds": 60,  # triton_repo.server lets in-flight requests finish on SIGTERM
+            "terminationGracePeriodSeconds": 60,  # launcher.server lets in-flight requests finish on SIGTERM
             "containers": [container, openai],
             "volumes": [
                 {"name": "checkpoint", "persistentVolumeClaim": {"claimName": args.model_claim, "readOnly": True}},

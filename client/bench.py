@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
     args.results.mkdir(parents=True, exist_ok=True)
     server = None
     if args.out:
-        from triton_repo.server import TritonServer, free_port
+        from launcher.server import TritonServer, free_port
 
         server = TritonServer(args.out, free_port(), free_port(), free_port(), log_file=args.results / "tritonserver.log")
         server.start()

@@ -15,7 +15,7 @@ from pathlib import Path
 from build.checkpoint import generate
 from build.repository import build
 from client.triton_client import InternVLClient
-from triton_repo.server import TritonServer, free_port
+from launcher.server import TritonServer, free_port
 
 SAMPLE = Path(__file__).with_name("samples") / "lake_house.jpg"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.protocol import strip_error_prefix
+from engine.protocol import input_array, stop_request, strip_error_prefix
 from engine.sampling_params import SamplingParamError, SamplingParams
 
 Turn = tuple[str, str]
@@ -161,7 +161,7 @@ class InternVLClient:
 
         inputs = []
         for name, (dtype, value) in request.fields(stream).items():
-            array = np.array([value], dtype=object if dtype == "BYTES" else _NUMPY[dtype])
+            array = input_array(dtype, value)
             tensor = grpcclient.InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
@@ -236,21 +236,6 @@ class InternVLClient:
                 if "error" in event:
                     raise ServerError(_message(event["error"]))
                 yield event
-
-
-_NUMPY = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "UINT64": np.uint64}
-
-
-def stop_request(request_id: str) -> tuple[str, list[tuple[str, str, np.ndarray]], str]:
-    """The request that ends a running ensemble request: (model, [(input, dtype, value)], request id).
-    Triton does not cancel a running decoupled step of an ensemble; the llm model's `stop` input does
-    (TensorRT-LLM's convention). The required llm inputs ride along unused."""
-    inputs = [
-        ("input_ids", "INT32", np.zeros((1, 1), np.int32)),
-        ("input_lengths", "INT32", np.ones((1, 1), np.int32)),
-        ("stop", "BOOL", np.ones((1, 1), np.bool_)),
-    ]
-    return "llm", inputs, request_id
 
 
 def _send_stop(client, request_id: str, grpcclient, responses: queue.Queue, timeout: float = 2.0) -> None:

@@ -18,6 +18,10 @@ from engine.templates import Turn
 from engine.tokenizer import TextTokenizer
 
 
+# Triton dtype -> numpy dtype of the ensemble's non-BYTES inputs (BYTES travel as numpy object arrays)
+TRITON_NUMPY = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "UINT64": np.uint64}
+
+
 class RequestError(ValueError):
     """A request field is malformed; the message names the field."""
 
@@ -30,6 +34,23 @@ REQUEST_ERRORS = ("ValueError", "RequestError", "PromptError", "SamplingParamErr
 _TRITON_INPUT_ERRORS = re.compile(
     r"^(\[request id: [^\]]*\] )?(expected|unexpected|inference input|out of bounds index 0: request has 0 inputs)\b"
 )
+
+
+def input_array(dtype: str, values: list) -> np.ndarray:
+    """One request's input as Triton takes it: the values with a leading batch dim of 1."""
+    return np.array([values], dtype=object if dtype == "BYTES" else TRITON_NUMPY[dtype])
+
+
+def stop_request(request_id: str) -> tuple[str, list[tuple[str, str, np.ndarray]], str]:
+    """The request that ends a running ensemble request: (model, [(input, dtype, value)], request id).
+    Triton does not cancel a running decoupled step of an ensemble; the llm model's `stop` input does
+    (TensorRT-LLM's convention). The required llm inputs ride along unused."""
+    inputs = [
+        ("input_ids", "INT32", np.zeros((1, 1), np.int32)),
+        ("input_lengths", "INT32", np.ones((1, 1), np.int32)),
+        ("stop", "BOOL", np.ones((1, 1), np.bool_)),
+    ]
+    return "llm", inputs, request_id
 
 
 def strip_error_prefix(message: str) -> str:

@@ -9,13 +9,10 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import grpc
-import numpy as np
-from tritonclient.grpc import InferResult, service_pb2
-from tritonclient.grpc.aio import InferenceServerClient
-from tritonclient.utils import InferenceServerException, serialize_byte_tensor
+from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
+from tritonclient.utils import serialize_byte_tensor
 
-from client.triton_client import stop_request
-from engine.protocol import is_request_error, strip_error_prefix
+from engine.protocol import input_array, is_request_error, stop_request, strip_error_prefix
 from openai_api.errors import APIError
 
 HEALTH_TIMEOUT = 2.0  # seconds, for liveness / readiness / config calls
@@ -26,8 +23,6 @@ CLOSE_TIMEOUT = 5.0
 
 # Fields: input name -> (Triton dtype, values of the one request, without the batch dim)
 Fields = dict[str, tuple[str, list]]
-
-_NUMPY = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "UINT64": np.uint64}
 
 
 @dataclass(frozen=True)
@@ -46,46 +41,58 @@ def triton_error(message: str) -> APIError:
 
 
 class TritonBackend:
+    """Triton's gRPC service through its generated stub (tritonclient.grpc.service_pb2_grpc, public):
+    tritonclient.grpc.aio's stream_infer refuses the reserved `triton_enable_empty_final_response`
+    parameter the streams need."""
+
     def __init__(self, url: str, model: str = "internvl"):
         self.url, self.model = url, model
-        self._client: InferenceServerClient | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: service_pb2_grpc.GRPCInferenceServiceStub | None = None
         self._stopping: set[asyncio.Task] = set()  # stop requests in flight (kept from garbage collection)
 
-    def client(self) -> InferenceServerClient:
+    def stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
         # grpc.aio channels belong to the event loop they were made in: made on first use, in the server's loop.
-        if self._client is None:
-            self._client = InferenceServerClient(self.url)
-        return self._client
+        if self._stub is None:
+            unlimited = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+            self._channel = grpc.aio.insecure_channel(self.url, options=unlimited)
+            self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
 
     async def ready(self) -> bool:
         try:
-            client = self.client()
-            return await client.is_server_live(client_timeout=HEALTH_TIMEOUT) and await client.is_model_ready(
-                self.model, client_timeout=HEALTH_TIMEOUT
-            )
-        except InferenceServerException:
+            live = await self.stub().ServerLive(service_pb2.ServerLiveRequest(), timeout=HEALTH_TIMEOUT)
+            if not live.live:
+                return False
+            ready = await self.stub().ModelReady(service_pb2.ModelReadyRequest(name=self.model), timeout=HEALTH_TIMEOUT)
+            return ready.ready
+        except grpc.aio.AioRpcError:
             return False
+
+    async def preprocess_parameters(self) -> dict[str, str] | None:
+        """The `preprocess` model's config parameters (checkpoint, limits); None while Triton does not answer."""
+        try:
+            response = await self.stub().ModelConfig(service_pb2.ModelConfigRequest(name="preprocess"), timeout=HEALTH_TIMEOUT)
+        except grpc.aio.AioRpcError:
+            return None
+        return {key: value.string_value for key, value in response.config.parameters.items()}
 
     async def checkpoint_name(self) -> str | None:
         """The checkpoint directory's name, from the `preprocess` model's `checkpoint` parameter."""
-        try:
-            response = await self.client().get_model_config("preprocess", client_timeout=HEALTH_TIMEOUT)
-        except InferenceServerException:
+        parameters = await self.preprocess_parameters()
+        if parameters is None:
             return None
-        path = response.config.parameters["checkpoint"].string_value.rstrip("/")
-        return PurePosixPath(path).name or None
+        return PurePosixPath(parameters.get("checkpoint", "").rstrip("/")).name or None
 
     async def stream(self, fields: Fields, request_id: str) -> AsyncIterator[Reply]:
         """The ensemble's responses; closing this generator early cancels the gRPC call and sends the
         llm model's stop request, which frees the request's engine slot."""
-        # tritonclient.grpc.aio's stream_infer refuses the reserved `triton_enable_empty_final_response`
-        # parameter, so the request goes through the same generated stub that client wraps.
-        call = self.client()._client_stub.ModelStreamInfer(iter([_request(self.model, request_id, fields)]))
+        call = self.stub().ModelStreamInfer(iter([_request(self.model, request_id, fields)]))
         finished = False
         try:
             async for response in call:
@@ -112,13 +119,13 @@ class TritonBackend:
                 task.add_done_callback(self._stopping.discard)
 
     async def _stop(self, request_id: str) -> None:
-        """Sends the llm model's stop request (client/triton_client.py stop_request) for request_id."""
+        """Sends the llm model's stop request (engine/protocol.py stop_request) for request_id."""
         model, inputs, _ = stop_request(request_id)
         request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
         for name, dtype, array in inputs:
             request.inputs.add(name=name, datatype=dtype, shape=array.shape)
             request.raw_input_contents.append(array.tobytes())
-        call = self.client()._client_stub.ModelStreamInfer(iter([request]))
+        call = self.stub().ModelStreamInfer(iter([request]))
         try:
             async with asyncio.timeout(STOP_TIMEOUT):
                 async for response in call:  # the stop request's one (empty, final) response
@@ -143,7 +150,7 @@ def _request(model: str, request_id: str, fields: Fields) -> service_pb2.ModelIn
     request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     request.parameters["triton_enable_empty_final_response"].bool_param = True
     for name, (dtype, values) in fields.items():
-        array = np.array([values], dtype=object if dtype == "BYTES" else _NUMPY[dtype])
+        array = input_array(dtype, values)
         request.inputs.add(name=name, datatype=dtype, shape=array.shape)
         request.raw_input_contents.append(serialize_byte_tensor(array).item() if dtype == "BYTES" else array.tobytes())
     return request

@@ -12,9 +12,10 @@ from engine.vision_export import ensure_vision_onnx
 from build.repository import build
 from build.settings import BuildSettings
 from engine.vision import default_onnx_path
-from triton_repo.server import TritonServer, free_port
+from launcher.server import TritonServer, free_port
 
 LLM_FAMILIES = ("qwen2", "qwen3", "llama")
+pytest_plugins = ["tests.skip_guard"]  # a skip other than "no GPU" fails the run
 
 
 def pytest_collection_modifyitems(config, items):

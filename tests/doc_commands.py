@@ -25,7 +25,7 @@ HELP_EXAMPLES = [ROOT / "client" / "chat.py"]  # its docstring is `python -m cli
 SAMPLE = ROOT / "client" / "samples" / "lake_house.jpg"
 PYTHONS = {"python", "python3", ".venv/bin/python"}
 COMMAND_WORDS = PYTHONS | {"make", "curl", "mpirun", "docker", "tritonserver"}
-PROJECT = ("build", "client", "triton_repo", "engine", "openai_api")
+PROJECT = ("build", "client", "triton_repo", "launcher", "engine", "openai_api")
 SHELL_FENCES = {"", "sh", "bash", "shell", "console"}
 PLACEHOLDER = re.compile(r"<(?!image>)[^<>\s][^<>]*>")  # <dir>, <internvl checkpoint>; not the <image> tag
 CAPS_PLACEHOLDER = re.compile(r"(?<![\w=/.$-])[A-Z]{1,5}(?![\w=])")  # DIR, FILE, N (not MODEL=…)
@@ -327,7 +327,7 @@ def tritonserver_options() -> dict:
 
 
 def check_mpirun(argv: list[str]) -> None:
-    from triton_repo.launch_gpu import server_command
+    from launcher.gpu import server_command
 
     real = server_command(Path("OUT"), 2, 8000, 8001, 8002)
     names = {word.split("=")[0] for word in real if word.startswith("-")}
@@ -335,9 +335,9 @@ def check_mpirun(argv: list[str]) -> None:
         if not word.startswith("-"):
             continue
         if "X" in word:
-            assert word.split("=")[0] in names, f"launch_gpu's mpirun command has no {word.split('=')[0]}"
+            assert word.split("=")[0] in names, f"launcher.gpu's mpirun command has no {word.split('=')[0]}"
         else:
-            assert word in real, f"launch_gpu's mpirun command has no {word} ({shlex.join(real)})"
+            assert word in real, f"launcher.gpu's mpirun command has no {word} ({shlex.join(real)})"
 
 
 def modules_of(command: DocCommand) -> set[str]:

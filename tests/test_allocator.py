@@ -55,7 +55,7 @@ def test_server_environment_maps_a_4_mib_buffer_and_stub_settings_undo_it(glibc)
 
 
 def test_tritonserver_gets_the_allocator_environment(tmp_path):
-    from triton_repo.server import TritonServer
+    from launcher.server import TritonServer
 
     server = TritonServer(tmp_path)
     assert server.environment()["MALLOC_MMAP_THRESHOLD_"] == str(allocator.SERVER_MMAP_THRESHOLD)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("build.repository", "build.trt_vision", "build.trtllm_engine", "build.vision_parity", "build.manifests", "triton_repo.server", "triton_repo.launch_gpu", "openai_api.__main__", "client.soak")
+TOOLS = ("build.repository", "build.trt_vision", "build.trtllm_engine", "build.vision_parity", "build.manifests", "launcher.server", "launcher.gpu", "openai_api.__main__", "client.soak")
 REQUIRED = {"--model", "--out", "--plan"}
 SWITCHES = {"--help", "--print-only", "--lws"}
 

@@ -14,7 +14,7 @@ from client.synthetic import synthetic_image
 from client.triton_client import InternVLClient, SamplingParamError, ServerError, ServerUnavailable
 from engine.pipeline import Pipeline
 from engine.sampling_params import SamplingParams
-from triton_repo.server import free_port
+from launcher.server import free_port
 
 MAX_NEW = 8
 IMAGE_A = synthetic_image(11, 640, 400, "PNG")

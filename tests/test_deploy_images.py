@@ -50,7 +50,7 @@ def test_the_start_command_runs_the_modules_the_tests_run_with_flags_that_parse(
     for name, value in env.items():
         line = line.replace(f'"${name}"', shlex.quote(value.strip('"') or "x"))
     invocations = module_invocations(line)
-    assert [m for m, _ in invocations] == ["build.repository", "triton_repo.server" if target == "cpu" else "triton_repo.launch_gpu"]
+    assert [m for m, _ in invocations] == ["build.repository", "launcher.server" if target == "cpu" else "launcher.gpu"]
     for module, args in invocations:
         parse_exactly(module, args)
     build_args = invocations[0][1]

@@ -11,7 +11,7 @@ code that starts with a command) is checked:
 - `client.chat` and `curl` commands run against a real tritonserver (the `server` fixture), in a
   directory that holds the images they name; only the server's port is substituted;
 - GPU-only commands are never run: `mpirun` flags are checked against the command
-  triton_repo.launch_gpu builds, `tritonserver` flags against `tritonserver --help`, `docker` flags
+  launcher.gpu builds, `tritonserver` flags against `tritonserver --help`, `docker` flags
   against the `docker run` options the docs use;
 - flags quoted on their own (`--max-images`) exist in a module the same table row, paragraph or
   section runs.

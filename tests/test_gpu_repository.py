@@ -21,7 +21,7 @@ from engine.sampling_params import MIN_TEMPERATURE
 from engine.tokenizer import TextTokenizer
 from engine.trtllm_request import finish_reason, image_key, response_tokens, tensorrt_llm_inputs
 from tests.repository_checks import assert_ensemble_wired, full_dims, parse_configs
-from triton_repo.launch_gpu import server_command, world_size
+from launcher.gpu import server_command, world_size
 
 MODELS = TARGET_MODELS["gpu"]
 TYPE = {"float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
@@ -310,7 +310,7 @@ def wrapper_server(tiny, tmp_path_factory):
     import shutil
     from pathlib import Path
 
-    from triton_repo.server import TritonServer, free_port
+    from launcher.server import TritonServer, free_port
 
     out = tmp_path_factory.mktemp("gpu_wrapper")
     write_gpu_repository(tiny, out)
@@ -400,7 +400,7 @@ def test_gpu_llm_wrapper_stop_request_ends_the_stream_with_that_request_id(wrapp
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
-    from client.triton_client import stop_request
+    from engine.protocol import stop_request
 
     def tensors(inputs):
         out = []

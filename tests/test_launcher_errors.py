@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from build.repository import build
-from triton_repo.server import free_port
+from launcher.server import free_port
 
 FLAGS = ("--http-port", "--grpc-port", "--metrics-port")
 
 
 def _serve(out: Path, ports: dict[str, int] | None = None, timeout: float = 180) -> tuple[subprocess.CompletedProcess, float]:
     ports = ports or {flag: free_port() for flag in FLAGS}
-    command = [sys.executable, "-m", "triton_repo.server", "--out", str(out)]
+    command = [sys.executable, "-m", "launcher.server", "--out", str(out)]
     for flag, port in ports.items():
         command += [flag, str(port)]
     started = time.monotonic()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from build.repository import build
 from client.triton_client import InternVLClient
-from triton_repo.server import TritonServer, free_port, port_in_use
+from launcher.server import TritonServer, free_port, port_in_use
 
 SHM = Path("/dev/shm")
 
@@ -69,7 +69,7 @@ def _assert_nothing_left(out: Path, regions: set[str], prefix: str) -> None:
 def _launch(out: Path) -> tuple[subprocess.Popen, dict[str, int]]:
     """The launcher as `make serve` runs it, in a process group of its own; output into files."""
     ports = {flag: free_port() for flag in ("--http-port", "--grpc-port", "--metrics-port", "--openai-port")}
-    command = [sys.executable, "-m", "triton_repo.server", "--out", str(out)]
+    command = [sys.executable, "-m", "launcher.server", "--out", str(out)]
     for flag, port in ports.items():
         command += [flag, str(port)]
     with open(out / "launcher.out", "wb") as stdout, open(out / "launcher.err", "wb") as stderr:

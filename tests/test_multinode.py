@@ -1,5 +1,5 @@
 """Tensor parallelism across nodes on Kubernetes (issue 12, item 8): `build.manifests --nodes N` writes a
-LeaderWorkerSet group per replica whose leader starts every rank with one mpirun (`launch_gpu --lws
+LeaderWorkerSet group per replica whose leader starts every rank with one mpirun (`launcher.gpu --lws
 --rsh-agent internvl-kube-exec`), the pattern of NVIDIA's multi-node TensorRT-LLM Kubernetes tutorial
 (triton-inference-server/tutorials Deployment/Kubernetes/TensorRT-LLM_Multi-Node_Distributed_Models:
 `mpirun -mca plm_rsh_agent kubessh ... --host <pods>`). Nothing here ran on a cluster."""
@@ -19,8 +19,8 @@ import yaml
 from build.manifests import LWS_WORKER_INDEX
 from tests.doc_commands import module_invocations, parse_exactly
 from tests.test_deploy_images import IMAGES, _one
-from triton_repo import kube_exec
-from triton_repo.launch_gpu import lws_hosts, server_command
+from launcher import kube_exec
+from launcher.gpu import lws_hosts, server_command
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATE = Path(sys.executable).with_name("kubernetes-validate")
@@ -79,14 +79,14 @@ def test_the_leader_runs_the_images_build_then_every_rank_through_the_pods(group
     env = {e["name"]: e["value"] for e in leader["env"]}
     line = leader["command"][2].replace("$BUILD_ARGS", env["BUILD_ARGS"]).replace('"$MODEL"', env["MODEL"]).replace('"$OUT"', env["OUT"])
     (build_module, build_args), (launch_module, launch_args) = module_invocations(line)
-    assert (build_module, launch_module) == ("build.repository", "triton_repo.launch_gpu")
+    assert (build_module, launch_module) == ("build.repository", "launcher.gpu")
     for module, args in ((build_module, build_args), (launch_module, launch_args)):
         parse_exactly(module, args)
     image = json.loads(_one(IMAGES["gpu"], "CMD"))[2]
     assert leader["command"][2].split(" && ")[0] == image.split(" && ")[0]  # the image's own build
     assert {"--lws", "--rsh-agent"} <= set(launch_args) and "internvl-kube-exec" in launch_args
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["internvl-kube-exec"] == "triton_repo.kube_exec:main"
+    assert scripts["internvl-kube-exec"] == "launcher.kube_exec:main"
 
 
 def test_the_leaders_pods_exec_rights_and_service(group):

@@ -18,7 +18,7 @@ from engine.reasoning import THINK_END, THINK_START
 from openai_api.server import running_server
 from openai_api.settings import Settings
 from tests.thinking_checkpoint import thinking_checkpoint
-from triton_repo.server import TritonServer, free_port
+from launcher.server import TritonServer, free_port
 
 IMAGE = synthetic_image(21, 500, 300, "PNG")
 QUESTION = "Describe the image."

@@ -12,14 +12,14 @@ import time
 import pytest
 
 from build.repository import build
-from triton_repo.server import TritonServer, free_port
+from launcher.server import TritonServer, free_port
 
 
 def test_serve_command_is_ready_then_stops_cleanly_on_sigterm(tiny, tmp_path):
     build(tiny, tmp_path)
     ports = [str(free_port()) for _ in range(3)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "triton_repo.server", "--out", str(tmp_path), "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
+        [sys.executable, "-m", "launcher.server", "--out", str(tmp_path), "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

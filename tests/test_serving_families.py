@@ -15,7 +15,7 @@ from build.settings import BuildSettings
 from client.synthetic import synthetic_image
 from client.triton_client import InternVLClient
 from engine.pipeline import Pipeline
-from triton_repo.server import TritonServer, free_port
+from launcher.server import TritonServer, free_port
 
 IMAGES = [synthetic_image(11, 640, 400, "PNG"), synthetic_image(12, 300, 500, "JPEG")]
 REQUESTS = [  # (question, images, max tokens)

@@ -37,7 +37,7 @@ def _ttft_race(checkpoint: Path, repo: Path, images: list[bytes], max_tiles: int
     from build.repository import build
     from client.triton_client import InternVLClient
     from engine.pipeline import Pipeline
-    from triton_repo.server import TritonServer, free_port
+    from launcher.server import TritonServer, free_port
 
     log(f"triton: building the repository for {checkpoint.name} into {repo}")
     with contextlib.redirect_stdout(io.StringIO()):

@@ -8,7 +8,7 @@ whose sequence fails gets its own error response; the others run on.
 Cancellation: Triton cancels a composing model's request only when the ensemble schedules it after
 the client cancelled (core src/ensemble_scheduler/ensemble_scheduler.cc), never a decoupled step
 already running, so a client that goes away sends `stop` (TensorRT-LLM's tensorrt_llm input of that
-name) with its request id straight to this model (client/triton_client.py stop_request).
+name) with its request id straight to this model (engine/protocol.py stop_request).
 """
 
 import uuid

@@ -1,6 +1,6 @@
 """Start tritonserver on a GPU build (`make build TARGET=gpu`), one process per TensorRT-LLM rank.
 
-    python -m triton_repo.launch_gpu --out <build dir> [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+    python -m launcher.gpu --out <build dir> [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
         [--tritonserver /opt/tritonserver/bin/tritonserver] [--print-only]
 
 World size = tp_size × pp_size of the build. With 1 rank it runs tritonserver; with more it runs
@@ -13,7 +13,7 @@ through the tensorrt_llm model's gpu_device_ids (build flag --llm-gpus).
 Across nodes (`--hosts`, or `--lws` inside a LeaderWorkerSet, whose leader and worker pods are
 `<name>-<group>` and `<name>-<group>-<i>` under the LeaderWorkerSet's headless service): ranks are
 placed on the hosts in order, ranks_per_node slots each (`mpirun --host h:slots,...`), and mpirun
-reaches the other pods through `--rsh-agent` (`internvl-kube-exec`, triton_repo/kube_exec.py) — the
+reaches the other pods through `--rsh-agent` (`internvl-kube-exec`, launcher/kube_exec.py) — the
 form of NVIDIA's multi-node TensorRT-LLM Kubernetes tutorial. Every pod mounts the same build.
 """
 
@@ -25,8 +25,8 @@ import os
 from pathlib import Path
 
 from build.settings import HelpFormatter
+from launcher.server import LaunchError, check_ports
 from triton_repo import allocator
-from triton_repo.server import LaunchError, check_ports
 
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"  # in the NGC tritonserver containers
 
@@ -81,7 +81,7 @@ def server_command(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m triton_repo.launch_gpu", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m launcher.gpu", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="build directory (make build TARGET=gpu OUT=...)")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP endpoint (KServe v2, generate)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC endpoint (KServe v2, streaming)")

@@ -1,6 +1,6 @@
 """Start the real `tritonserver` (from the nvidia-pytriton wheel) on a generated model repository.
 
-    python -m triton_repo.server --out artifacts/build [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+    python -m launcher.server --out artifacts/build [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
 
 On CPU machines the wheel's server has only the python backend; the NGC
 `tritonserver:<yy.mm>-trtllm-python-py3` container loads the same repository layout. Two things
@@ -37,7 +37,7 @@ import urllib.request
 from pathlib import Path
 
 from build.settings import HelpFormatter
-from openai_api.process import OpenAIProcess
+from launcher.openai_process import OpenAIProcess
 from triton_repo import allocator
 
 SHARED_MEMORY = Path("/dev/shm")
@@ -346,7 +346,7 @@ def refuse_gpu_build(out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m triton_repo.server", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m launcher.server", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="build directory (make build OUT=...)")
     parser.add_argument("--address", default="127.0.0.1", help="address the HTTP and gRPC endpoints listen on")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP endpoint (KServe v2, generate)")
