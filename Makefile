@@ -66,7 +66,7 @@ bench-components: setup
 
 SERVER := $(if $(filter gpu,$(TARGET)),launcher.gpu --tritonserver $(TRITONSERVER),launcher.server)
 serve: setup
-	$(PY) -m $(SERVER) --out $(OUT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(if $(filter gpu,$(TARGET)),,--openai-port $(OPENAI_PORT))
+	$(PY) -m $(SERVER) --out $(OUT) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --openai-port $(OPENAI_PORT)
 
 # Kubernetes manifests (OUT/k8s/*.yaml) for MODEL, with the same TARGET and BUILD_ARGS as `make build`;
 # DEPLOY_ARGS adds manifest flags (python -m build.manifests --help), e.g. --image, --replicas.

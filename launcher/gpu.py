@@ -1,7 +1,7 @@
 """Start tritonserver on a GPU build (`make build TARGET=gpu`), one process per TensorRT-LLM rank.
 
     python -m launcher.gpu --out <build dir> [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
-        [--tritonserver /opt/tritonserver/bin/tritonserver] [--print-only]
+        [--openai-port 9000] [--tritonserver /opt/tritonserver/bin/tritonserver] [--print-only]
 
 World size = tp_size × pp_size of the build. With 1 rank it runs tritonserver; with more it runs
 one MPMD `mpirun` in TensorRT-LLM's leader mode, as TensorRT-LLM's
@@ -15,6 +15,9 @@ Across nodes (`--hosts`, or `--lws` inside a LeaderWorkerSet, whose leader and w
 placed on the hosts in order, ranks_per_node slots each (`mpirun --host h:slots,...`), and mpirun
 reaches the other pods through `--rsh-agent` (`internvl-kube-exec`, launcher/kube_exec.py) — the
 form of NVIDIA's multi-node TensorRT-LLM Kubernetes tutorial. Every pod mounts the same build.
+
+With --openai-port the OpenAI-compatible server runs beside it (launcher/supervise.py), as
+`make serve` does on CPU; without, the server command replaces this process.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from build.settings import HelpFormatter
+from launcher.openai_process import OpenAIProcess
 from launcher.server import LaunchError, check_ports
+from launcher.supervise import serve_with_openai
 from triton_repo import allocator
 
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"  # in the NGC tritonserver containers
@@ -86,6 +92,8 @@ def main() -> None:
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP endpoint (KServe v2, generate)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC endpoint (KServe v2, streaming)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics")
+    parser.add_argument("--openai-port", type=int, default=0, help="also serve the OpenAI-compatible API (python -m openai_api) on this port; 0 = no")
+    parser.add_argument("--openai-address", default="127.0.0.1", help="address the OpenAI-compatible API listens on (it has no API key unless INTERNVL_API_KEY is set)")
     parser.add_argument("--tritonserver", default=TRITONSERVER, help="the server binary (the container's)")
     parser.add_argument("--hosts", type=lambda s: [h for h in s.split(",") if h], help="nodes of a multi-node build, leader (this one) first (default: this node only)")
     parser.add_argument("--lws", action="store_true", help="the nodes are this LeaderWorkerSet group's pods (LWS_* variables)")
@@ -98,13 +106,17 @@ def main() -> None:
             args.out, world_size(args.out), args.http_port, args.grpc_port, args.metrics_port, args.tritonserver, hosts, args.rsh_agent
         )
         if not args.print_only:  # tritonserver finds a taken port only after loading the engines
-            check_ports("0.0.0.0", {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port})
+            ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
+            check_ports("0.0.0.0", {**ports, **({"--openai-port": args.openai_port} if args.openai_port else {})})
     except (ValueError, LaunchError) as error:
         parser.exit(2, f"error: {error}\n")
     if args.print_only:
         print(" ".join(command))
         return
     env = {**os.environ, **allocator.server_environment(), "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)}
+    if args.openai_port:
+        openai = OpenAIProcess(f"127.0.0.1:{args.grpc_port}", args.openai_address, args.openai_port)
+        sys.exit(serve_with_openai(command, env, args.http_port, openai))
     os.execvpe(command[0], command, env)  # the server (or mpirun) replaces this process
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -51,3 +52,9 @@ def assert_ensemble_wired(configs: dict[str, model_config_pb2.ModelConfig], ense
         consumed.add(output.name)
     produced = {v for step in ensemble.ensemble_scheduling.step for v in step.output_map.values()}
     assert produced <= consumed, f"produced but never consumed: {produced - consumed}"
+
+
+def metric_value(server, name: str) -> float:
+    """The sum of a Prometheus metric's samples (every label set) on a running TritonServer."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))

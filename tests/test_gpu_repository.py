@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 
 import numpy as np
 import pytest
@@ -20,8 +21,8 @@ from engine.protocol import stop_words_list
 from engine.sampling_params import MIN_TEMPERATURE
 from engine.tokenizer import TextTokenizer
 from engine.trtllm_request import finish_reason, image_key, response_tokens, tensorrt_llm_inputs
-from tests.repository_checks import assert_ensemble_wired, full_dims, parse_configs
 from launcher.gpu import server_command, world_size
+from tests.repository_checks import assert_ensemble_wired, full_dims, metric_value, parse_configs
 
 MODELS = TARGET_MODELS["gpu"]
 TYPE = {"float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
@@ -392,8 +393,9 @@ def test_gpu_llm_wrapper_through_tritonserver(wrapper_server, tiny, streaming):
 
 
 def test_gpu_llm_wrapper_stop_request_ends_the_stream_with_that_request_id(wrapper_server, tiny):
-    """A client that goes away sends the llm a `stop` request with its request id (client/triton_client.py
-    stop_request): the wrapper cancels its BLS stream to tensorrt_llm and ends the request."""
+    """A client that goes away sends the llm a `stop` request with its request id (engine/protocol.py
+    stop_request): the wrapper cancels its BLS stream to tensorrt_llm and ends the request, and counts
+    it as the CPU llm does (internvl_llm_requests_in_flight, internvl_llm_aborted_total)."""
     import queue
     import threading
 
@@ -416,8 +418,10 @@ def test_gpu_llm_wrapper_stop_request_ends_the_stream_with_that_request_id(wrapp
     client.start_stream(callback=lambda result, error: received.put(error or result))
     long = _llm_request(config, tiles=0, streaming=True, output_len=2000)
     client.async_stream_infer("llm", tensors(long.items()), request_id="to-stop", enable_empty_final_response=True)
+    aborted = metric_value(wrapper_server, "internvl_llm_aborted_total")
     for _ in range(3):
         assert received.get(timeout=60).get_response().outputs
+    assert metric_value(wrapper_server, "internvl_llm_requests_in_flight") == 1
     model, inputs, request_id = stop_request("to-stop")
     stopper = grpcclient.InferenceServerClient(wrapper_server.grpc_url)
     stopped = threading.Event()
@@ -436,6 +440,11 @@ def test_gpu_llm_wrapper_stop_request_ends_the_stream_with_that_request_id(wrapp
     client.stop_stream()
     stopper.stop_stream()
     assert tokens < 1000  # ended long before its 2000 tokens (20 s at the double's pace)
+    deadline = time.monotonic() + 5
+    while metric_value(wrapper_server, "internvl_llm_requests_in_flight") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric_value(wrapper_server, "internvl_llm_requests_in_flight") == 0
+    assert metric_value(wrapper_server, "internvl_llm_aborted_total") == aborted + 1
     # The BLS ResponseIterator.cancel() the wrapper calls came with python_backend #398 (2025-04, Triton
     # 25.05); the GPU container (26.04) has it, the CPU machines' Triton 2.51 (24.10) does not.
     assert error is None or "ResponseIterator' object has no attribute 'cancel'" in error, error

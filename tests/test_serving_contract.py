@@ -22,6 +22,7 @@ from engine.pipeline import Pipeline
 from engine.protocol import is_request_error
 from openai_api.server import running_server
 from openai_api.settings import Settings
+from tests.repository_checks import metric_value
 
 IMAGES = [synthetic_image(11, 640, 400, "PNG"), synthetic_image(12, 300, 800, "JPEG")]
 
@@ -185,12 +186,6 @@ def test_every_bad_request_gets_its_error_while_concurrent_good_ones_succeed(ser
     assert client.chat(*good, max_tokens=24) == expected
 
 
-def _metric(server, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)]
-    return sum(values)
-
-
 def _openai_stream(url: str):
     """Lines of a streamed chat completion over plain HTTP (closing it drops the connection)."""
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 3000, "stream": True}
@@ -204,7 +199,7 @@ def _openai_stream(url: str):
 
 @pytest.mark.parametrize("via", ["grpc", "openai-sse"])
 def test_a_client_that_goes_away_frees_its_engine_slot_within_a_second(server, via):
-    aborted = _metric(server, "internvl_llm_aborted_total")
+    aborted = metric_value(server, "internvl_llm_aborted_total")
     with running_server(Settings(triton_url=server.grpc_url, port=0, served_model_name="tiny")) as url:
         if via == "grpc":
             stream = InternVLClient(server.grpc_url).stream("Tell me a very long story.", keep_empty=True, max_tokens=3000)
@@ -212,7 +207,7 @@ def test_a_client_that_goes_away_frees_its_engine_slot_within_a_second(server, v
             stream = _openai_stream(url)
         for _ in range(4):
             next(stream)
-        assert _metric(server, "internvl_llm_requests_in_flight") == 1
+        assert metric_value(server, "internvl_llm_requests_in_flight") == 1
         stream.close()  # drops the gRPC stream / the HTTP connection
         closed = time.monotonic()
         _wait_until_freed(server, aborted, closed)
@@ -220,7 +215,7 @@ def test_a_client_that_goes_away_frees_its_engine_slot_within_a_second(server, v
 
 def _wait_until_freed(server, aborted: float, closed: float) -> None:
     while time.monotonic() - closed < 1.0:
-        if _metric(server, "internvl_llm_aborted_total") == aborted + 1 and _metric(server, "internvl_llm_requests_in_flight") == 0:
+        if metric_value(server, "internvl_llm_aborted_total") == aborted + 1 and metric_value(server, "internvl_llm_requests_in_flight") == 0:
             return
         time.sleep(0.05)
     raise AssertionError("the request still holds its engine slot one second after its client went away")

@@ -24,6 +24,7 @@ from engine.protocol import stop_sequences
 from engine.sampling_params import SamplingParams, check_context
 from triton_repo import allocator, pb
 from triton_repo.metric_lock import MetricLock
+from triton_repo.request_metrics import RequestMetrics
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -43,28 +44,14 @@ class TritonPythonModel:
             max_seq_len=int(params["max_seq_len"]),
         )
         self.max_seq_len = engine.max_seq_len
-        self.families = [  # must outlive their metrics
-            pb_utils.MetricFamily(
-                name="internvl_llm_steps_total",
-                description="engine steps by the number of sequences they ran together",
-                kind=pb_utils.MetricFamily.COUNTER,
-            ),
-            pb_utils.MetricFamily(
-                name="internvl_llm_aborted_total",
-                description="requests ended because their client cancelled or went away",
-                kind=pb_utils.MetricFamily.COUNTER,
-            ),
-            pb_utils.MetricFamily(
-                name="internvl_llm_requests_in_flight",
-                description="requests holding an engine slot (waiting or running, KV cache allocated or pending)",
-                kind=pb_utils.MetricFamily.GAUGE,
-            ),
-        ]
-        self.step_metric = {
-            n: self.families[0].Metric(labels={"batch_size": str(n)}) for n in range(1, engine.max_batch_size + 1)
-        }
-        self.aborted, self.in_flight = self.families[1].Metric(), self.families[2].Metric()
         self.metrics = MetricLock()  # updated from execute and from the engine loop's thread
+        self.requests = RequestMetrics(self.metrics)
+        self.steps = pb_utils.MetricFamily(  # must outlive its metrics
+            name="internvl_llm_steps_total",
+            description="engine steps by the number of sequences they ran together",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.step_metric = {n: self.steps.Metric(labels={"batch_size": str(n)}) for n in range(1, engine.max_batch_size + 1)}
         self.runner = EngineRunner(engine, on_step=lambda n: self.metrics.increment(self.step_metric[n], 1))
 
     def execute(self, requests):
@@ -78,22 +65,20 @@ class TritonPythonModel:
                 ids, table, params, streaming = self._parse(request)
                 echo = pb.stream_echo(request, request_id, len(ids))
                 stream = _Stream(sender, streaming, echo, self.dtypes, self._finished)
-                self.metrics.increment(self.in_flight, 1)  # before submit: the final event may come first
+                self.requests.started()  # before submit: the final event may come first
                 try:
                     self.runner.submit(
                         request_id, ids, table, params, stream.on_event, sender.is_cancelled, request.request_id() or None
                     )
                 except Exception:
-                    self.metrics.increment(self.in_flight, -1)
+                    self.requests.failed_to_start()
                     raise
             except Exception as error:  # noqa: BLE001 — this request fails alone
                 sender.send(pb.error_response(error), flags=FINAL)
         return None
 
     def _finished(self, finish_reason: str) -> None:
-        self.metrics.increment(self.in_flight, -1)
-        if finish_reason == "abort":
-            self.metrics.increment(self.aborted, 1)
+        self.requests.finished(aborted=finish_reason == "abort")
 
     def _parse(self, request):
         ids = pb.item(request, "input_ids")

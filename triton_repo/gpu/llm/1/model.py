@@ -18,6 +18,8 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 from engine.config import ModelConfig
 from engine.trtllm_request import finish_reason, image_key, response_tokens, tensorrt_llm_inputs
 from triton_repo import pb
+from triton_repo.metric_lock import MetricLock
+from triton_repo.request_metrics import RequestMetrics
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 INPUTS = (
@@ -35,6 +37,7 @@ class TritonPythonModel:
         self.max_seq_len = int(params["max_seq_len"])
         self.stops: dict[str, list[threading.Event]] = {}  # Triton request id -> its live requests' stop flags
         self.stops_lock = threading.Lock()
+        self.requests = RequestMetrics(MetricLock())  # updated from every request's thread
 
     def execute(self, requests):
         for request in requests:
@@ -58,15 +61,25 @@ class TritonPythonModel:
         stop, request_id = threading.Event(), request.request_id()
         with self.stops_lock:
             self.stops.setdefault(request_id, []).append(stop)
+
+        def cancelled() -> bool:
+            return stop.is_set() or sender.is_cancelled()
+
+        self.requests.started()
+        aborted = False
         try:
-            self._generate(request, sender, lambda: stop.is_set() or sender.is_cancelled())
+            aborted = self._generate(request, sender, cancelled)
         finally:
+            self.requests.finished(aborted)
             with self.stops_lock:
                 self.stops[request_id].remove(stop)
                 if not self.stops[request_id]:
                     del self.stops[request_id]
 
-    def _generate(self, request, sender, cancelled):
+    def _generate(self, request, sender, cancelled) -> bool:
+        """Serves the request; -> whether it was cancelled. After the FINAL response the sender is
+        freed: calling sender.is_cancelled() then crashes tritonserver (SIGSEGV in
+        TRITONBACKEND_ResponseFactoryIsCancelled, Triton 2.51)."""
         try:
             item = {name: value for name in INPUTS if (value := pb.item(request, name, required=False)) is not None}
             echo = pb.stream_echo(request, uuid.uuid4().hex, len(item["input_ids"]))
@@ -103,9 +116,12 @@ class TritonPythonModel:
                     collected.append(tokens)
             if cancelled():
                 sender.send(flags=FINAL)
-            else:
-                tokens = np.concatenate([np.zeros(0, np.int32), *collected])
-                reason = finish_reason(generated, requested)
-                sender.send(pb.llm_response(self.dtypes, tokens, reason, echo), flags=FINAL)
+                return True
+            tokens = np.concatenate([np.zeros(0, np.int32), *collected])
+            reason = finish_reason(generated, requested)
+            sender.send(pb.llm_response(self.dtypes, tokens, reason, echo), flags=FINAL)
+            return False
         except Exception as error:  # noqa: BLE001 — this request fails alone
+            aborted = cancelled()
             sender.send(pb.error_response(error), flags=FINAL)
+            return aborted
