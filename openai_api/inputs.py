@@ -1,15 +1,24 @@
 """A chat completion request -> the ensemble's input fields. Value ranges are checked with the rules
-Triton applies (engine/sampling_params.py), plus top_p > 0: in the OpenAI API top_p 0 is not "off"."""
+Triton applies (engine/sampling_params.py), plus top_p > 0 (in the OpenAI API top_p 0 is not "off")
+and every float field finite in float32, the type Triton receives it as."""
 
 from __future__ import annotations
 
 import json
+import math
+
+import numpy as np
 
 from engine.sampling_params import SamplingParamError, SamplingParams
 from openai_api.conversation import Conversation
 from openai_api.errors import bad_request
 from openai_api.schema import ChatCompletionRequest
 from openai_api.triton import Fields
+
+
+# Every float field travels to Triton as FP32: a finite JSON number beyond float32's range arrives as inf.
+FP32_FIELDS = tuple(name for name, field in ChatCompletionRequest.model_fields.items() if field.annotation in (float, float | None))
+FP32_MAX = float(np.finfo(np.float32).max)
 
 
 def max_tokens(body: ChatCompletionRequest) -> int | None:
@@ -20,6 +29,9 @@ def check_values(body: ChatCompletionRequest) -> None:
     """Raises a 400 APIError naming the field whose value is out of range."""
     if body.n is not None and body.n != 1:
         raise bad_request(f"n must be 1 (one choice per request), got {body.n}", "n")
+    for field in FP32_FIELDS:
+        if (value := getattr(body, field)) is not None and not (math.isfinite(value) and abs(value) <= FP32_MAX):
+            raise bad_request(f"{field} must be a finite number within float32's range (|x| ≤ {FP32_MAX:.6g}), got {value}", field)
     if body.top_p is not None and not 0 < body.top_p <= 1:
         raise bad_request(f"top_p must be in (0, 1], got {body.top_p}", "top_p")
     for field in ("max_tokens", "max_completion_tokens", "top_k"):  # INT32 inputs
