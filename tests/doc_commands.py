@@ -90,9 +90,9 @@ def _runnable_module(name: str) -> bool:
 def module_ref(span: str) -> str | None:
     """`build.trt_vision` or `build/export_vision.py …` names a runnable module of this project."""
     name = None
-    if re.fullmatch(r"(build|client|triton_repo)\.\w+(\.\w+)?", span):
+    if re.fullmatch(r"(build|client|triton_repo|launcher)\.\w+(\.\w+)?", span):
         name = span
-    elif match := re.fullmatch(r"(build|client|triton_repo)/(\w+)\.py", span.split()[0]):
+    elif match := re.fullmatch(r"(build|client|triton_repo|launcher)/(\w+)\.py", span.split()[0]):
         name = f"{match[1]}.{match[2]}"
     return name if name and _runnable_module(name) else None
 
@@ -312,7 +312,7 @@ def check_make(argv: list[str], synopsis: bool) -> set[str]:
 
 
 def _launcher():
-    from triton_repo import server
+    from launcher import server
 
     return server
 
