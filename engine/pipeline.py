@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import weakref
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,11 +63,14 @@ class Pipeline:
         self.vision = vision_encoder
         self.llm = llm
         self.runner = EngineRunner(llm)
+        # the engine thread references the runner, never the Pipeline: a Pipeline dropped without
+        # close() is still collected, and collecting it stops the thread, which frees the model
+        self._close_runner = weakref.finalize(self, self.runner.close)
         self._request_ids = itertools.count()
 
     def close(self) -> None:
-        """Stops the engine loop's thread (it is a daemon thread: exiting without close is fine)."""
-        self.runner.close()
+        """Stops the engine loop's thread (also done when the Pipeline is garbage-collected)."""
+        self._close_runner()
 
     def __enter__(self) -> Pipeline:
         return self

@@ -24,6 +24,7 @@ from engine.config import ConfigError, ModelConfig
 from engine.pipeline import Pipeline
 from engine.vision import TorchVisionEncoder
 from tests import reference_chat, reference_custom_chat, reference_preprocess
+from tests.pipelines import pipelines  # noqa: F401
 
 MAX_NEW = 12
 MIN_MARGIN = 1e-3
@@ -82,11 +83,6 @@ def _edited_copy(src: Path, dst: Path, edits: dict, drop: tuple[str, ...] = ()) 
     return dst
 
 
-@cache
-def _pipeline(path, backend) -> Pipeline:
-    return Pipeline.from_pretrained(path, vision_backend=backend)
-
-
 def _reference(path, question, keys, max_tiles, history=None, system=SYSTEM, use_thumbnail=True):
     ref = reference_custom_chat.model(path)
     size = ref.config.get("force_image_size") or ref.config["vision_config"]["image_size"]
@@ -110,12 +106,12 @@ def _reference_case(path, case):
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_greedy_reply_matches_the_custom_chat_port(custom_checkpoints, variant, backend, case):
+def test_greedy_reply_matches_the_custom_chat_port(custom_checkpoints, pipelines, variant, backend, case):
     path = custom_checkpoints(variant)
     question, keys, max_tiles = CASES[case]
     expected, margin, expected_question = _reference_case(path, case)
     assert margin > MIN_MARGIN, f"reference top-1/top-2 margin {margin} too small for an exact-token test"
-    result = _pipeline(path, backend).generate(question, [IMAGES[k] for k in keys], max_new_tokens=MAX_NEW, max_tiles=max_tiles)
+    result = pipelines(path, backend).generate(question, [IMAGES[k] for k in keys], max_new_tokens=MAX_NEW, max_tiles=max_tiles)
     assert result.token_ids == expected
     assert result.question == expected_question
     assert result.text == reference_custom_chat.model(path).reply(expected, "<|im_end|>\n")
@@ -123,9 +119,9 @@ def test_greedy_reply_matches_the_custom_chat_port(custom_checkpoints, variant, 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_second_turn_matches_the_custom_chat_port(custom_checkpoints, variant, backend):
+def test_second_turn_matches_the_custom_chat_port(custom_checkpoints, pipelines, variant, backend):
     path = custom_checkpoints(variant)
-    pipe = _pipeline(path, backend)
+    pipe = pipelines(path, backend)
     images = [IMAGES["a"], IMAGES["c"]]
     first, history = pipe.chat("<image>\n<image>\nDescribe both.", images, max_new_tokens=MAX_NEW, max_tiles=2, return_history=True)
     expected_first, _, _ = _reference(path, "<image>\n<image>\nDescribe both.", ("a", "c"), 2)
@@ -138,13 +134,13 @@ def test_second_turn_matches_the_custom_chat_port(custom_checkpoints, variant, b
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_reference_reply_depends_on_image_and_prompt(custom_checkpoints, variant):
+def test_reference_reply_depends_on_image_and_prompt(custom_checkpoints, pipelines, variant):
     """Guards the parity tests: a port that ignored its image or prompt would match trivially."""
     path = custom_checkpoints(variant)
     assert _reference_case(path, "one_image")[0] != _reference(path, CASES["one_image"][0], ("c",), 6)[0]
     replies = [_reference(path, q, (), 6, system=SHORT_SYSTEM)[0] for q in ("Hello, who are you?", "What color is the sky?")]
     assert replies[0] != replies[1]
-    got = _pipeline(path, "torch").generate("What color is the sky?", system_message=SHORT_SYSTEM, max_new_tokens=MAX_NEW)
+    got = pipelines(path, "torch").generate("What color is the sky?", system_message=SHORT_SYSTEM, max_new_tokens=MAX_NEW)
     assert got.token_ids == replies[1]
 
 
@@ -179,7 +175,8 @@ def test_class_defaults_apply_when_fields_are_absent(custom_checkpoints, tmp_pat
 
     expected, margin, _ = _reference(path, "Describe the image in detail.", ("a",), 1, use_thumbnail=False)
     assert margin > MIN_MARGIN
-    assert Pipeline.from_pretrained(path, vision_backend="torch").generate("Describe the image in detail.", [IMAGES["a"]], max_new_tokens=MAX_NEW).token_ids == expected
+    with Pipeline.from_pretrained(path, vision_backend="torch") as pipe:
+        assert pipe.generate("Describe the image in detail.", [IMAGES["a"]], max_new_tokens=MAX_NEW).token_ids == expected
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from client.synthetic import synthetic_image
-from engine.pipeline import Pipeline
+from engine.config import ModelConfig
 from tests import reference_chat, reference_preprocess
 from tests.conftest import LLM_FAMILIES
+from tests.pipelines import pipelines  # noqa: F401
 
 MAX_NEW = 12
 SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -36,16 +37,11 @@ CASES = {
 }
 
 
-@cache
-def _pipeline(path, backend) -> Pipeline:
-    return Pipeline.from_pretrained(path, vision_backend=backend)
-
-
 def _reference(path, question, image_keys, max_tiles, history=None, template="internvl2_5", system=SYSTEM):
     tiles = [reference_preprocess.load_image(io.BytesIO(IMAGES[k]), max_num=max_tiles).numpy() for k in image_keys]
     query, question = reference_chat.chat_query(template, system, question, [len(t) for t in tiles], history)
     pixel_values = np.concatenate(tiles) if tiles else None
-    stop = _pipeline(path, "torch").config.stop_token_id
+    stop = ModelConfig.from_pretrained(path).stop_token_id
     tokens, margin = reference_chat.generate(path, query, pixel_values, stop, MAX_NEW)
     return tokens, margin, question
 
@@ -59,13 +55,13 @@ def _reference_cached(path, case):
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 @pytest.mark.parametrize("family", LLM_FAMILIES)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_greedy_generate_matches_transformers(checkpoints, family, backend, case):
+def test_greedy_generate_matches_transformers(checkpoints, pipelines, family, backend, case):
     path = checkpoints[family]
     question, keys, max_tiles = CASES[case]
     expected, margin, expected_question = _reference_cached(path, case)
     assert margin > MIN_MARGIN, f"reference top-1/top-2 margin {margin} too small for an exact-token test"
 
-    result = _pipeline(path, backend).generate(
+    result = pipelines(path, backend).generate(
         question, [IMAGES[k] for k in keys], max_new_tokens=MAX_NEW, max_tiles=max_tiles
     )
     assert result.token_ids == expected
@@ -76,9 +72,9 @@ def test_greedy_generate_matches_transformers(checkpoints, family, backend, case
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 @pytest.mark.parametrize("family", LLM_FAMILIES)
-def test_second_turn_with_history_matches_transformers(checkpoints, family, backend):
+def test_second_turn_with_history_matches_transformers(checkpoints, pipelines, family, backend):
     path = checkpoints[family]
-    pipe = _pipeline(path, backend)
+    pipe = pipelines(path, backend)
     images = [IMAGES["a"], IMAGES["c"]]
     first, history = pipe.chat(
         "<image>\n<image>\nDescribe both.", images, max_new_tokens=MAX_NEW, max_tiles=4, return_history=True
@@ -97,7 +93,7 @@ def test_second_turn_with_history_matches_transformers(checkpoints, family, back
 
 
 @pytest.mark.parametrize("family", LLM_FAMILIES)
-def test_reference_output_depends_on_image_and_prompt(checkpoints, family):
+def test_reference_output_depends_on_image_and_prompt(checkpoints, pipelines, family):
     """Guards the parity tests: a model that ignored its image or prompt would match trivially.
 
     Prompt sensitivity is shown on text-only prompts with a short system message: in a random
@@ -109,10 +105,10 @@ def test_reference_output_depends_on_image_and_prompt(checkpoints, family):
     image_a, _, _ = _reference_cached(path, "one_image")
     image_c, _, _ = _reference(path, CASES["one_image"][0], ("c",), 12)
     assert image_a != image_c
-    stop = _pipeline(path, "torch").config.stop_token_id
+    stop = pipelines(path, "torch").config.stop_token_id
     replies = []
     for question in ("Hello, who are you?", "What color is the sky?"):
         query, _ = reference_chat.chat_query("internvl2_5", SHORT_SYSTEM, question, [])
         replies.append(reference_chat.generate(path, query, None, stop, MAX_NEW)[0])
-        assert _pipeline(path, "torch").generate(question, system_message=SHORT_SYSTEM, max_new_tokens=MAX_NEW).token_ids == replies[-1]
+        assert pipelines(path, "torch").generate(question, system_message=SHORT_SYSTEM, max_new_tokens=MAX_NEW).token_ids == replies[-1]
     assert replies[0] != replies[1]

@@ -24,9 +24,9 @@ from build.checkpoint import generate
 from client.synthetic import synthetic_image
 from engine.config import ConfigError, ModelConfig
 from engine.llm.model import DecoderLM
-from engine.pipeline import Pipeline
 from engine.weights import load_weights
 from tests import reference_chat, reference_custom_chat, reference_preprocess
+from tests.pipelines import pipelines  # noqa: F401
 
 MAX_NEW = 12
 MIN_MARGIN = 1e-3
@@ -58,11 +58,6 @@ def internlm2_dynamic(internlm2, tmp_path_factory):
     config["llm_config"].update(rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=2048)
     (dst / "config.json").write_text(json.dumps(config), encoding="utf-8")
     return dst
-
-
-@cache
-def _pipeline(path, backend) -> Pipeline:
-    return Pipeline.from_pretrained(path, vision_backend=backend)
 
 
 def _reference(path, question, keys, max_tiles, history=None, system=SYSTEM):
@@ -139,19 +134,19 @@ def test_wqkv_split_is_grouped_per_kv_head(internlm2):
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_greedy_reply_matches_the_internlm2_chat_port(internlm2, backend, case):
+def test_greedy_reply_matches_the_internlm2_chat_port(internlm2, pipelines, backend, case):
     question, keys, max_tiles = CASES[case]
     expected, margin, expected_question = _reference_case(internlm2, case)
     assert margin > MIN_MARGIN, f"reference top-1/top-2 margin {margin} too small for an exact-token test"
-    result = _pipeline(internlm2, backend).generate(question, [IMAGES[k] for k in keys], max_new_tokens=MAX_NEW, max_tiles=max_tiles)
+    result = pipelines(internlm2, backend).generate(question, [IMAGES[k] for k in keys], max_new_tokens=MAX_NEW, max_tiles=max_tiles)
     assert result.token_ids == expected
     assert result.question == expected_question
     assert result.text == reference_custom_chat.model(internlm2).reply(expected, STOP)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_second_turn_matches_the_internlm2_chat_port(internlm2, backend):
-    pipe = _pipeline(internlm2, backend)
+def test_second_turn_matches_the_internlm2_chat_port(internlm2, pipelines, backend):
+    pipe = pipelines(internlm2, backend)
     images = [IMAGES["a"], IMAGES["c"]]
     first, history = pipe.chat("<image>\n<image>\nDescribe both.", images, max_new_tokens=MAX_NEW, max_tiles=2, return_history=True)
     expected_first, _, _ = _reference(internlm2, "<image>\n<image>\nDescribe both.", ("a", "c"), 2)
@@ -163,21 +158,21 @@ def test_second_turn_matches_the_internlm2_chat_port(internlm2, backend):
 
 
 @pytest.mark.parametrize("case", ["text_only", "one_image"])
-def test_dynamic_ntk_rope_scaling_matches_the_port_within_the_context(internlm2_dynamic, case):
+def test_dynamic_ntk_rope_scaling_matches_the_port_within_the_context(internlm2_dynamic, pipelines, case):
     question, keys, max_tiles = CASES[case]
     expected, margin, _ = _reference_case(internlm2_dynamic, case)
     assert margin > MIN_MARGIN
     assert ModelConfig.from_pretrained(internlm2_dynamic).text.max_position_embeddings == 2048
-    result = _pipeline(internlm2_dynamic, "torch").generate(question, [IMAGES[k] for k in keys], max_new_tokens=MAX_NEW, max_tiles=max_tiles)
+    result = pipelines(internlm2_dynamic, "torch").generate(question, [IMAGES[k] for k in keys], max_new_tokens=MAX_NEW, max_tiles=max_tiles)
     assert result.token_ids == expected
 
 
-def test_reference_reply_depends_on_image_and_prompt(internlm2):
+def test_reference_reply_depends_on_image_and_prompt(internlm2, pipelines):
     """Guards the parity tests: a port that ignored its image or prompt would match trivially."""
     assert _reference_case(internlm2, "one_image")[0] != _reference(internlm2, CASES["one_image"][0], ("c",), 6)[0]
     replies = [_reference(internlm2, q, (), 6, system=SHORT_SYSTEM)[0] for q in ("Hello, who are you?", "What color is the sky?")]
     assert replies[0] != replies[1]
-    got = _pipeline(internlm2, "torch").generate("What color is the sky?", system_message=SHORT_SYSTEM, max_new_tokens=MAX_NEW)
+    got = pipelines(internlm2, "torch").generate("What color is the sky?", system_message=SHORT_SYSTEM, max_new_tokens=MAX_NEW)
     assert got.token_ids == replies[1]
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -19,8 +21,8 @@ def _image(seed: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def pipe(tiny) -> Pipeline:
-    return Pipeline.from_pretrained(tiny, vision_backend="onnxruntime")
-
+    with Pipeline.from_pretrained(tiny, vision_backend="onnxruntime") as pipe:
+        yield pipe
 
 
 @pytest.mark.parametrize(
@@ -175,3 +177,22 @@ def test_chats_from_several_threads_run_batched_and_each_gets_its_solo_reply(pip
 
     assert _finish_within(120, all_threads) == solo
     assert max(sizes) > 1  # they shared engine steps
+
+
+def test_a_pipeline_dropped_without_close_frees_its_model_and_stops_its_engine_thread(tiny):
+    pipe = Pipeline.from_pretrained(tiny, vision_backend="torch")
+    assert pipe.generate("Hello", max_new_tokens=2).token_ids  # the engine thread has run a request
+    thread, dropped, model = pipe.runner._thread, weakref.ref(pipe), weakref.ref(pipe.llm.model)
+    del pipe
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert dropped() is None and model() is None
+
+
+def test_with_block_closes_the_pipeline_on_exit(tiny):
+    with Pipeline.from_pretrained(tiny, vision_backend="torch") as pipe:
+        assert pipe.generate("Hello", max_new_tokens=2).token_ids
+    assert not pipe.runner._thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        pipe.generate("Hello", max_new_tokens=2)

@@ -168,3 +168,18 @@ def test_a_failing_step_observer_loses_no_event(qwen3, engine):
         assert tokens_of(events.wait()) == tokens_of(run_alone(qwen3, ids, params))
     finally:
         runner.close()
+
+
+def test_close_called_on_the_loop_thread_stops_the_loop_without_an_error(engine, runner, caplog):
+    """A Pipeline's finalizer closes its runner on whichever thread collects it, the loop's own too."""
+    final = Collector()
+
+    def close_on_first_token(event: TokenEvent) -> None:
+        runner.close()
+        final(event)
+
+    runner.submit("a", text_ids(np.random.default_rng(43), 5), None, SamplingParams(max_new_tokens=1), close_on_first_token)
+    final.wait()
+    runner._thread.join(TIMEOUT)
+    assert not runner._thread.is_alive()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -23,7 +23,8 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def pipe(tiny) -> Pipeline:
-    return Pipeline.from_pretrained(tiny, vision_backend="onnxruntime")
+    with Pipeline.from_pretrained(tiny, vision_backend="onnxruntime") as pipe:
+        yield pipe
 
 
 

@@ -21,7 +21,8 @@ HEALTHY_TOKENS = 60
 
 @pytest.fixture(scope="module")
 def pipe(tiny) -> Pipeline:
-    return Pipeline.from_pretrained(tiny, vision_backend="onnxruntime")
+    with Pipeline.from_pretrained(tiny, vision_backend="onnxruntime") as pipe:
+        yield pipe
 
 
 def _llm_request(url: str, inputs: dict[str, np.ndarray]) -> list:

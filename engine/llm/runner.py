@@ -78,7 +78,8 @@ class EngineRunner:
     def close(self, timeout: float = 10.0) -> None:
         self._closing = True
         self._wakeup.set()
-        self._thread.join(timeout)
+        if threading.current_thread() is not self._thread:  # a finalizer may run on the loop's own thread
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while not self._closing:
