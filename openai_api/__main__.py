@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Mapping
 
 from openai_api.server import serve
 from openai_api.settings import Settings
 
 DEFAULTS = Settings()
+API_KEY_ENV = "INTERNVL_API_KEY"  # one key, added to the --api-key ones (as vLLM's VLLM_API_KEY)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,13 +37,20 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-image-bytes", type=int, default=DEFAULTS.max_image_bytes, help="size limit of a fetched image, bytes")
     p.add_argument("--image-fetch-timeout", type=float, default=DEFAULTS.image_fetch_timeout, help="time limit of an image fetch, seconds")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help=f"a key clients must send as 'Authorization: Bearer KEY' on /v1/* (repeatable; {API_KEY_ENV} adds one); "
+        "none: /v1/* is open to anyone who reaches the port",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    settings = Settings(
+def settings_of(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    return Settings(
         triton_url=args.triton_url,
         triton_model=args.triton_model,
         host=args.host,
@@ -49,9 +59,14 @@ def main(argv: list[str] | None = None) -> None:
         allow_image_hosts=tuple(args.allow_image_host),
         max_image_bytes=args.max_image_bytes,
         image_fetch_timeout=args.image_fetch_timeout,
+        api_keys=(*args.api_key, *filter(None, [environ.get(API_KEY_ENV)])),
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     try:
-        serve(settings, log_level=args.log_level)
+        serve(settings_of(args, os.environ), log_level=args.log_level)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
         pass
 

@@ -15,8 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from openai_api.auth import ApiKeyCheck
 from openai_api.conversation import build_conversation
-from openai_api.errors import APIError, as_api_error
+from openai_api.errors import APIError, as_api_error, error_response
 from openai_api.images import ImageLoader
 from openai_api.inputs import check_values, ensemble_fields
 from openai_api.schema import ChatCompletionRequest
@@ -90,15 +91,17 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
 
     app = FastAPI(title="internvl-serve OpenAI-compatible API", lifespan=lifespan)
 
+    if settings.api_keys:
+        app.add_middleware(ApiKeyCheck, keys=settings.api_keys)
+
     async def api_error(request, error: Exception):
-        error = as_api_error(error)
-        return JSONResponse(error.body(), status_code=error.status)
+        return error_response(as_api_error(error))
 
     async def schema_error(request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
         where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None  # without "body"
         message = f"{where}: {first.get('msg', 'invalid request body')}" if where else first.get("msg", "invalid request body")
-        return JSONResponse(APIError(422, message, where).body(), status_code=422)
+        return error_response(APIError(422, message, where))
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, schema_error)

@@ -3,7 +3,17 @@ status in `code`; the openai SDK raises BadRequestError, NotFoundError, ... from
 
 from __future__ import annotations
 
-_TYPES = {400: "BadRequestError", 404: "NotFoundError", 422: "UnprocessableEntityError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+from starlette.responses import JSONResponse
+
+_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    413: "RequestTooLargeError",
+    422: "UnprocessableEntityError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
 
 
 class APIError(Exception):
@@ -23,3 +33,8 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 def as_api_error(error: Exception) -> APIError:
     """Anything unexpected is a 500 that still has OpenAI's error shape."""
     return error if isinstance(error, APIError) else APIError(500, f"{type(error).__name__}: {error}")
+
+
+def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error as an HTTP response (also an ASGI app, for the middlewares)."""
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MIB = 1 << 20
 
@@ -17,3 +17,4 @@ class Settings:
     allow_image_hosts: tuple[str, ...] = ()
     max_image_bytes: int = 20 * MIB
     image_fetch_timeout: float = 10.0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: /v1/* is open

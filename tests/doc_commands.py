@@ -40,8 +40,8 @@ class DocCommand:
     where: str  # file:line
     text: str  # as written (a block's continuation lines joined)
     inline: bool
-    section: tuple[str, int]  # (file, heading index)
-    unit: tuple[str, int]  # (file, paragraph / table row / list item index)
+    section: tuple[str, str, int]  # (file, "section", heading index)
+    unit: tuple[str, str, int]  # (file, "unit", paragraph / table row / list item index): never equal to a section's key
 
     @property
     def words(self) -> list[str]:
@@ -116,7 +116,7 @@ def parse_doc(path: Path) -> Doc:
         text = " ".join(line.strip() for _, line in paragraph)
         for span in re.findall(r"`([^`]+)`", text):
             span = span.strip()
-            key_unit, key_section = (name, unit), (name, section)
+            key_unit, key_section = (name, "unit", unit), (name, "section", section)
             ref = module_ref(span)
             if ref:
                 for key in (key_unit, key_section):
@@ -145,7 +145,7 @@ def parse_doc(path: Path) -> Doc:
                     continue
                 pending = (number, text.strip())
             if _complete(pending[1]):
-                doc.commands.append(DocCommand(f"{name}:{pending[0]}", pending[1], False, (name, section), (name, unit)))
+                doc.commands.append(DocCommand(f"{name}:{pending[0]}", pending[1], False, (name, "section", section), (name, "unit", unit)))
                 pending = None
             continue
         if line.startswith("#"):
