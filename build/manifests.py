@@ -2,22 +2,20 @@
 
     python -m build.manifests --model DIR --out DIR [--target cpu|gpu] [--image IMAGE] [build flags]
 
-Writes OUT/k8s/: a Deployment running the image of Dockerfile.<target> (its start command builds the
-repository with these same build flags, passed as BUILD_ARGS, then serves), with GPU requests equal
-to the GPUs the build places models on, startup / readiness / liveness probes on Triton's
-/v2/health/ready and /v2/health/live, Prometheus scrape annotations on the metrics port and a
+Writes OUT/k8s/: a Deployment running Triton in the image of Dockerfile.<target> (its start command
+builds the repository with these same build flags, passed as BUILD_ARGS, then serves), with GPU
+requests equal to the GPUs the build places models on, startup / readiness / liveness probes on
+Triton's /v2/health/ready and /v2/health/live, Prometheus scrape annotations on the metrics port and a
 memory-backed /dev/shm for the python backend; a Service for the HTTP, gRPC and metrics ports; and a
 HorizontalPodAutoscaler on Triton's per-pod pending-request gauge (nv_inference_pending_request_count,
 which needs a custom-metrics adapter such as prometheus-adapter; docs/DEPLOY.md). The checkpoint comes
 from a PersistentVolumeClaim; the build goes to an emptyDir unless --build-claim names a claim (GPU
-engines then survive restarts).
+engines then survive restarts). The OpenAI-compatible front is a Deployment and Service of its own
+(build/manifests_openai.py). Triton's pods use no Kubernetes API and mount no service account token.
 
-With --nodes N (GPU target), the TensorRT-LLM ranks span N nodes: a LeaderWorkerSet (the
-leaderworkerset.x-k8s.io/v1 API) of N pods per replica instead of the Deployment. The leader builds
-into the shared --build-claim (ReadWriteMany) and starts every rank with `launcher.gpu --lws
---rsh-agent internvl-kube-exec`; the workers mount the same build and wait; a ServiceAccount with a
-Role allowing pods/exec lets the leader's mpirun start the workers' ranks (launcher/kube_exec.py).
-The Service selects the leaders (worker index 0) and the autoscaler scales the LeaderWorkerSet.
+With --nodes N (GPU target), the TensorRT-LLM ranks span N nodes: a LeaderWorkerSet of N pods per
+replica instead of the Deployment, each with exec rights into its own pods only
+(build/manifests_multinode.py).
 """
 
 from __future__ import annotations
@@ -29,24 +27,17 @@ from pathlib import Path
 import yaml
 
 from build.gpu_memory import llm_gpu_ids
+from build.manifests_multinode import check_nodes, leader_worker_groups
+from build.manifests_openai import OPENAI_PORT, openai_front  # noqa: F401 (OPENAI_PORT: the images EXPOSE it too)
 from build.repository import check_gpu_build, refuse_gpu_flags
 from build.settings import BuildSettings, GpuSettings, HelpFormatter, add_arguments, from_arguments
 from engine.config import ModelConfig
 
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Dockerfile.cpu / Dockerfile.gpu EXPOSE and start command
-OPENAI_PORT = 9000  # the OpenAI-compatible server: a second container of the pod, from the same image (EXPOSEd)
-OPENAI_COMMAND = ["python3", "-m", "openai_api", "--triton-url", f"127.0.0.1:{PORTS['grpc']}", "--host", "0.0.0.0", "--port", str(OPENAI_PORT)]
 MODEL_MOUNT, BUILD_MOUNT = "/models/checkpoint", "/var/lib/internvl-serve/build"  # the images' MODEL and OUT
 # the first start builds the repository (GPU: TensorRT and TensorRT-LLM engines, tens of minutes)
 STARTUP_SECONDS = {"cpu": 20 * 60, "gpu": 2 * 60 * 60}
 PENDING_METRIC = "nv_inference_pending_request_count"  # Triton's per-model gauge of queued requests
-LWS_API = "leaderworkerset.x-k8s.io/v1"
-LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"  # label LeaderWorkerSet puts on its pods
-# the leader's start: Dockerfile.gpu's command, with the ranks spread over the group's pods
-LEADER_COMMAND = (
-    'python3 -m build.repository --model "$MODEL" --out "$OUT" --target gpu $BUILD_ARGS && exec python3 -m launcher.gpu '
-    '--out "$OUT" --lws --rsh-agent internvl-kube-exec --http-port 8000 --grpc-port 8001 --metrics-port 8002'
-)
 
 
 def build_flags(settings: BuildSettings, gpu: GpuSettings, target: str) -> list[str]:
@@ -69,72 +60,8 @@ def gpu_count(gpu: GpuSettings) -> int:
     return len(set(gpu.vision_gpus) | set(llm_gpu_ids(gpu)))
 
 
-def check_nodes(gpu: GpuSettings, nodes: int, build_claim: str | None) -> int:
-    """-> ranks per node; refuses what a multi-node group cannot place."""
-    if nodes < 1 or gpu.world_size % nodes:
-        raise ValueError(f"--nodes {nodes} must divide tp_size × pp_size = {gpu.world_size}")
-    if nodes > 1 and gpu.llm_gpus:
-        raise ValueError("--llm-gpus places ranks on one node; with --nodes each node's ranks use its GPUs in order")
-    if nodes > 1 and not build_claim:
-        raise ValueError("--nodes needs --build-claim: a ReadWriteMany claim every node of the group mounts (the leader builds into it)")
-    return gpu.world_size // nodes
-
-
-def multi_node(objects: dict[str, dict], gpu: GpuSettings, nodes: int) -> dict[str, dict]:
-    """The single-node manifests turned into a LeaderWorkerSet group of `nodes` pods per replica."""
-    deployment = objects.pop("deployment")
-    name, labels = deployment["metadata"]["name"], deployment["metadata"]["labels"]
-    per_node = gpu.world_size // nodes
-    leader = deployment["spec"]["template"]
-    container = leader["spec"]["containers"][0]  # triton; the openai container stays on the leader only
-    container.update(command=["bash", "-c", LEADER_COMMAND])
-    container["resources"]["limits"]["nvidia.com/gpu"] = len(set(gpu.vision_gpus) | set(range(per_node)))
-    leader["spec"]["serviceAccountName"] = name
-    worker = {"metadata": {"labels": labels}, "spec": {**leader["spec"], "containers": [dict(container)]}}
-    worker_container = worker["spec"]["containers"][0]
-    for key in ("startupProbe", "readinessProbe", "livenessProbe", "ports"):
-        worker_container.pop(key)
-    worker_container.update(command=["sleep", "infinity"], resources={**container["resources"], "limits": {**container["resources"]["limits"], "nvidia.com/gpu": per_node}})
-    objects["service"]["spec"]["selector"] = {**labels, LWS_WORKER_INDEX: "0"}
-    objects["hpa"]["spec"]["scaleTargetRef"] = {"apiVersion": LWS_API, "kind": "LeaderWorkerSet", "name": name}
-    meta = deployment["metadata"]
-    return {
-        "leaderworkerset": {
-            "apiVersion": LWS_API,
-            "kind": "LeaderWorkerSet",
-            "metadata": meta,
-            "spec": {
-                "replicas": deployment["spec"]["replicas"],
-                "leaderWorkerTemplate": {
-                    "size": nodes,
-                    "restartPolicy": "RecreateGroupOnPodRestart",  # a lost rank ends the whole mpirun job
-                    "leaderTemplate": leader,
-                    "workerTemplate": worker,
-                },
-            },
-        },
-        "serviceaccount": {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
-        "role": {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": meta,
-            "rules": [
-                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
-                {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]},
-            ],
-        },
-        "rolebinding": {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": meta,
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name}],
-        },
-        **objects,
-    }
-
-
-def manifests(name: str, image: str, target: str, settings: BuildSettings, gpu: GpuSettings, args: argparse.Namespace) -> dict[str, dict]:
+def triton(name: str, image: str, target: str, settings: BuildSettings, gpu: GpuSettings, args: argparse.Namespace) -> dict[str, dict]:
+    """-> {file stem: object}: Triton's Deployment, Service and autoscaler, all named <name>."""
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "triton"}
     probe = lambda path, **extra: {"httpGet": {"path": path, "port": "http"}, "periodSeconds": 10, **extra}  # noqa: E731
     resources = {"requests": {"cpu": args.cpu, "memory": args.memory}, "limits": {"memory": args.memory}}
@@ -160,16 +87,6 @@ def manifests(name: str, image: str, target: str, settings: BuildSettings, gpu: 
             {"name": "shm", "mountPath": "/dev/shm"},  # python-backend tensors cross processes here
         ],
     }
-    openai = {
-        "name": "openai",
-        "image": image,
-        "command": OPENAI_COMMAND,
-        "ports": [{"name": "openai", "containerPort": OPENAI_PORT}],
-        # /health is 503 until Triton's models are ready: ready then; alive while it listens
-        "readinessProbe": {"httpGet": {"path": "/health", "port": "openai"}, "periodSeconds": 10, "failureThreshold": 3},
-        "livenessProbe": {"tcpSocket": {"port": "openai"}, "periodSeconds": 10, "failureThreshold": 6},
-        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
-    }
     pod = {
         "metadata": {
             "labels": labels,
@@ -177,7 +94,8 @@ def manifests(name: str, image: str, target: str, settings: BuildSettings, gpu: 
         },
         "spec": {
             "terminationGracePeriodSeconds": 60,  # launcher.server lets in-flight requests finish on SIGTERM
-            "containers": [container, openai],
+            "automountServiceAccountToken": False,
+            "containers": [container],
             "volumes": [
                 {"name": "checkpoint", "persistentVolumeClaim": {"claimName": args.model_claim, "readOnly": True}},
                 {"name": "build", **build_volume},
@@ -199,7 +117,7 @@ def manifests(name: str, image: str, target: str, settings: BuildSettings, gpu: 
             "metadata": meta,
             "spec": {
                 "selector": labels,
-                "ports": [{"name": n, "port": p, "targetPort": n} for n, p in {**PORTS, "openai": OPENAI_PORT}.items()],
+                "ports": [{"name": n, "port": p, "targetPort": n} for n, p in PORTS.items()],
             },
         },
         "hpa": {
@@ -245,11 +163,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="checkpoint directory (checked here; the pods mount it from --model-claim)")
     parser.add_argument("--out", type=Path, required=True, help="the manifests go to OUT/k8s/")
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu", help="which image and build")
-    parser.add_argument("--name", default="internvl", help="name of the Deployment, Service and autoscaler")
+    parser.add_argument("--name", default="internvl", help="name of Triton's Deployment, Service and autoscaler; the OpenAI front's are <name>-openai")
     parser.add_argument("--image", help="container image (default internvl-serve:<target>, built from Dockerfile.<target>)")
-    parser.add_argument("--replicas", type=int, default=1, help="replicas, and the autoscaler's minimum")
-    parser.add_argument("--max-replicas", type=int, default=4, help="the autoscaler's maximum")
-    parser.add_argument("--pending-per-replica", type=int, default=8, help="autoscaler target: queued requests per replica")
+    parser.add_argument("--replicas", type=int, default=1, help="Triton replicas (with --nodes: groups), and the autoscaler's minimum")
+    parser.add_argument("--max-replicas", type=int, default=4, help="the autoscaler's maximum (single-node only)")
+    parser.add_argument("--pending-per-replica", type=int, default=8, help="autoscaler target: queued requests per replica (single-node only)")
+    parser.add_argument("--openai-replicas", type=int, default=1, help="replicas of the OpenAI-compatible front")
+    parser.add_argument("--api-key-secret", help="Secret whose key api-key the OpenAI front requires of clients (default: none, it serves anyone)")
     parser.add_argument("--model-claim", default="internvl-checkpoint", help="PersistentVolumeClaim holding the checkpoint")
     parser.add_argument("--build-claim", help="PersistentVolumeClaim for the build (default: an emptyDir, rebuilt at each start)")
     parser.add_argument("--cpu", default="2", help="CPU request per replica")
@@ -267,18 +187,22 @@ def main() -> None:
         if args.target == "gpu":
             check_gpu_build(config, gpu)
             check_nodes(gpu, args.nodes, args.build_claim)
+            autoscaler = [f"--{k.replace('_', '-')}" for k in ("max_replicas", "pending_per_replica") if getattr(args, k) != parser.get_default(k)]
+            if args.nodes > 1 and autoscaler:
+                raise ValueError(f"{', '.join(autoscaler)}: a multi-node deployment has no autoscaler, --replicas sets its groups (docs/DEPLOY.md)")
         else:
             refuse_gpu_flags(gpu)
             if args.nodes != 1:
                 raise ValueError("--nodes needs --target gpu")
-        if args.replicas < 1 or args.max_replicas < 1:
-            raise ValueError("--replicas and --max-replicas must be ≥ 1")
+        if min(args.replicas, args.max_replicas, args.openai_replicas) < 1:
+            raise ValueError("--replicas, --max-replicas and --openai-replicas must be ≥ 1")
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
     image = args.image or f"internvl-serve:{args.target}"
-    objects = manifests(args.name, image, args.target, settings, gpu, args)
+    objects = triton(args.name, image, args.target, settings, gpu, args)
     if args.nodes > 1:
-        objects = multi_node(objects, gpu, args.nodes)
+        objects = leader_worker_groups(objects, gpu, args.nodes)
+    objects |= openai_front(args.name, image, f"{args.name}:{PORTS['grpc']}", args.openai_replicas, args.api_key_secret)  # Triton's Service
     for path in write_manifests(args.out, objects):
         print(path)
 

@@ -16,6 +16,7 @@ import yaml
 from build.manifests import OPENAI_PORT, PORTS, build_flags, gpu_count
 from build.settings import BuildSettings, GpuSettings, from_arguments
 from tests.doc_commands import module_parser
+from tests.manifest_access import account, exec_rules, exec_targets, mounts_token, pod_templates
 from tests.test_deploy_images import IMAGES, _one
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,11 +44,15 @@ def generated(request, tiny, tmp_path_factory):
     return out, target, flags, gpus, _generate(tiny, out, target, flags, ["--replicas", "2", "--image", f"registry.example/internvl:{target}"])
 
 
-def test_manifests_pass_kubernetes_validate_strict(generated):
-    out = generated[0]
-    result = subprocess.run([str(VALIDATE), "--strict", *map(str, sorted((out / "k8s").glob("*.yaml")))], capture_output=True, text=True)
+def validate_strict(out: Path) -> None:
+    files = sorted((out / "k8s").glob("*.yaml"))
+    result = subprocess.run([str(VALIDATE), "--strict", *map(str, files)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("passed") == 3
+    assert result.stdout.count("passed") == len(files)
+
+
+def test_manifests_pass_kubernetes_validate_strict(generated):
+    validate_strict(generated[0])
 
 
 def parse_openai_args(command: list[str]):
@@ -60,17 +65,12 @@ def parse_openai_args(command: list[str]):
 def test_gpu_requests_ports_probes_and_metrics_follow_the_build_and_the_image(generated):
     _, target, flags, gpus, objects = generated
     pod = objects["deployment"]["spec"]["template"]
-    container, openai = pod["spec"]["containers"]
+    (container,) = pod["spec"]["containers"]
     assert container["resources"]["limits"].get("nvidia.com/gpu", 0) == gpus
     image_ports = {int(p) for p in _one(IMAGES[target], "EXPOSE").split()}
     assert {p["containerPort"] for p in container["ports"]} == set(PORTS.values())
     assert image_ports == set(PORTS.values()) | {OPENAI_PORT}
-    assert {p["name"]: p["port"] for p in objects["service"]["spec"]["ports"]} == {**PORTS, "openai": OPENAI_PORT}
-    # the OpenAI server: same image, talks to this pod's Triton, ready when Triton's models are
-    assert openai["image"] == container["image"] and openai["ports"] == [{"name": "openai", "containerPort": OPENAI_PORT}]
-    args = parse_openai_args(openai["command"])
-    assert (args.triton_url, args.host, args.port) == (f"127.0.0.1:{PORTS['grpc']}", "0.0.0.0", OPENAI_PORT)
-    assert openai["readinessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}
+    assert {p["name"]: p["port"] for p in objects["service"]["spec"]["ports"]} == PORTS
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(PORTS["metrics"])
@@ -79,9 +79,46 @@ def test_gpu_requests_ports_probes_and_metrics_follow_the_build_and_the_image(ge
     assert container["image"] == f"registry.example/internvl:{target}"
 
 
+def test_the_openai_front_is_its_own_deployment_pointed_at_tritons_service(generated):
+    _, _, _, _, objects = generated
+    triton = objects["deployment"]["spec"]["template"]["spec"]["containers"][0]
+    front = objects["openai-deployment"]["spec"]["template"]
+    (openai,) = front["spec"]["containers"]
+    assert openai["image"] == triton["image"] and openai["ports"] == [{"name": "openai", "containerPort": OPENAI_PORT}]
+    args = parse_openai_args(openai["command"])
+    assert (args.triton_url, args.host, args.port) == (f"{objects['service']['metadata']['name']}:{PORTS['grpc']}", "0.0.0.0", OPENAI_PORT)
+    assert openai["readinessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}  # 503 until Triton's models are ready
+    assert openai["resources"]["limits"] == {"memory": "1Gi"} and "volumes" not in front["spec"]  # a stateless proxy
+    service = objects["openai-service"]["spec"]
+    assert service["ports"] == [{"name": "openai", "port": OPENAI_PORT, "targetPort": "openai"}]
+    assert service["selector"].items() <= front["metadata"]["labels"].items()
+    assert not objects["service"]["spec"]["selector"].items() <= front["metadata"]["labels"].items()  # Triton's Service: not the front
+
+
+def test_no_pod_can_exec_and_none_mounts_a_token_it_does_not_use(generated):
+    objects = generated[4]
+    assert exec_rules(objects) == [] and exec_targets(objects) == {}
+    pods = pod_templates(objects)
+    assert sorted(pods) == ["deployment", "openai-deployment"]
+    assert not [key for key, pod in pods.items() if mounts_token(pod, objects)]  # neither talks to the Kubernetes API
+    front = pods["openai-deployment"]
+    assert objects["openai-serviceaccount"]["metadata"]["name"] == account(front) != "default"  # an account no one else binds
+
+
+def test_the_api_key_comes_from_the_named_secret(generated, tiny, tmp_path):
+    def key_env(objects):
+        (openai,) = objects["openai-deployment"]["spec"]["template"]["spec"]["containers"]
+        return [e for e in openai.get("env", []) if e["name"] == "INTERNVL_API_KEY"]
+
+    assert key_env(generated[4]) == [] and "openai-service" in generated[4]
+    objects = _generate(tiny, tmp_path, "cpu", ["--api-key-secret", "internvl-api-key"])
+    assert key_env(objects) == [{"name": "INTERNVL_API_KEY", "valueFrom": {"secretKeyRef": {"name": "internvl-api-key", "key": "api-key"}}}]
+    validate_strict(tmp_path)
+
+
 def test_pods_rebuild_with_the_same_settings_at_the_images_paths(generated):
     _, target, flags, _, objects = generated
-    container, _ = objects["deployment"]["spec"]["template"]["spec"]["containers"]  # triton, openai
+    (container,) = objects["deployment"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     image_env = dict(kv.split("=", 1) for kv in shlex.split(_one(IMAGES[target], "ENV")))
     assert env["MODEL"] == image_env["MODEL"] and env["OUT"] == image_env["OUT"]

@@ -16,8 +16,9 @@ from unittest import mock
 import pytest
 import yaml
 
-from build.manifests import LWS_WORKER_INDEX
+from build.manifests_multinode import LWS_WORKER_INDEX
 from tests.doc_commands import module_invocations, parse_exactly
+from tests.manifest_access import account, exec_rules, exec_targets, mounts_token, pod_templates
 from tests.test_deploy_images import IMAGES, _one
 from launcher import kube_exec
 from launcher.gpu import lws_hosts, server_command
@@ -39,31 +40,36 @@ def group(tiny, tmp_path_factory):
     return out, {p.stem: yaml.safe_load(p.read_text()) for p in (out / "k8s").glob("*.yaml")}
 
 
+def leaderworkersets(objects: dict[str, dict]) -> list[dict]:
+    return [o for o in objects.values() if o["kind"] == "LeaderWorkerSet"]
+
+
 def test_core_objects_validate_strictly_and_the_group_pod_templates_too(group, tmp_path):
     out, objects = group
     assert "deployment" not in objects
-    core = [p for p in sorted((out / "k8s").glob("*.yaml")) if p.stem != "leaderworkerset"]
-    lws = objects["leaderworkerset"]["spec"]["leaderWorkerTemplate"]
-    for role in ("leaderTemplate", "workerTemplate"):  # no schema for the CRD: its pod templates as PodTemplates
-        path = tmp_path / f"{role}.yaml"
-        path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role.lower()}, "template": lws[role]}))
-        core.append(path)
+    core = [p for p in sorted((out / "k8s").glob("*.yaml")) if objects[p.stem]["kind"] != "LeaderWorkerSet"]
+    for lws in leaderworkersets(objects):
+        for role in ("leaderTemplate", "workerTemplate"):  # no schema for the CRD: its pod templates as PodTemplates
+            name = f"{lws['metadata']['name']}-{role.lower()}"
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": lws["spec"]["leaderWorkerTemplate"][role]}))
+            core.append(path)
     result = subprocess.run([str(VALIDATE), "--strict", *map(str, core)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.count("passed") == len(core), result.stdout + result.stderr
 
 
-def test_the_leaderworkerset_uses_only_its_api_fields(group):
-    lws = group[1]["leaderworkerset"]
-    assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1" and set(lws["spec"]) <= LWS_SPEC_FIELDS
-    template = lws["spec"]["leaderWorkerTemplate"]
-    assert set(template) <= LWS_TEMPLATE_FIELDS and template["restartPolicy"] in LWS_RESTART_POLICIES
-    assert template["size"] == 2 and lws["spec"]["replicas"] == 2
+def test_the_leaderworkersets_use_only_their_api_fields(group):
+    for lws in leaderworkersets(group[1]):
+        assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1" and set(lws["spec"]) <= LWS_SPEC_FIELDS
+        template = lws["spec"]["leaderWorkerTemplate"]
+        assert set(template) <= LWS_TEMPLATE_FIELDS and template["restartPolicy"] in LWS_RESTART_POLICIES
+        assert template["size"] == 2 and lws["spec"]["replicas"] == 1
+    assert len(leaderworkersets(group[1])) == 2  # --replicas 2: a LeaderWorkerSet per group (exec rights per group)
 
 
 def test_gpus_per_pod_and_the_shared_build(group):
-    lws = group[1]["leaderworkerset"]["spec"]["leaderWorkerTemplate"]
-    (leader, openai), (worker,) = lws["leaderTemplate"]["spec"]["containers"], lws["workerTemplate"]["spec"]["containers"]
-    assert openai["name"] == "openai"  # the leader serves the API; workers only run ranks
+    lws = leaderworkersets(group[1])[0]["spec"]["leaderWorkerTemplate"]
+    (leader,), (worker,) = lws["leaderTemplate"]["spec"]["containers"], lws["workerTemplate"]["spec"]["containers"]
     assert leader["resources"]["limits"]["nvidia.com/gpu"] == 2  # ranks 0-1 (vision shares GPU 0)
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 2  # ranks 2-3
     for pod in (lws["leaderTemplate"], lws["workerTemplate"]):
@@ -73,8 +79,8 @@ def test_gpus_per_pod_and_the_shared_build(group):
 
 
 def test_the_leader_runs_the_images_build_then_every_rank_through_the_pods(group):
-    lws = group[1]["leaderworkerset"]["spec"]["leaderWorkerTemplate"]
-    leader, _ = lws["leaderTemplate"]["spec"]["containers"]
+    lws = leaderworkersets(group[1])[0]["spec"]["leaderWorkerTemplate"]
+    (leader,) = lws["leaderTemplate"]["spec"]["containers"]
     assert leader["command"][:2] == ["bash", "-c"]
     env = {e["name"]: e["value"] for e in leader["env"]}
     line = leader["command"][2].replace("$BUILD_ARGS", env["BUILD_ARGS"]).replace('"$MODEL"', env["MODEL"]).replace('"$OUT"', env["OUT"])
@@ -89,16 +95,30 @@ def test_the_leader_runs_the_images_build_then_every_rank_through_the_pods(group
     assert scripts["internvl-kube-exec"] == "launcher.kube_exec:main"
 
 
-def test_the_leaders_pods_exec_rights_and_service(group):
+def test_each_leader_can_exec_only_into_its_own_groups_pods(group):
     objects = group[1]
-    name = objects["leaderworkerset"]["metadata"]["name"]
-    rules = objects["role"]["rules"]
-    assert any("pods/exec" in r["resources"] and "create" in r["verbs"] for r in rules)
-    assert objects["rolebinding"]["subjects"] == [{"kind": "ServiceAccount", "name": name}]
-    lws = objects["leaderworkerset"]["spec"]["leaderWorkerTemplate"]
-    assert lws["leaderTemplate"]["spec"]["serviceAccountName"] == name
+    # kube_exec's only call, a pod exec over a WebSocket: `get`, and `create` since Kubernetes 1.35
+    assert [sorted(r["verbs"]) for r in exec_rules(objects)] == [["create", "get"]] * 2
+    assert [r for o in objects.values() if o["kind"] == "Role" for r in o["rules"] if r["resources"] != ["pods/exec"]] == []
+    targets, pods = exec_targets(objects), pod_templates(objects)
+    leaders = {key: pod for key, pod in pods.items() if key.endswith("/leader")}
+    assert sorted(targets) == sorted(account(pod) for pod in leaders.values()) and len(targets) == 2
+    for lws in leaderworkersets(objects):
+        name = lws["metadata"]["name"]  # LWS names a group's leader <name>-<group>, its workers <name>-<group>-<index>
+        leader = next(pod for key, pod in leaders.items() if objects[key.split("/")[0]] is lws)
+        assert targets[account(leader)] == {f"{name}-0", f"{name}-0-1"} and mounts_token(leader, objects)
+    for key, pod in pods.items():
+        if not key.endswith("/leader"):  # the workers and the OpenAI front
+            assert account(pod) not in targets and not mounts_token(pod, objects), key
+
+
+def test_the_service_reaches_the_leaders_and_leaves_the_groups_their_own_subdomain(group):
+    objects = group[1]
     assert objects["service"]["spec"]["selector"][LWS_WORKER_INDEX] == "0"  # requests reach the leaders
-    assert objects["hpa"]["spec"]["scaleTargetRef"]["kind"] == "LeaderWorkerSet"
+    assert "hpa" not in objects  # an autoscaler could add groups only to one LeaderWorkerSet, without exec rights
+    # LWS makes a headless Service named after each LeaderWorkerSet for its pods' DNS names, unless one exists
+    services = {o["metadata"]["name"] for o in objects.values() if o["kind"] == "Service"}
+    assert not services & {lws["metadata"]["name"] for lws in leaderworkersets(objects)}
 
 
 def test_ranks_fill_the_groups_pods_in_order():
@@ -154,6 +174,7 @@ def test_the_exec_agent_runs_the_daemon_in_the_named_pod_and_returns_its_status(
         (["--tp-size", "4", "--nodes", "2"], "--build-claim"),
         (["--tp-size", "3", "--nodes", "2", "--build-claim", "b"], "divide"),
         (["--tp-size", "4", "--nodes", "2", "--build-claim", "b", "--llm-gpus", "0,1,2,3"], "--llm-gpus"),
+        (["--tp-size", "4", "--nodes", "2", "--build-claim", "b", "--max-replicas", "3"], "--max-replicas"),
     ],
 )
 def test_groups_that_cannot_be_placed_are_refused(flags, message, tiny, tmp_path):
