@@ -10,13 +10,17 @@ model a ragged batch of requests), output [T, Q, H] (so Triton can scatter it ba
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ from engine.config import ModelConfig
 from engine.vision import FLASH_OUTPUTS, ONNX_INPUT, ONNX_OUTPUT, default_onnx_path, vision_module
 
 OPSET = 18
+EXTERNAL_DATA_BYTES = 1.8e9  # weights above this go to <graph>.data beside it: protobuf's 2 GB limit
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _GRAPH_SOURCES = (
     "engine/vision.py",
@@ -85,7 +90,12 @@ def export_vision_onnx(
         )
     _read_shapes_after_the_cast(program.model.graph)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    program.save(str(out), external_data=weight_bytes > 1.8e9)  # protobuf's 2 GB limit
+    # written whole beside `out`, then renamed into place: the data file (named in the graph, relative)
+    # before the graph, so whoever sees the graph sees both complete
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
+        program.save(os.path.join(staging, out.name), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+        for name in sorted(os.listdir(staging), key=lambda name: name == out.name):
+            os.replace(os.path.join(staging, name), out.parent / name)
     return out
 
 
@@ -105,23 +115,48 @@ def _read_shapes_after_the_cast(graph) -> None:
 def ensure_vision_onnx(checkpoint: str | Path, log=lambda message: print(message, file=sys.stderr, flush=True)) -> Path:
     """The checkpoint's float32 ONNX, exported on first use: <checkpoint>/onnx/vision_encoder.onnx,
     or, when the checkpoint folder is not writable (a shared model store), a per-user cache folder
-    keyed by the export stamp. Re-exported when the checkpoint or the graph's code changed."""
+    keyed by the export stamp. Re-exported when the checkpoint or the graph's code changed.
+    Concurrent first uses (threads or processes) export once: the others wait on a file lock beside
+    the graph and reuse it; the graph, its data file and the stamp appear whole or not at all."""
     stamp = export_stamp(checkpoint)
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "internvl-serve" / "vision" / key
     places = (default_onnx_path(checkpoint), cache / "vision_encoder.onnx")
     for onnx_file in places:
-        stamp_file = onnx_file.with_suffix(".stamp.json")
-        if onnx_file.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text(encoding="utf-8")) == stamp:
+        if _is_current(onnx_file, stamp):
             return onnx_file
     for onnx_file in places:
         existing = next(p for p in (onnx_file.parent, *onnx_file.parents) if p.exists())
         if not os.access(existing, os.W_OK):
             continue
-        log(f"exporting the vision encoder to {onnx_file} (first use; reused until the checkpoint changes) ...")
-        started = time.perf_counter()
-        export_vision_onnx(checkpoint, onnx_file)
-        onnx_file.with_suffix(".stamp.json").write_text(json.dumps(stamp), encoding="utf-8")
-        log(f"exported in {time.perf_counter() - started:.1f} s")
-        return onnx_file
+        onnx_file.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(onnx_file.with_suffix(".lock")):
+            if _is_current(onnx_file, stamp):  # another thread or process exported it meanwhile
+                return onnx_file
+            log(f"exporting the vision encoder to {onnx_file} (first use; reused until the checkpoint changes) ...")
+            started = time.perf_counter()
+            export_vision_onnx(checkpoint, onnx_file)
+            _write_atomically(onnx_file.with_suffix(".stamp.json"), json.dumps(stamp))
+            log(f"exported in {time.perf_counter() - started:.1f} s")
+            return onnx_file
     raise PermissionError(f"cannot write the vision ONNX next to {checkpoint} nor to {cache}")
+
+
+def _is_current(onnx_file: Path, stamp: dict) -> bool:
+    stamp_file = onnx_file.with_suffix(".stamp.json")
+    return onnx_file.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text(encoding="utf-8")) == stamp
+
+
+@contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """One exporter at a time across threads and processes; the kernel releases the lock when the
+    file closes, also when its process dies."""
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    staged.write_text(text, encoding="utf-8")
+    os.replace(staged, path)
