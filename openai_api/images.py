@@ -1,28 +1,18 @@
 """Image parts -> encoded image bytes: data URIs and plain base64 are decoded here; remote http(s)
-URLs are fetched only from hosts the operator allow-listed, within a byte and a time limit.
-Whether the bytes are an image is the ensemble's call (its ImageError is a 400 too)."""
+URLs are fetched only from hosts the operator allow-listed, within a byte and a time limit
+(openai_api/image_fetch.py). Whether the bytes are an image is the ensemble's call (its ImageError is
+a 400 too)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import urllib.error
 import urllib.parse
-import urllib.request
 
 from openai_api.conversation import ImageRef
 from openai_api.errors import bad_request
+from openai_api.image_fetch import FetchError, fetch_image
 from openai_api.settings import Settings
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # A redirect could lead an allow-listed host's URL to any other host.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} refused", headers, fp)
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 class ImageLoader:
@@ -55,24 +45,11 @@ class ImageLoader:
                 where,
             )
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._get, url), self.timeout)
+            return await fetch_image(url, self.max_bytes, self.timeout)
         except TimeoutError:
             raise bad_request(f"{where}: fetching {url} took longer than {self.timeout:g} s", where) from None
-        except urllib.error.HTTPError as e:
-            raise bad_request(f"{where}: could not fetch {url}: HTTP {e.code} {e.reason}", where) from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise bad_request(f"{where}: could not fetch {url}: {reason}", where) from None
-
-    def _get(self, url: str) -> bytes:
-        with _OPENER.open(url, timeout=self.timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                raise ValueError(f"the image is {int(length)} bytes, the limit is {self.max_bytes}")
-            data = response.read(self.max_bytes + 1)
-        if len(data) > self.max_bytes:
-            raise ValueError(f"the image is larger than the limit of {self.max_bytes} bytes")
-        return data
+        except FetchError as e:
+            raise bad_request(f"{where}: could not fetch {url}: {e}", where) from None
 
 
 def _decode_data_uri(url: str, where: str) -> bytes:
