@@ -50,10 +50,12 @@ test: setup
 demo: setup
 	$(PY) -m client.demo
 
-# The default MODEL is the generated tiny checkpoint (created on first use). BUILD_ARGS adds flags
-# (python -m build.repository --help), e.g. BUILD_ARGS="--tp-size 2 --llm-gpus 1,2" for TARGET=gpu.
+# The default MODEL is the generated tiny checkpoint, made on first use by $(1), a Python with the project.
+default_checkpoint = [ "$(MODEL)" != "artifacts/checkpoints/tiny-qwen3" ] || $(1) -m build.checkpoint --preset tiny --llm qwen3 --out $(MODEL) >/dev/null
+
+# BUILD_ARGS adds flags (python -m build.repository --help), e.g. BUILD_ARGS="--tp-size 2 --llm-gpus 1,2" for TARGET=gpu.
 build: setup
-	@[ "$(MODEL)" != "artifacts/checkpoints/tiny-qwen3" ] || $(PY) -m build.checkpoint --preset tiny --llm qwen3 --out $(MODEL) >/dev/null
+	@$(call default_checkpoint,$(PY))
 	$(PY) -m build.repository --model $(MODEL) --out $(OUT) --target $(TARGET) $(BUILD_ARGS)
 
 # Serving benchmark (concurrency sweep) against a tritonserver started from OUT; BENCH_ARGS adds flags.
@@ -72,6 +74,7 @@ serve: setup
 # DEPLOY_ARGS adds manifest flags (python -m build.manifests --help), e.g. --image, --replicas.
 # Written with the CPU environment for either TARGET: no GPU is needed to describe a GPU deployment.
 deploy-manifests: .venv/.installed
+	@$(call default_checkpoint,.venv/bin/python)
 	.venv/bin/python -m build.manifests --model $(MODEL) --out $(OUT) --target $(TARGET) $(BUILD_ARGS) $(DEPLOY_ARGS)
 
 clean:

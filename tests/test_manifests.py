@@ -6,6 +6,7 @@ build flags the pods rebuild with, Triton's health endpoints and metrics port.""
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,25 @@ def test_make_deploy_manifests_runs_the_generator():
     dry = subprocess.run(["make", "-n", "deploy-manifests", "MODEL=/m", "OUT=/o", "TARGET=gpu"], capture_output=True, text=True, cwd=ROOT)
     assert dry.returncode == 0, dry.stderr
     assert "-m build.manifests --model /m --out /o --target gpu" in dry.stdout
+
+
+def test_make_deploy_manifests_makes_the_default_checkpoint_first_with_the_cpu_environment():
+    dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", "deploy-manifests", "OUT=/o", "TARGET=gpu"], capture_output=True, text=True, cwd=ROOT)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    make = next(i for i, line in enumerate(lines) if ".venv/bin/python -m build.checkpoint --preset tiny --llm qwen3 --out artifacts/checkpoints/tiny-qwen3" in line)
+    generate = next(i for i, line in enumerate(lines) if ".venv/bin/python -m build.manifests --model artifacts/checkpoints/tiny-qwen3" in line)
+    assert make < generate
+
+
+def test_make_deploy_manifests_works_on_a_fresh_clone(tmp_path):
+    clone = tmp_path / "clone"
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True, text=True, cwd=ROOT, check=True)
+    for name in filter(None, files.stdout.split("\0")):
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    (clone / ".venv").symlink_to(ROOT / ".venv")  # -o: the shared environment is never reinstalled from here
+    result = subprocess.run(["make", "-o", ".venv/.installed", "deploy-manifests", f"OUT={tmp_path / 'deploy'}"], capture_output=True, text=True, cwd=clone)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (clone / "artifacts/checkpoints/tiny-qwen3/config.json").is_file() and (tmp_path / "deploy/k8s/deployment.yaml").is_file()
