@@ -179,7 +179,7 @@ def engines_stamp(config: ModelConfig, settings: BuildSettings, gpu: GpuSettings
 
 def _kv_cache_fraction(gpu: GpuSettings, vision_metadata: dict, engine_dir: Path) -> float:
     """The KV-cache fraction for this machine: lowered where the vision plan shares a GPU with an LLM
-    rank (build/gpu_memory.py), from the GPU's size and the built engines' sizes."""
+    rank (build/gpu_memory.py), from the GPU's size, the built engines' sizes and --llm-runtime-gib."""
     shared = shared_gpus(gpu)
     if not shared:
         return gpu.kv_cache_free_gpu_mem_fraction
@@ -187,7 +187,7 @@ def _kv_cache_fraction(gpu: GpuSettings, vision_metadata: dict, engine_dir: Path
 
     total = min(torch.cuda.get_device_properties(i).total_memory for i in shared)
     rank_bytes = max(f.stat().st_size for f in Path(engine_dir).glob("rank*.engine"))
-    fraction = kv_cache_fraction(gpu, vision_metadata, total, rank_bytes)
+    fraction = kv_cache_fraction(gpu, vision_metadata, total, rank_bytes, int(gpu.llm_runtime_gib * (1 << 30)))
     if fraction < gpu.kv_cache_free_gpu_mem_fraction:
         print(f"      GPU {sorted(shared)} holds the vision plan and an LLM rank: kv_cache_free_gpu_mem_fraction {fraction} (asked {gpu.kv_cache_free_gpu_mem_fraction})")
     return fraction

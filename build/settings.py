@@ -76,6 +76,11 @@ class GpuSettings:
     vision_instances: int = _setting(1, "vision plan instances per listed GPU")
     llm_gpus: tuple[int, ...] = _setting((), "comma-separated GPU ids, one per TP×PP rank (default: the visible GPUs in order)")
     kv_cache_free_gpu_mem_fraction: float = _setting(0.85, "KV-cache share of the GPU memory left after the engines load")
+    llm_runtime_gib: float = _setting(
+        3.0,
+        "GiB an LLM rank allocates besides its engine before sizing its KV cache (execution context, runtime and "
+        "decoder buffers): an estimate, used where the vision plan shares the GPU (docs/GPU.md, Memory sizing)",
+    )
     batch_scheduler_policy: str = _setting("guaranteed_no_evict", "tensorrt_llm batch scheduler")
     enable_kv_cache_reuse: bool = _setting(True, "true or false; prompt_table_extra_ids keep different images apart")
 
@@ -96,6 +101,8 @@ class GpuSettings:
             )
         if len(set(self.llm_gpus)) != len(self.llm_gpus):
             raise ValueError(f"llm_gpus repeats a GPU: {self.llm_gpus}")
+        if self.llm_runtime_gib < 0:
+            raise ValueError(f"llm_runtime_gib must be ≥ 0, got {self.llm_runtime_gib}")
         if not 0 < self.kv_cache_free_gpu_mem_fraction < 1:
             raise ValueError(f"kv_cache_free_gpu_mem_fraction must be in (0, 1), got {self.kv_cache_free_gpu_mem_fraction}")
 
