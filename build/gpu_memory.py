@@ -1,11 +1,13 @@
 """KV-cache sizing when the vision plan and an LLM rank share a GPU (the default placement: GPU 0).
 
-An LLM rank (TensorRT-LLM 1.2, cpp/tensorrt_llm/batch_manager/trtGptModelInflightBatching.cpp, the
-TrtGptModelInflightBatching constructor) allocates, in order: its engine (weights ≈ the rank's engine
-file), the engine's execution context (TllmRuntime: ICudaEngine::getDeviceMemorySizeV2, the activation
-memory), the custom all-reduce workspace under TP, its runtime buffers (createBuffers, among them the
-prompt-table buffer of max_prompt_embedding_table_size × hidden size) and the decoder's; only then
-does BaseKVCacheManager::calculateFreeMemBytes (kvCacheManager.cpp) read the free memory (cudaMemGetInfo
+An LLM rank (TensorRT-LLM's cpp/tensorrt_llm/batch_manager/trtGptModelInflightBatching.cpp, the
+TrtGptModelInflightBatching constructor; read at the search index's NVIDIA/TensorRT-LLM commits
+00825c4 and b35ac1b, not at the v1.2.1 tag, which was not readable) allocates, in order: its engine
+(weights ≈ the rank's engine file), the engine's execution context (TllmRuntime:
+ICudaEngine::getDeviceMemorySizeV2, the activation memory), the custom all-reduce workspace under TP,
+its runtime buffers (createBuffers, among them the prompt-table buffer of
+max_prompt_embedding_table_size × hidden size) and the decoder's; only then does
+BaseKVCacheManager::calculateFreeMemBytes (kvCacheManager.cpp) read the free memory (cudaMemGetInfo
 plus the memory pool's free bytes) and give the KV cache `kv_cache_free_gpu_mem_fraction` × that.
 Triton loads the models in parallel, so the vision plan — per instance its weights (the plan file) and
 its execution context at the profile max, plus a CUDA context and workspaces — comes before or after.
