@@ -148,8 +148,12 @@ class _Dumper(yaml.SafeDumper):
 
 
 def write_manifests(out: Path, objects: dict[str, dict]) -> list[Path]:
+    """OUT/k8s/<kind>.yaml for each object; YAML files of an earlier layout are removed, so that
+    `kubectl apply -f OUT/k8s` applies exactly this deployment."""
     directory = Path(out) / "k8s"
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in set(directory.glob("*.yaml")) - {directory / f"{kind}.yaml" for kind in objects}:
+        stale.unlink()
     written = []
     for kind, obj in objects.items():
         path = directory / f"{kind}.yaml"

@@ -117,6 +117,14 @@ def test_the_api_key_comes_from_the_named_secret(generated, tiny, tmp_path):
     validate_strict(tmp_path)
 
 
+def test_a_second_run_leaves_only_its_own_files(tiny, tmp_path):
+    """`kubectl apply -f OUT/k8s` must not apply objects of an earlier layout (e.g. an old role.yaml)."""
+    multi = set(_generate(tiny, tmp_path, "gpu", ["--tp-size", "2", "--nodes", "2", "--build-claim", "builds"]))
+    single = set(_generate(tiny, tmp_path, "cpu", []))
+    assert multi - single  # the layouts differ, so the check below can fail
+    assert {p.stem for p in (tmp_path / "k8s").iterdir()} == single
+
+
 def test_pods_rebuild_with_the_same_settings_at_the_images_paths(generated):
     _, target, flags, _, objects = generated
     (container,) = objects["deployment"]["spec"]["template"]["spec"]["containers"]
