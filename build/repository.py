@@ -27,6 +27,7 @@ from pathlib import Path
 
 from engine.vision_export import export_stamp, export_vision_onnx
 from build.gpu_memory import kv_cache_fraction, shared_gpus
+from build.gpu_toolchain import check_version
 from build.settings import BuildSettings, GpuSettings, HelpFormatter, add_arguments, from_arguments
 from build.trt_vision import METADATA, PLAN, PLAN_SETTINGS, build_vision_plan
 from build.trtllm_engine import ENGINE_DIR, ENGINE_GPU_SETTINGS, ENGINE_SETTINGS, build_llm_engine, conversion_plan
@@ -136,6 +137,11 @@ def build_gpu(checkpoint: str | Path, out: str | Path, settings: BuildSettings, 
     missing = [m for m in ("tensorrt", "tensorrt_llm") if importlib.util.find_spec(m) is None]
     if missing:
         raise RuntimeError(f"{' and '.join(missing)} not installed: build the GPU path inside the TensorRT-LLM Triton container (docs/GPU.md)")
+    import tensorrt
+    import tensorrt_llm
+
+    check_version("tensorrt_llm", tensorrt_llm.__version__)
+    check_version("tensorrt", tensorrt.__version__)
     out = Path(out).resolve()
     vision_dir, engine_dir = out / "vision", out / "llm" / ENGINE_DIR
     stamp = engines_stamp(config, settings, gpu)

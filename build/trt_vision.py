@@ -24,6 +24,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from build.gpu_toolchain import check_version
 from engine.vision_export import export_vision_onnx
 from build.settings import GPU_DTYPES, BuildSettings, HelpFormatter, add_arguments, from_arguments
 from engine.config import ModelConfig
@@ -85,6 +86,7 @@ def build_vision_engine(onnx_file: Path, out: Path, config: ModelConfig, profile
         import tensorrt as trt
     except ImportError as e:
         raise RuntimeError("TensorRT is not installed: build the GPU path inside the TensorRT-LLM Triton container (docs/GPU.md)") from e
+    check_version("tensorrt", trt.__version__)  # a plan runs only under the TensorRT that built it
     out.mkdir(parents=True, exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

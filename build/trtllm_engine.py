@@ -25,6 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
+from build.gpu_toolchain import check_version
 from build.llm_checkpoint import extract_llm_checkpoint, trtllm_support
 from build.settings import QUANT_ALGOS, BuildSettings, GpuSettings, HelpFormatter, add_arguments, from_arguments
 from engine.config import ModelConfig
@@ -95,6 +96,7 @@ def build_llm_engine(checkpoint: str | Path, out: str | Path, settings: BuildSet
         raise RuntimeError(
             "tensorrt_llm is not installed: build the GPU path inside the TensorRT-LLM Triton container (docs/GPU.md)"
         ) from e
+    check_version("tensorrt_llm", tensorrt_llm.__version__)
     out = Path(out)
     hf_dir = extract_llm_checkpoint(checkpoint, out / HF_DIR)
     engine_dir = out / ENGINE_DIR

@@ -502,6 +502,6 @@ def test_a_restarted_gpu_container_reuses_engines_built_for_the_same_checkpoint_
     assert (tmp_path / "model_repository" / "vision_encoder" / "1" / "model.plan").read_bytes() == b"plan"
     repository.build_gpu(tiny, tmp_path, BuildSettings(max_images=1), gpu)  # the engine's limits changed
     assert builds == ["plan", "engine"] * 2
-    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "10.15.0")  # a new container
+    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "10.14.2.1")  # a container with another TensorRT patch
     repository.build_gpu(tiny, tmp_path, BuildSettings(max_images=1), gpu)
     assert builds == ["plan", "engine"] * 3
