@@ -25,9 +25,8 @@ DECODE_ERROR = "cannot decode image: not a recognised image format (JPEG, PNG, W
 
 @pytest.fixture(scope="module")
 def pipe(tiny):
-    pipeline = Pipeline.from_pretrained(tiny, vision_backend="onnxruntime")
-    yield pipeline
-    getattr(pipeline, "close", lambda: None)()
+    with Pipeline.from_pretrained(tiny, vision_backend="onnxruntime") as pipeline:
+        yield pipeline
 
 
 @pytest.fixture
