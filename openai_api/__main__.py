@@ -38,6 +38,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", type=int, default=DEFAULTS.max_image_bytes, help="size limit of a fetched image, bytes")
     p.add_argument("--image-fetch-timeout", type=float, default=DEFAULTS.image_fetch_timeout, help="time limit of an image fetch, seconds")
     p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULTS.max_request_bytes,
+        help="largest request body, bytes, refused (413) while it is read; None: from the build's limits in Triton's "
+        "preprocess config, ceil(max_request_bytes × 4/3) + 1 MiB (its images as base64, plus the messages' text), "
+        "and until Triton answers a request with a body gets 503",
+    )
+    p.add_argument(
         "--api-key",
         action="append",
         default=[],
@@ -59,6 +67,7 @@ def settings_of(args: argparse.Namespace, environ: Mapping[str, str]) -> Setting
         allow_image_hosts=tuple(args.allow_image_host),
         max_image_bytes=args.max_image_bytes,
         image_fetch_timeout=args.image_fetch_timeout,
+        max_request_bytes=args.max_request_bytes,
         api_keys=(*args.api_key, *filter(None, [environ.get(API_KEY_ENV)])),
     )
 

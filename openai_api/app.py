@@ -16,10 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from openai_api.auth import ApiKeyCheck
+from openai_api.body_limit import BodyLimit
 from openai_api.conversation import build_conversation
 from openai_api.errors import APIError, as_api_error, error_response
 from openai_api.images import ImageLoader
 from openai_api.inputs import check_values, ensemble_fields
+from openai_api.limits import RequestLimits, TritonLimits
 from openai_api.schema import ChatCompletionRequest
 from openai_api.settings import Settings
 from openai_api.triton import Reply, TritonBackend
@@ -72,6 +74,7 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
     """backend: a TritonBackend-like object (tests inject a fake); default: Triton at settings.triton_url."""
     backend = backend or TritonBackend(settings.triton_url, settings.triton_model)
     loader = ImageLoader(settings)
+    limits = TritonLimits(backend)
     started = int(time.time())
     resolved: list[str] = [settings.served_model_name] if settings.served_model_name else []
 
@@ -84,6 +87,17 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
             resolved.append(name)
         return resolved[0]
 
+    async def request_limits() -> RequestLimits:
+        if (known := await limits.get()) is None:
+            raise APIError(503, "Triton is not reachable: the build's request limits are unknown")
+        return known
+
+    async def body_limit() -> int | None:
+        if settings.max_request_bytes is not None:
+            return settings.max_request_bytes
+        known = await limits.get()
+        return known and known.body_bytes
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -91,7 +105,8 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
 
     app = FastAPI(title="internvl-serve OpenAI-compatible API", lifespan=lifespan)
 
-    if settings.api_keys:
+    app.add_middleware(BodyLimit, limit=body_limit)
+    if settings.api_keys:  # added last: runs first, so no body is read for a request without a key
         app.add_middleware(ApiKeyCheck, keys=settings.api_keys)
 
     async def api_error(request, error: Exception):
@@ -125,7 +140,7 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
             raise APIError(404, f"The model `{body.model}` does not exist.", "model")
         check_values(body)
         conversation = build_conversation(body.messages)
-        images = await loader.load(conversation.images)
+        images = await loader.load(conversation.images, await request_limits())
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         fields = ensemble_fields(body, conversation, images, stream=body.stream)
         replies = backend.stream(fields, completion_id)

@@ -26,6 +26,11 @@ class ImageRef:
     url: ImageURL
     param: str  # where it came from, e.g. messages[2].content[1]
 
+    @property
+    def where(self) -> str:
+        """The field its errors name."""
+        return f"{self.param}.image_url"
+
 
 @dataclass
 class Conversation:

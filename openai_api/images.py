@@ -1,7 +1,7 @@
-"""Image parts -> encoded image bytes: data URIs and plain base64 are decoded here; remote http(s)
-URLs are fetched only from hosts the operator allow-listed, within a byte and a time limit
-(openai_api/image_fetch.py). Whether the bytes are an image is the ensemble's call (its ImageError is
-a 400 too)."""
+"""Image parts -> encoded image bytes within the build's limits (openai_api/limits.py): data URIs and
+plain base64 are decoded here; remote http(s) URLs are fetched only from hosts the operator
+allow-listed, within a byte and a time limit (openai_api/image_fetch.py). Whether the bytes are an
+image is the ensemble's call (its ImageError is a 400 too)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import urllib.parse
 from openai_api.conversation import ImageRef
 from openai_api.errors import bad_request
 from openai_api.image_fetch import FetchError, fetch_image
+from openai_api.limits import RequestLimits
 from openai_api.settings import Settings
 
 
@@ -21,12 +22,22 @@ class ImageLoader:
         self.max_bytes = settings.max_image_bytes
         self.timeout = settings.image_fetch_timeout
 
-    async def load(self, images: list[ImageRef]) -> list[bytes]:
-        return [await self.load_one(image) for image in images]
+    async def load(self, images: list[ImageRef], limits: RequestLimits) -> list[bytes]:
+        """Too many images are refused before any is decoded; then each one's bytes (with those before
+        it) and pixels (its header) are checked before the next is decoded or fetched."""
+        limits.check_count(images)
+        loaded, total = [], 0
+        for image in images:
+            data = await self.load_one(image)
+            total += len(data)
+            limits.check_bytes(total, image.where)
+            limits.check_pixels(data, image.where)
+            loaded.append(data)
+        return loaded
 
     async def load_one(self, image: ImageRef) -> bytes:
         url = image.url.url.strip()
-        where = f"{image.param}.image_url"
+        where = image.where
         if url.startswith("data:"):
             return _decode_data_uri(url, where)
         scheme = url.partition(":")[0].lower()

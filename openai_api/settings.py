@@ -18,3 +18,4 @@ class Settings:
     max_image_bytes: int = 20 * MIB
     image_fetch_timeout: float = 10.0
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: /v1/* is open
+    max_request_bytes: int | None = None  # None: from Triton's limits (openai_api/limits.py RequestLimits.body_bytes)

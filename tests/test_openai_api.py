@@ -89,7 +89,7 @@ def test_malformed_conversations_are_400_naming_where(messages, param):
 
 def _load(url: str, settings: Settings = SETTINGS) -> bytes:
     conv = _conversation([{"role": "user", "content": [{"type": "text", "text": "q"}, _image(url)]}])
-    return asyncio.run(ImageLoader(settings).load(conv.images))[0]
+    return asyncio.run(ImageLoader(settings).load_one(conv.images[0]))
 
 
 @pytest.mark.parametrize(
@@ -129,12 +129,19 @@ def test_allow_listed_host_is_fetched_within_size_and_time_limits():
         httpd.shutdown()
 
 
+# the limits a default build writes into Triton's preprocess config (build/settings.py BuildSettings)
+LIMITS = {"max_images": "4", "max_image_pixels": "40000000", "max_request_bytes": str(64 * 2**20)}
+
+
 class FakeBackend(TritonBackend):
     """Plays a script of Replies / exceptions as the ensemble's responses; records every request."""
 
     def __init__(self):
         super().__init__("127.0.0.1:1")
         self.script, self.requests = [], []
+
+    async def preprocess_parameters(self):
+        return {"checkpoint": "/models/tiny", **LIMITS}
 
     async def stream(self, fields, request_id):
         self.requests.append(fields)
@@ -269,7 +276,8 @@ class _FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelReadyResponse(ready=request.name == "internvl")
 
     def ModelConfig(self, request, context):
-        return service_pb2.ModelConfigResponse(config={"parameters": {"checkpoint": {"string_value": "/models/InternVL3-1B/"}}})
+        parameters = {"checkpoint": "/models/InternVL3-1B/", **LIMITS}
+        return service_pb2.ModelConfigResponse(config={"parameters": {k: {"string_value": v} for k, v in parameters.items()}})
 
     def ModelStreamInfer(self, request_iterator, context):
         request, sent = next(request_iterator), []
