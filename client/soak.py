@@ -205,11 +205,11 @@ class TritonTarget:
 class OpenAITarget:
     INVALID_KINDS = (*BAD_SAMPLING, "corrupt image", "bad base64", "empty image", "assistant before user", "n=2", "unknown model")
 
-    def __init__(self, url: str, max_tokens: int, timeout: float):
+    def __init__(self, url: str, max_tokens: int, timeout: float, api_key: str | None = None):
         from openai import OpenAI
 
         # No retries: a retried failure would hide in the latency instead of being counted.
-        self.client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key="none", timeout=timeout, max_retries=0)
+        self.client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "none", timeout=timeout, max_retries=0)
         self.model, self.max_tokens = self.client.models.list().data[0].id, max_tokens
 
     def valid(self, job: Job) -> Iterator[str]:
@@ -260,6 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m client.soak", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--target", choices=("triton", "openai"), default="triton", help="the server's protocol")
     p.add_argument("--url", help="server address (default: 127.0.0.1:8001 for triton, http://127.0.0.1:9000 for openai)")
+    p.add_argument("--api-key", help="--target openai: the key of a server started with --api-key / INTERNVL_API_KEY (default: none)")
     p.add_argument("--requests", type=int, default=300, help="requests to send")
     p.add_argument("--warmup", type=int, default=0, help="requests of the same mix sent first, outside the measurement (default: 0)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
@@ -299,7 +300,10 @@ def summary_text(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    target = (TritonTarget if args.target == "triton" else OpenAITarget)(args.url, args.max_tokens, args.request_timeout)
+    if args.target == "triton":
+        target = TritonTarget(args.url, args.max_tokens, args.request_timeout)
+    else:
+        target = OpenAITarget(args.url, args.max_tokens, args.request_timeout, args.api_key)
     plan, pids = make_plan(args.requests, args.invalid_fraction, args.stream_fraction, args.seed, target.INVALID_KINDS), args.pid or default_pids(args.target, args.url)
     config = {**vars(args), "out": str(args.out), "pid": pids}
     warmup = make_plan(args.warmup, args.invalid_fraction, args.stream_fraction, args.seed + 1, target.INVALID_KINDS)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from build.settings import HelpFormatter
 from launcher.openai_process import OpenAIProcess
+from openai_api.settings import API_KEY_ENV
 from triton_repo import allocator
 
 SHARED_MEMORY = Path("/dev/shm")
@@ -203,7 +204,7 @@ class TritonServer:
         ]
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = server_environment()
         libdirs = (sysconfig.get_config_var("LIBDIR"), str(wheel().parent.parent / "nvidia_pytriton.libs"))
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (*libdirs, env.get("LD_LIBRARY_PATH")) if p)
         # The stub imports with this interpreter's path: the venv's packages and this project.
@@ -337,6 +338,12 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def server_environment() -> dict[str, str]:
+    """This process's environment without the OpenAI front's API key: tritonserver and its python
+    stubs have no use for it (the OpenAI child inherits it from this process)."""
+    return {name: value for name, value in os.environ.items() if name != API_KEY_ENV}
 
 
 def refuse_gpu_build(out: Path) -> None:

@@ -7,10 +7,9 @@ import os
 from collections.abc import Mapping
 
 from openai_api.server import serve
-from openai_api.settings import Settings
+from openai_api.settings import API_KEY_ENV, Settings
 
 DEFAULTS = Settings()
-API_KEY_ENV = "INTERNVL_API_KEY"  # one key, added to the --api-key ones (as vLLM's VLLM_API_KEY)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MIB = 1 << 20
+API_KEY_ENV = "INTERNVL_API_KEY"  # one key, added to the --api-key ones (as vLLM's VLLM_API_KEY)
 
 
 @dataclass(frozen=True)

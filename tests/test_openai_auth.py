@@ -99,3 +99,22 @@ def test_help_names_the_environment_variable_and_never_shows_a_key(monkeypatch, 
         cli.parser().parse_args(["--help"])
     text = capsys.readouterr().out
     assert "--api-key" in text and "INTERNVL_API_KEY" in text and "secret-from-env" not in text
+
+
+def test_tritonserver_does_not_inherit_the_api_key(monkeypatch, tmp_path):
+    """The launchers pass their environment on to tritonserver minus INTERNVL_API_KEY (only the OpenAI child needs it)."""
+    from launcher.server import TritonServer, server_environment
+
+    monkeypatch.setenv("INTERNVL_API_KEY", "secret-from-env")
+    monkeypatch.setenv("UNRELATED_SETTING", "kept")
+    environment = TritonServer(tmp_path, 1, 2, 3).environment()
+    assert "INTERNVL_API_KEY" not in environment and environment["UNRELATED_SETTING"] == "kept"
+    assert "INTERNVL_API_KEY" not in server_environment()
+
+
+def test_the_soak_tool_sends_its_api_key(guarded):
+    from client.soak import OpenAITarget
+
+    assert OpenAITarget(guarded, 4, 10, api_key=KEYS[1]).model == "tiny"
+    with pytest.raises(openai.AuthenticationError):
+        OpenAITarget(guarded, 4, 10)
