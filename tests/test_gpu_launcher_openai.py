@@ -1,6 +1,7 @@
 """`make serve TARGET=gpu` serves the OpenAI-compatible API as the CPU launcher does: launcher.gpu
 --openai-port starts it once Triton is ready and stops both on SIGTERM. The container's tritonserver
-is replaced by a stand-in that answers Triton's readiness over HTTP and gRPC (no GPU here)."""
+is replaced by a stand-in that answers Triton's readiness over HTTP and gRPC (tests/config_triton.py;
+no GPU here)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -17,54 +17,12 @@ from pathlib import Path
 from launcher.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-STAND_IN = textwrap.dedent(
-    """\
-    import http.server, os, signal, sys, threading
-    from concurrent import futures
-    import grpc
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
-
-    flags = dict(arg.lstrip("-").split("=", 1) for arg in sys.argv[1:])
-    open(os.environ["STAND_IN_PID"], "w").write(str(os.getpid()))
-
-    class Triton(service_pb2_grpc.GRPCInferenceServiceServicer):
-        def ServerLive(self, request, context):
-            return service_pb2.ServerLiveResponse(live=True)
-        def ModelReady(self, request, context):
-            return service_pb2.ModelReadyResponse(ready=True)
-        def ModelConfig(self, request, context):
-            response = service_pb2.ModelConfigResponse()
-            response.config.name = request.name
-            for key, value in {"checkpoint": "/models/tiny-gpu", "max_images": "2", "max_image_pixels": "40000000",
-                               "max_request_bytes": "8388608", "max_tiles_per_request": "26"}.items():
-                response.config.parameters[key].string_value = value
-            return response
-
-    class Ready(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200 if self.path == "/v2/health/ready" else 404)
-            self.end_headers()
-        def log_message(self, *args):
-            pass
-
-    grpc_server = grpc.server(futures.ThreadPoolExecutor(4))
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Triton(), grpc_server)
-    grpc_server.add_insecure_port("127.0.0.1:" + flags["grpc-port"])
-    grpc_server.start()
-    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", int(flags["http-port"])), Ready)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=http_server.shutdown).start())
-    http_server.serve_forever()
-    grpc_server.stop(0)
-    """
-)
-
-
 def test_gpu_launcher_serves_the_openai_api_beside_triton_and_stops_both(tmp_path):
     out = tmp_path / "build-gpu"
     (out / "model_repository").mkdir(parents=True)
     (out / "build.json").write_text(json.dumps({"target": "gpu", "values": {"tp_size": 1, "pp_size": 1}}))
     stand_in = tmp_path / "tritonserver"
-    stand_in.write_text(f"#!{sys.executable}\n{STAND_IN}")
+    stand_in.write_text(f"#!/bin/sh\nexec {sys.executable} -m tests.config_triton \"$@\"\n")  # PYTHONPATH: the launcher's
     stand_in.chmod(0o755)
     http, grpc, metrics, openai = (str(free_port()) for _ in range(4))
     command = [sys.executable, "-m", "launcher.gpu", "--out", str(out), "--tritonserver", str(stand_in),

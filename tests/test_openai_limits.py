@@ -10,18 +10,13 @@ import dataclasses
 import http.client
 import json
 import math
-import struct
 import subprocess
 import sys
 import time
 import urllib.request
-import zlib
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import pytest
-from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from client.synthetic import synthetic_image
 from launcher.server import free_port
@@ -29,26 +24,15 @@ from openai_api.limits import RequestLimits
 from openai_api.server import running_server
 from openai_api.settings import Settings
 from openai_api.triton import Reply
+from tests import config_triton
+from tests.config_triton import PARAMETERS
 from tests.test_openai_api import FakeBackend
+from tests.test_serving_contract import png_header
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
 # what `make build` writes into preprocess/config.pbtxt (triton_repo/preprocess/config.pbtxt.tmpl)
-PARAMETERS = {"checkpoint": "/models/tiny", "max_images": "2", "max_image_pixels": "1000000", "max_request_bytes": str(8 * MIB)}
 BODY_LIMIT = math.ceil(8 * MIB * 4 / 3) + MIB  # the documented default of --max-request-bytes
-
-
-class _TritonConfig(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """A Triton that is live and ready and reports the build's limits; it serves no inference."""
-
-    def ServerLive(self, request, context):
-        return service_pb2.ServerLiveResponse(live=True)
-
-    def ModelReady(self, request, context):
-        return service_pb2.ModelReadyResponse(ready=True)
-
-    def ModelConfig(self, request, context):
-        return service_pb2.ModelConfigResponse(config={"parameters": {k: {"string_value": v} for k, v in PARAMETERS.items()}})
 
 
 class LimitedBackend(FakeBackend):
@@ -67,10 +51,7 @@ def api():
 @pytest.fixture(scope="module")
 def subprocess_api():
     """python -m openai_api in its own process (so its peak RSS is its own), next to a config-only Triton."""
-    triton = grpc.server(futures.ThreadPoolExecutor(2))
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_TritonConfig(), triton)
-    grpc_port = triton.add_insecure_port("127.0.0.1:0")
-    triton.start()
+    triton, grpc_port = config_triton.start()
     port = free_port()
     command = [sys.executable, "-m", "openai_api", "--triton-url", f"127.0.0.1:{grpc_port}", "--port", str(port), "--served-model-name", "tiny", "--log-level", "warning"]
     process = subprocess.Popen(command, cwd=ROOT)
@@ -178,15 +159,6 @@ def _uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG whose header declares width × height (its pixel data is a 1×1 image's)."""
-    png = bytearray(synthetic_image(0, 1, 1, "PNG"))
-    ihdr = png.index(b"IHDR")
-    png[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
-    png[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(png[ihdr : ihdr + 17])))
-    return bytes(png)
-
-
 def _ask(api, *urls: str) -> tuple[int, dict]:
     api.requests.clear()
     return _json(api.url, {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": _parts(*urls)}]})
@@ -202,7 +174,7 @@ def test_more_image_parts_than_the_build_allows_are_refused_before_any_is_decode
 @pytest.mark.parametrize(
     "image, says",
     [(synthetic_image(2, 1001, 1000, "PNG"), "1001×1000 is 1001000 pixels; this deployment allows 1000000"),
-     (_png_header(50_000, 50_000), "2500000000 pixels"), (_png_header(1000, 1001), "1000×1001 is 1001000 pixels")],
+     (png_header(50_000, 50_000), "2500000000 pixels"), (png_header(1000, 1001), "1000×1001 is 1001000 pixels")],
     ids=["over-the-limit", "beyond-pil", "header-only"],
 )  # fmt: skip
 def test_an_image_with_more_pixels_than_the_build_allows_is_refused_naming_its_part(api, image, says):

@@ -74,7 +74,7 @@ def test_thinking_mode_uses_the_cards_system_prompt(server, pipe):
     assert (reply.content, reply.reasoning or None) == (thinking.content, thinking.reasoning_content)
 
 
-def _png_header(width: int, height: int) -> bytes:
+def png_header(width: int, height: int) -> bytes:
     """A PNG whose header declares width × height (its pixel data is a 1×1 image's)."""
     png = bytearray(synthetic_image(0, 1, 1, "PNG"))
     ihdr = png.index(b"IHDR")
@@ -104,7 +104,7 @@ BAD = {
     "empty-image": ("Hi", [b""], {}, r"image is empty \(0 bytes\)"),
     "text-as-image": ("Hi", [b"hello there"], {}, "not a recognised image format"),
     "too-many-images": ("Hi", IMAGES + IMAGES[:1], {}, "the request has 3 images; this deployment allows 2"),
-    "decompression-bomb": ("Hi", [_png_header(9000, 9000)], {}, "9000×9000 is 81000000 pixels; this deployment allows 40000000"),
+    "decompression-bomb": ("Hi", [png_header(9000, 9000)], {}, "9000×9000 is 81000000 pixels; this deployment allows 40000000"),
     "request-too-large": ("Hi", [b"\xff" * (9 * 2**20)], {}, "hold 9437184 bytes; this deployment allows 8388608"),
     "more-tags-than-images": ("<image>\n<image>\nCompare.", IMAGES[:1], {}, "2 <image> tag.* but the request has 1 image"),
     "fewer-tags-than-images": ("Image-1: <image>\nDescribe.", IMAGES, {}, "1 <image> tag.* but the request has 2 image"),
