@@ -31,7 +31,8 @@ from engine.sampling_params import SamplingParams
 from engine.text_config import text_config
 from engine.tokenizer import TextTokenizer
 from tests import reference_chat, reference_preprocess
-from tests.test_generation import CASES, IMAGES, MAX_NEW, MIN_MARGIN, _pipeline, _reference
+from tests.pipelines import pipelines  # noqa: F401
+from tests.test_generation import CASES, IMAGES, MAX_NEW, MIN_MARGIN, _reference
 from tests.test_llm_engine import (
     Setup,
     check_chunked_batched_logits,
@@ -171,17 +172,17 @@ def test_in_flight_batch_of_four_different_requests_gives_each_its_solo_tokens(o
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_pipeline_matches_the_gpt_oss_chat_reference(path, case):
+def test_pipeline_matches_the_gpt_oss_chat_reference(pipelines, path, case):
     question, keys, max_tiles = CASES[case]
     expected, margin, expected_question = _reference(path, question, keys, max_tiles, template=TEMPLATE, system=SYSTEM)
     assert margin > MIN_MARGIN
-    result = _pipeline(path, "torch").generate(question, [IMAGES[k] for k in keys], max_new_tokens=MAX_NEW, max_tiles=max_tiles)
+    result = pipelines(path, "torch").generate(question, [IMAGES[k] for k in keys], max_new_tokens=MAX_NEW, max_tiles=max_tiles)
     assert result.token_ids == expected and result.question == expected_question
     assert result.text == reference_chat.reply(path, expected, "<|return|>", skip_special_tokens=False)
 
 
-def test_pipeline_second_turn_matches_the_reference(path):
-    pipe = _pipeline(path, "onnxruntime")
+def test_pipeline_second_turn_matches_the_reference(pipelines, path):
+    pipe = pipelines(path, "onnxruntime")
     images = [IMAGES["a"], IMAGES["c"]]
     first, history = pipe.chat("<image>\n<image>\nDescribe both.", images, max_new_tokens=MAX_NEW, max_tiles=4, return_history=True)
     result = pipe.generate("Which one is brighter?", images, history=history, max_new_tokens=MAX_NEW, max_tiles=4)
@@ -192,11 +193,11 @@ def test_pipeline_second_turn_matches_the_reference(path):
     assert result.token_ids == expected
 
 
-def test_reference_reply_depends_on_image_and_prompt(path):
+def test_reference_reply_depends_on_image_and_prompt(pipelines, path):
     question = CASES["one_image"][0]
     a = _reference(path, question, ("a",), 12, template=TEMPLATE, system=SYSTEM)[0]
     assert a != _reference(path, question, ("c",), 12, template=TEMPLATE, system=SYSTEM)[0]
-    stop = _pipeline(path, "torch").config.stop_token_id
+    stop = pipelines(path, "torch").config.stop_token_id
     replies = []
     for q in ("Hello, who are you?", "What color is the sky?"):
         query, _ = reference_chat.chat_query(TEMPLATE, "Be brief.", q, [])
@@ -204,17 +205,17 @@ def test_reference_reply_depends_on_image_and_prompt(path):
     assert replies[0] != replies[1]
 
 
-def test_replies_keep_the_harmony_markers_as_chat_decodes_them(path):
+def test_replies_keep_the_harmony_markers_as_chat_decodes_them(pipelines, path):
     """InternVL3.5-GPT-OSS's chat() decodes with skip_special_tokens=False: `<|channel|>final<|message|>`
     stays in the reply; other templates drop special tokens."""
     hf = reference_chat.tokenizer(path)
     ids = hf.convert_tokens_to_ids(["<|channel|>"]) + hf("final").input_ids + hf.convert_tokens_to_ids(["<|message|>"]) + hf(" Blue sky.").input_ids
-    pipe = _pipeline(path, "torch")
+    pipe = pipelines(path, "torch")
     assert pipe.tokenizer.decode(ids) == hf.decode(ids, skip_special_tokens=False) == "<|channel|>final<|message|> Blue sky."
     assert TextTokenizer(path).decode(ids) == hf.decode(ids, skip_special_tokens=True)
 
 
-def test_custom_format_checkpoint_answers_as_its_conversion_through_transformers(path, tmp_path):
+def test_custom_format_checkpoint_answers_as_its_conversion_through_transformers(pipelines, path, tmp_path):
     """InternVL3.5-GPT-OSS ships in the custom layout (llm_config model_type gpt_oss, rope_scaling yarn):
     served directly, it answers as transformers answers on its build.convert output (fused experts kept)."""
     custom = generate("tiny", "gpt_oss", tmp_path / "custom", fmt="custom")
@@ -225,7 +226,7 @@ def test_custom_format_checkpoint_answers_as_its_conversion_through_transformers
         question, keys, max_tiles = CASES[case]
         expected, margin, _ = _reference(converted, question, keys, max_tiles, template=TEMPLATE, system=SYSTEM)
         assert margin > MIN_MARGIN
-        result = _pipeline(custom, "torch").generate(question, [IMAGES[k] for k in keys], max_new_tokens=MAX_NEW, max_tiles=max_tiles)
+        result = pipelines(custom, "torch").generate(question, [IMAGES[k] for k in keys], max_new_tokens=MAX_NEW, max_tiles=max_tiles)
         assert result.token_ids == expected, case
 
 

@@ -17,7 +17,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import InternVLConfig
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer, Qwen3MoeSparseMoeBlock
+from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+    Qwen3MoeDecoderLayer,
+    Qwen3MoeSparseMoeBlock,
+)
 
 from engine.config import ConfigError, ModelConfig
 from engine.llm.model import DecoderLM, SequenceInput
@@ -25,13 +28,22 @@ from engine.llm.moe import SparseMoE
 from engine.sampling_params import SamplingParams
 from engine.weights import load_weights
 from tests import reference_chat, reference_preprocess
-from tests.test_generation import CASES, IMAGES, MAX_NEW, MIN_MARGIN, SHORT_SYSTEM, SYSTEM, _pipeline, _reference
+from tests.pipelines import pipelines  # noqa: F401
+from tests.test_generation import (
+    CASES,
+    IMAGES,
+    MAX_NEW,
+    MIN_MARGIN,
+    SHORT_SYSTEM,
+    SYSTEM,
+    _reference,
+)
 from tests.test_llm_engine import (
     Setup,
     check_chunked_batched_logits,
     check_in_flight_batch_of_four,
-    load_setup,
     check_stream_shape,
+    load_setup,
     prompt_with_table,
     random_table,
     reference_generate,
@@ -175,17 +187,17 @@ def test_in_flight_batch_of_four_different_requests_gives_each_its_solo_tokens(m
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_pipeline_greedy_generate_matches_transformers(moe_path, case):
+def test_pipeline_greedy_generate_matches_transformers(pipelines, moe_path, case):
     question, keys, max_tiles = CASES[case]
     expected, margin, expected_question = _reference(moe_path, question, keys, max_tiles)
     assert margin > MIN_MARGIN
-    result = _pipeline(moe_path, "torch").generate(question, [IMAGES[k] for k in keys], max_new_tokens=MAX_NEW, max_tiles=max_tiles)
+    result = pipelines(moe_path, "torch").generate(question, [IMAGES[k] for k in keys], max_new_tokens=MAX_NEW, max_tiles=max_tiles)
     assert result.token_ids == expected
     assert result.question == expected_question
 
 
-def test_pipeline_second_turn_matches_transformers(moe_path):
-    pipe = _pipeline(moe_path, "torch")
+def test_pipeline_second_turn_matches_transformers(pipelines, moe_path):
+    pipe = pipelines(moe_path, "torch")
     images = [IMAGES["a"], IMAGES["c"]]
     first, history = pipe.chat("<image>\n<image>\nDescribe both.", images, max_new_tokens=MAX_NEW, max_tiles=4, return_history=True)
     result = pipe.generate("Which one is brighter?", images, history=history, max_new_tokens=MAX_NEW, max_tiles=4)
@@ -196,11 +208,11 @@ def test_pipeline_second_turn_matches_transformers(moe_path):
     assert result.token_ids == expected
 
 
-def test_reference_reply_depends_on_image_and_prompt(moe_path):
+def test_reference_reply_depends_on_image_and_prompt(pipelines, moe_path):
     """Guards the parity tests: a checkpoint that ignored its image or prompt would match trivially."""
     question = CASES["one_image"][0]
     assert _reference(moe_path, question, ("a",), 12)[0] != _reference(moe_path, question, ("c",), 12)[0]
-    stop = _pipeline(moe_path, "torch").config.stop_token_id
+    stop = pipelines(moe_path, "torch").config.stop_token_id
     replies = []
     for q in ("Hello, who are you?", "What color is the sky?"):
         query, _ = reference_chat.chat_query("internvl2_5", SHORT_SYSTEM, q, [])
