@@ -6,9 +6,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from engine.config import ModelConfig
+from engine.image_key import ImageKeys
 from engine.preprocess import load_images
 from engine.prompt import PromptBuilder
-from engine.protocol import check_images, image_from_element, parse_history, stop_words_list
+from engine.protocol import (
+    check_images,
+    image_from_element,
+    parse_history,
+    stop_words_list,
+)
 from engine.reasoning import R1_SYSTEM_PROMPT
 from engine.tokenizer import TextTokenizer
 from triton_repo import allocator, pb
@@ -22,6 +28,7 @@ class TritonPythonModel:
         self.config = ModelConfig.from_pretrained(params["checkpoint"])
         self.tokenizer = TextTokenizer(params["checkpoint"])
         self.prompts = PromptBuilder(self.config, self.tokenizer)
+        self.image_keys = ImageKeys.of(self.config)
         self.max_tiles_per_request = int(params["max_tiles_per_request"])
         self.max_input_len = int(params["max_input_len"])
         self.max_images = int(params["max_images"])
@@ -71,5 +78,7 @@ class TritonPythonModel:
                 pb.tensor("stop_words_list", stop_words_list(self.tokenizer, stops), d["stop_words_list"]),
                 pb.tensor("request_key", [uuid.uuid4().hex.encode()], d["request_key"]),
                 pb.tensor("opens_reasoning", [prompt.opens_reasoning], d["opens_reasoning"]),
+                pb.tensor("image_keys", [k.encode() for k in self.image_keys.keys(images, max_tiles)], d["image_keys"]),
+                pb.tensor("image_tiles", num_tiles, d["image_tiles"]),
             ]
         )
