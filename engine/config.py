@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from engine.flash import FlashConfig, flash_config
 from engine.templates import TEMPLATES, ChatTemplate, Template
 from engine.text_config import ConfigError, TextConfig, field, text_config
@@ -60,6 +62,14 @@ class ModelConfig:
     @property
     def max_tiles_per_image(self) -> int:
         return self.max_num + (self.use_thumbnail and self.max_num > 1)
+
+    def tile_budget(self, max_tiles: int | None) -> int:
+        """A request's max_tiles (None: the checkpoint's max_dynamic_patch), checked as the server checks it."""
+        if max_tiles is None:
+            return self.max_num
+        if isinstance(max_tiles, bool) or not isinstance(max_tiles, (int, np.integer)) or not 1 <= max_tiles <= self.max_num:
+            raise ValueError(f"max_tiles must be in [1, {self.max_num}], got {max_tiles!r}")
+        return int(max_tiles)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
@@ -118,7 +128,10 @@ class ModelConfig:
 def read_config(path: Path) -> tuple[dict, bool]:
     """-> (config.json with HF-native field names, whether the checkpoint is in the custom format)."""
     raw = _read_json(Path(path) / "config.json")
-    from engine.custom_format import hf_view, is_custom  # it imports ConfigError from here
+    from engine.custom_format import (  # it imports ConfigError from here
+        hf_view,
+        is_custom,
+    )
 
     if is_custom(raw):
         return hf_view(raw), True
@@ -171,7 +184,9 @@ def _vision_config(raw: dict) -> VisionConfig:
 
 
 def _tokenizer_vocab(path: Path) -> dict[str, int]:
-    from engine.tokenizer import load_tokenizer  # it imports ConfigError from engine.text_config
+    from engine.tokenizer import (
+        load_tokenizer,  # it imports ConfigError from engine.text_config
+    )
 
     return load_tokenizer(path).get_vocab(with_added_tokens=True)
 

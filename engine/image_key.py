@@ -10,14 +10,32 @@ InternVL3.5-Flash checkpoint the routing, which is decided over all tiles of a r
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from engine.config import ModelConfig
+from engine.preprocess import ImageError
 
 
-def image_digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def image_digest(image) -> str:
+    """image: encoded bytes, a path (its bytes) or a PIL image (its mode, size and pixels)."""
+    digest = hashlib.sha256()
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        digest.update(image)
+    elif isinstance(image, (str, os.PathLike)):
+        try:
+            digest.update(Path(image).read_bytes())
+        except OSError as e:
+            raise ImageError(f"cannot open image file {os.fspath(image)!r}: {e.strerror or e}") from e
+    elif isinstance(image, Image.Image):
+        digest.update(f"PIL {image.mode} {image.size}".encode())
+        digest.update(image.tobytes())
+    else:
+        raise TypeError(f"image must be a path, encoded bytes or a PIL.Image.Image, not {type(image).__name__}")
+    return digest.hexdigest()
 
 
 def model_fingerprint(config: ModelConfig) -> str:
@@ -41,7 +59,7 @@ class ImageKeys:
     def of(cls, config: ModelConfig) -> ImageKeys:
         return cls(model_fingerprint(config), config.vision.image_size, config.min_num, config.use_thumbnail, config.flash)
 
-    def keys(self, images: list[bytes], max_tiles: int) -> list[str]:
+    def keys(self, images: list, max_tiles: int) -> list[str]:
         """One key per image of a request, in order."""
         digests = [image_digest(data) for data in images]
         common = f"{self.model}|{self.image_size}|{self.min_num}|{max_tiles}|{self.use_thumbnail}"

@@ -15,22 +15,25 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from engine.config import ModelConfig
 from engine.detokenize import ReplyParts
 from engine.flash import drop_compressed
+from engine.image_features import ImageFeatureSource, RequestFeatures, RequestImages
+from engine.image_key import ImageKeys
 from engine.llm.engine import LLMEngine
 from engine.llm.model import DecoderLM
 from engine.llm.runner import EngineRunner
-from engine.preprocess import load_images
 from engine.prompt import Prompt, PromptBuilder
 from engine.reasoning import R1_SYSTEM_PROMPT
 from engine.sampling_params import SamplingParams
 from engine.templates import Turn
 from engine.tokenizer import TextTokenizer
 from engine.vision import load_vision_encoder
+from engine.vision_cache import MIB
+
+DEFAULT_VISION_CACHE = 256 * MIB  # ≈ 18 images of 13 tiles at the 1B shape (13 × 256 × 1024 × 4 bytes each)
 
 
 class GenerationError(RuntimeError):
@@ -51,16 +54,19 @@ class GenerationResult:
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
     prompt: Prompt
-    pixel_values: np.ndarray  # uint8 [T, 3, S, S]: tiles before normalization (the vision encoder's first step)
-    num_tiles: list[int]  # [N] tiles per image
+    features: RequestFeatures  # the images' prompt table (from the vision-feature cache or the encoder)
 
 
 class Pipeline:
-    def __init__(self, config: ModelConfig, vision_encoder, llm: LLMEngine, tokenizer: TextTokenizer):
+    def __init__(
+        self, config: ModelConfig, vision_encoder, llm: LLMEngine, tokenizer: TextTokenizer, vision_cache_bytes: int = DEFAULT_VISION_CACHE
+    ):
         self.config = config
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(config, tokenizer)
         self.vision = vision_encoder
+        self.images = ImageFeatureSource.of(vision_encoder, config, vision_cache_bytes)
+        self.image_keys = ImageKeys.of(config)
         self.llm = llm
         self.runner = EngineRunner(llm)
         # the engine thread references the runner, never the Pipeline: a Pipeline dropped without
@@ -85,12 +91,14 @@ class Pipeline:
         vision_backend: str = "onnxruntime",
         vision_onnx: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
+        vision_cache_mib: int = DEFAULT_VISION_CACHE // MIB,
     ) -> Pipeline:
+        """vision_cache_mib: bound of the vision-feature cache (engine/vision_cache.py); 0 turns it off."""
         config = ModelConfig.from_pretrained(path)
         tokenizer = TextTokenizer(path, config.skip_special_tokens)
         vision = load_vision_encoder(config, vision_backend, vision_onnx)
         llm = LLMEngine(DecoderLM.from_pretrained(path, config.text, dtype), config.stop_token_id)
-        return cls(config, vision, llm, tokenizer)
+        return cls(config, vision, llm, tokenizer, vision_cache_mib * MIB)
 
     def prepare(
         self,
@@ -100,21 +108,14 @@ class Pipeline:
         max_tiles: int | None = None,
         system_message: str | None = None,
     ) -> PreparedRequest:
-        c = self.config
-        size = c.vision.image_size
-        if images:
-            pixel_values, num_tiles = load_images(
-                list(images),
-                input_size=size,
-                max_num=max_tiles or c.max_num,
-                min_num=c.min_num,
-                use_thumbnail=c.use_thumbnail,
-                normalize=False,
-            )
-        else:
-            pixel_values, num_tiles = np.zeros((0, 3, size, size), np.uint8), []
-        prompt = self.prompts.build(question, num_tiles, history, system_message)
-        return PreparedRequest(prompt, pixel_values, num_tiles)
+        images = list(images)
+        max_tiles = self.config.tile_budget(max_tiles)
+        request = RequestImages(images, self.image_keys.keys(images, max_tiles), max_tiles)
+        features = self.images.features([request])[0]
+        if isinstance(features, Exception):
+            raise features
+        prompt = self.prompts.build(question, features.num_tiles, history, system_message)
+        return PreparedRequest(prompt, features)
 
     def generate(self, question: str, images: Sequence = (), history: Sequence[Turn] | None = None, **kwargs) -> GenerationResult:
         run = self._run(question, images, history, **kwargs)
@@ -171,10 +172,10 @@ class Pipeline:
             min_new_tokens=min_new_tokens,
         )
         request = self.prepare(question, images, history, max_tiles, system_message)
-        input_ids, table = request.prompt.input_ids, None
-        if request.num_tiles:
-            table, tile_tokens = self.vision.encode_request(request.pixel_values)
-            input_ids = drop_compressed(input_ids, self.config.text.vocab_size, self.config.vision.tokens_per_tile, tile_tokens)
+        input_ids, table, features = request.prompt.input_ids, None, request.features
+        if features.num_tiles:
+            table = features.table
+            input_ids = drop_compressed(input_ids, self.config.text.vocab_size, self.config.vision.tokens_per_tile, features.tile_tokens)
         request_id = str(next(self._request_ids))
         reply = ReplyParts(self.tokenizer, tuple(stop), request.prompt.opens_reasoning)
         token_ids: list[int] = []

@@ -184,10 +184,46 @@ def load_image(image, input_size=448, max_num=12, use_thumbnail=True, min_num=1)
     return out
 
 
+def tile_counts(images, input_size=448, max_num=12, use_thumbnail=True, min_num=1, max_total_tiles=None, max_pixels=None):
+    """The tiles each image will give, from the headers alone (nothing is decoded); the same checks and
+    errors as load_images. -> [T_i]"""
+    _check_params(input_size, max_num, min_num)
+    with ExitStack() as stack:
+        opened = _open_all(stack, list(images))
+        return [n for _, _, n in _grids(opened, input_size, max_num, min_num, use_thumbnail, max_total_tiles, max_pixels)]
+
+
+def _open_all(stack: ExitStack, images: list, names=None) -> list:
+    opened = []
+    for i, image in enumerate(images):
+        try:
+            opened.append(stack.enter_context(_opened(image)))
+        except (ImageError, TypeError) as e:
+            raise type(e)(f"image {names[i] if names else i}: {e}") from e
+    return opened
+
+
+def _grids(opened, input_size, max_num, min_num, use_thumbnail, max_total_tiles, max_pixels, names=None):
+    # Headers give the sizes, hence the tile counts, before anything is decoded. -> [(cols, rows, T_i)]
+    for i, im in enumerate(opened):
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            name = names[i] if names else i
+            raise ImageError(f"image {name}: {im.width}×{im.height} is {im.width * im.height} pixels; this deployment allows {max_pixels}")
+    grids = [tile_grid(*im.size, input_size, max_num, min_num, use_thumbnail) for im in opened]
+    counts = [num_tiles for _, _, num_tiles in grids]
+    if max_total_tiles is not None and sum(counts) > max_total_tiles:
+        raise ImageError(
+            f"the request's {len(counts)} image(s) need {sum(counts)} tiles {counts}; "
+            f"this deployment allows at most {max_total_tiles} per request (lower max_tiles or send fewer images)"
+        )
+    return grids
+
+
 def load_images(
-    images, input_size=448, max_num=12, use_thumbnail=True, min_num=1, max_total_tiles=None, normalize=True, max_pixels=None
+    images, input_size=448, max_num=12, use_thumbnail=True, min_num=1, max_total_tiles=None, normalize=True, max_pixels=None, names=None
 ):
-    """load_image for several images at once, decoded in parallel; errors name the failing image's index.
+    """load_image for several images at once, decoded in parallel; errors name the failing image's index
+    (or names[i], its index in the request, when these images are some of a request's).
 
     max_total_tiles: refuse (ImageError) before decoding when the images need more tiles in all.
     max_pixels: refuse (ImageError) an image whose header declares more pixels (decompression bombs).
@@ -199,29 +235,15 @@ def load_images(
     _check_params(input_size, max_num, min_num)
     images = list(images)
     with ExitStack() as stack:
-        opened = []
-        for i, image in enumerate(images):
-            try:
-                opened.append(stack.enter_context(_opened(image)))
-            except (ImageError, TypeError) as e:
-                raise type(e)(f"image {i}: {e}") from e
-        # Headers give the sizes, hence the tile counts, before anything is decoded.
-        for i, im in enumerate(opened):
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise ImageError(f"image {i}: {im.width}×{im.height} is {im.width * im.height} pixels; this deployment allows {max_pixels}")
-        grids = [tile_grid(*im.size, input_size, max_num, min_num, use_thumbnail) for im in opened]
+        opened = _open_all(stack, images, names)
+        grids = _grids(opened, input_size, max_num, min_num, use_thumbnail, max_total_tiles, max_pixels, names)
         counts = [num_tiles for _, _, num_tiles in grids]
-        if max_total_tiles is not None and sum(counts) > max_total_tiles:
-            raise ImageError(
-                f"the request's {len(counts)} image(s) need {sum(counts)} tiles {counts}; "
-                f"this deployment allows at most {max_total_tiles} per request (lower max_tiles or send fewer images)"
-            )
         out = np.empty((sum(counts), 3, input_size, input_size), dtype=np.float32 if normalize else np.uint8)
         if len(opened) == 1:  # here, with its two resizes overlapped on the pool
             try:
                 _fill(out, _decode(opened[0]), *grids[0][:2], overlap=True)
             except ImageError as e:
-                raise ImageError(f"image 0: {e}") from e
+                raise ImageError(f"image {names[0] if names else 0}: {e}") from e
             return out, counts
         starts = np.cumsum([0, *counts]).tolist()
         futures = {}
@@ -234,5 +256,5 @@ def load_images(
         try:
             futures[i].result()
         except ImageError as e:
-            raise ImageError(f"image {i}: {e}") from e
+            raise ImageError(f"image {names[i] if names else i}: {e}") from e
     return out, counts

@@ -74,7 +74,7 @@ def _ttft_race(checkpoint: Path, repo: Path, images: list[bytes], max_tiles: int
 
     log("triton: in-process Pipeline (onnxruntime backend)")
     pipe = Pipeline.from_pretrained(checkpoint, vision_backend="onnxruntime", vision_onnx=repo / "vision_encoder.onnx")
-    num_tiles = len(pipe.prepare(question, images, max_tiles=max_tiles).pixel_values)
+    num_tiles = sum(pipe.prepare(question, images, max_tiles=max_tiles).features.num_tiles)
     ports = [free_port() for _ in range(3)]
     log(f"triton: starting tritonserver (HTTP {ports[0]}, gRPC {ports[1]}, metrics {ports[2]})")
     started = time.perf_counter()
