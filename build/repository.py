@@ -58,11 +58,17 @@ def common_values(config: ModelConfig, settings: BuildSettings) -> dict:
         "image_size": config.vision.image_size,
         "hidden_size": config.text.hidden_size,
         "tokens_per_tile": config.vision.tokens_per_tile,
+        "vision_cache_bytes": settings.vision_cache_mib << 20,
         "vision_input": ONNX_INPUT,
         "vision_output": ONNX_OUTPUT,
         # InternVL3.5-Flash: the per-request token count of each tile reaches the LLM (engine/flash.py)
         "vision_tile_tokens": '\n      output_map { key: "tile_tokens" value: "vision_tile_tokens" }' if config.flash else "",
         "llm_tile_tokens": '\n      input_map { key: "tile_tokens" value: "vision_tile_tokens" }' if config.flash else "",
+        # CPU: the vision model decodes and tiles the images itself, behind its feature cache
+        "preprocess_decodes": "false",
+        "vision_image_inputs": "".join(
+            f'\n      input_map {{ key: "{name}" value: "preprocess_{name}" }}' for name in ("image_data", "image_keys", "tile_budget")
+        ),
     }
 
 
@@ -86,6 +92,9 @@ def gpu_values(config: ModelConfig, settings: BuildSettings, gpu: GpuSettings, v
         **{k: v for k, v in asdict(gpu).items() if not isinstance(v, (tuple, bool))},
         "vision_input": vision_metadata["input"]["name"],
         "vision_output": vision_metadata["output"]["name"],
+        # GPU: the TensorRT plan takes tiles, so preprocess decodes (no vision-feature cache there yet)
+        "preprocess_decodes": "true",
+        "vision_image_inputs": "",
         "prompt_table_dtype": TRITON_DTYPES[gpu.dtype],
         "vision_gpus": ", ".join(map(str, gpu.vision_gpus)),
         "engine_dir": str(Path(engine_dir).resolve()),

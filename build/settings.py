@@ -41,12 +41,14 @@ class BuildSettings:
     max_image_pixels: int = _setting(40_000_000, "pixels per image (width × height, read from the header before decoding)")
     max_request_bytes: int = _setting(64 * 2**20, "encoded image bytes per request")
     preprocess_instances: int = _setting(2, "preprocess model instances (CPU processes)")
+    vision_cache_mib: int = _setting(256, "CPU vision model: MiB of projected image features kept by content key (0: off)")
     vision_queue_delay_us: int = _setting(0, "vision dynamic-batching delay; requests arriving during a run still batch, waiting only adds TTFT")
+    prefix_cache_mib: int = _setting(1024, "CPU LLM: MiB of K/V kept for prefix reuse across requests (0: off)")
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if value < (0 if f.name == "vision_queue_delay_us" else 1):
+            if value < (0 if f.name in ("vision_queue_delay_us", "prefix_cache_mib", "vision_cache_mib") else 1):
                 raise ValueError(f"{f.name} must be positive, got {value}")
 
     def limits(self, config: ModelConfig) -> dict[str, int]:

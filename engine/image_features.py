@@ -35,6 +35,7 @@ class ImageFeatureSource:
         self.tiling = dict(input_size=config.vision.image_size, min_num=config.min_num, use_thumbnail=config.use_thumbnail)
         # Flash routes over all tiles of a request: its images are encoded together or not at all
         self.per_request = config.flash is not None
+        self.encoded_tiles = 0  # tiles run through the encoder (observability)
 
     @classmethod
     def of(cls, encoder, config: ModelConfig, cache_bytes: int) -> ImageFeatureSource:
@@ -61,6 +62,7 @@ class ImageFeatureSource:
         if pixels:
             # One run for every request's missing tiles; each request is routed on its own (Flash).
             encoded = self.encoder.encode_requests([tiles for _, tiles, _ in pixels.values()])
+            self.encoded_tiles += sum(len(tiles) for _, tiles, _ in pixels.values())
             for (i, (missing, _, counts)), (table, tile_tokens) in zip(pixels.items(), encoded):
                 rows_per_tile = len(table) // len(tile_tokens)
                 starts = np.cumsum([0, *counts])

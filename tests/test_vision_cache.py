@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from client.synthetic import synthetic_image
+from client.triton_client import InternVLClient
 from engine.pipeline import Pipeline
 from engine.vision_cache import ImageFeatures, VisionCache
+from tests.repository_checks import metric_value
 
 A, B = synthetic_image(21, 640, 400, "PNG"), synthetic_image(22, 500, 700, "JPEG")
 QUESTION = "Describe the image."
@@ -83,3 +85,25 @@ def test_the_lru_keeps_its_byte_bound_and_evicts_the_least_recent():
     off = VisionCache(max_bytes=0)
     off.put("a", _features(8))
     assert off.get("a") is None and off.bytes == 0
+
+
+def test_served_repeat_is_a_cache_hit_with_the_same_reply_and_no_encoder_run(server):
+    """Through the ensemble: the vision model's cache serves the second request (no tiles encoded),
+    the reply is token-identical; another tile budget misses. The counters are Prometheus metrics."""
+    image = synthetic_image(23, 900, 300, "PNG")
+    client = InternVLClient(server.grpc_url)
+    names = ("internvl_vision_cache_hits_total", "internvl_vision_cache_misses_total", "internvl_vision_encoded_tiles_total")
+
+    def counters():
+        return [metric_value(server, name) for name in names]
+
+    start = counters()
+    first = client.generate(QUESTION, [image], max_tokens=12)
+    after_first = counters()
+    assert after_first[1] == start[1] + 1 and after_first[2] > start[2]
+    second = client.generate(QUESTION, [image], max_tokens=12)
+    assert counters() == [after_first[0] + 1, after_first[1], after_first[2]]  # a hit: nothing decoded or encoded
+    assert (second.text, second.prompt_tokens) == (first.text, first.prompt_tokens)
+    client.generate(QUESTION, [image], max_tokens=2, max_tiles=2)
+    assert counters()[1] == after_first[1] + 1
+    assert metric_value(server, "internvl_vision_cache_bytes") > 0

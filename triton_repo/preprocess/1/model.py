@@ -7,7 +7,7 @@ import triton_python_backend_utils as pb_utils
 
 from engine.config import ModelConfig
 from engine.image_key import ImageKeys
-from engine.preprocess import load_images
+from engine.preprocess import load_images, tile_counts
 from engine.prompt import PromptBuilder
 from engine.protocol import (
     check_images,
@@ -34,6 +34,7 @@ class TritonPythonModel:
         self.max_images = int(params["max_images"])
         self.max_image_pixels = int(params["max_image_pixels"])
         self.max_request_bytes = int(params["max_request_bytes"])
+        self.decodes_images = params["decodes_images"] == "true"
 
     def execute(self, requests):
         return pb.answer_each(requests, self._preprocess)
@@ -43,27 +44,19 @@ class TritonPythonModel:
         question = pb.scalar(request, "text_input")
         images = [image_from_element(e, i) for i, e in enumerate(pb.strings(request, "image_bytes"))]
         check_images(images, self.max_images, self.max_request_bytes)
-        max_tiles = int(pb.scalar(request, "max_tiles", c.max_num))
-        if not 1 <= max_tiles <= c.max_num:
-            raise ValueError(f"max_tiles must be in [1, {c.max_num}], got {max_tiles}")
+        max_tiles = c.tile_budget(pb.scalar(request, "max_tiles", None))
         history = parse_history(pb.scalar(request, "history", b"") or None)
         system_prompt = pb.scalar(request, "system_prompt", "") or None
         if system_prompt is None and pb.scalar(request, "enable_thinking", False):  # seed card 004's switch
             system_prompt = R1_SYSTEM_PROMPT
         size = c.vision.image_size
-        if images:
-            pixel_values, num_tiles = load_images(
-                images,
-                size,
-                max_tiles,
-                c.use_thumbnail,
-                c.min_num,
-                max_total_tiles=self.max_tiles_per_request,
-                normalize=False,
-                max_pixels=self.max_image_pixels,
-            )
-        else:
-            pixel_values, num_tiles = np.zeros((0, 3, size, size), np.uint8), []
+        tiling = dict(input_size=size, max_num=max_tiles, use_thumbnail=c.use_thumbnail, min_num=c.min_num)
+        limits = dict(max_total_tiles=self.max_tiles_per_request, max_pixels=self.max_image_pixels)
+        pixel_values = np.zeros((0, 3, size, size), np.uint8)
+        if images and self.decodes_images:
+            pixel_values, num_tiles = load_images(images, normalize=False, **tiling, **limits)
+        else:  # the vision model decodes what its feature cache does not hold
+            num_tiles = tile_counts(images, **tiling, **limits)
         prompt = self.prompts.build(question, num_tiles, history, system_prompt)
         if len(prompt.input_ids) > self.max_input_len:
             raise ValueError(f"the prompt has {len(prompt.input_ids)} tokens; this deployment allows {self.max_input_len}")
@@ -80,5 +73,7 @@ class TritonPythonModel:
                 pb.tensor("opens_reasoning", [prompt.opens_reasoning], d["opens_reasoning"]),
                 pb.tensor("image_keys", [k.encode() for k in self.image_keys.keys(images, max_tiles)], d["image_keys"]),
                 pb.tensor("image_tiles", num_tiles, d["image_tiles"]),
+                pb.tensor("image_data", [] if self.decodes_images else images, d["image_data"]),
+                pb.tensor("tile_budget", [max_tiles], d["tile_budget"]),
             ]
         )

@@ -1,10 +1,17 @@
-"""Triton adapter: pixel_values of several requests → one ONNX Runtime run → prompt tables per request,
-with each tile's token count (InternVL3.5-Flash routes each request's tiles on their own)."""
+"""Triton adapter: the images of several requests → one ONNX Runtime run → a prompt table per request,
+with each tile's token count (InternVL3.5-Flash routes each request's tiles on their own).
+
+Images arrive encoded (image_data, with their content keys and the tile budget): the vision-feature
+cache (engine/image_features.py) serves those it holds, and the others are decoded, tiled and encoded
+here, so a cached image costs neither preprocessing nor the encoder. pixel_values (already tiled)
+are encoded as they are.
+"""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from engine.config import ModelConfig
+from engine.image_features import ImageFeatureSource, RequestImages
 from engine.vision import OnnxVisionEncoder
 from triton_repo import allocator, pb
 
@@ -14,27 +21,67 @@ class TritonPythonModel:
         allocator.stub_settings()  # before this stub allocates anything big
         config, params = pb.model_parameters(args)
         self.dtypes = pb.output_dtypes(config)
-        flash = ModelConfig.from_pretrained(params["checkpoint"]).flash
-        self.encoder = OnnxVisionEncoder(params["onnx_file"], flash=flash, max_tiles_per_run=int(params["max_tiles_per_run"]))
+        model_config = ModelConfig.from_pretrained(params["checkpoint"])
+        self.encoder = OnnxVisionEncoder(params["onnx_file"], flash=model_config.flash, max_tiles_per_run=int(params["max_tiles_per_run"]))
+        self.images = ImageFeatureSource.of(self.encoder, model_config, int(params["cache_bytes"]))
         self.hidden_size = int(params["hidden_size"])
+        self.families = [  # must outlive their metrics
+            pb_utils.MetricFamily(
+                name="internvl_vision_cache_hits_total", description="images served from the vision-feature cache", kind=pb_utils.MetricFamily.COUNTER
+            ),
+            pb_utils.MetricFamily(
+                name="internvl_vision_cache_misses_total", description="images decoded, tiled and encoded", kind=pb_utils.MetricFamily.COUNTER
+            ),
+            pb_utils.MetricFamily(
+                name="internvl_vision_encoded_tiles_total", description="tiles run through the vision encoder", kind=pb_utils.MetricFamily.COUNTER
+            ),
+            pb_utils.MetricFamily(
+                name="internvl_vision_cache_bytes", description="bytes of features the vision-feature cache holds", kind=pb_utils.MetricFamily.GAUGE
+            ),
+        ]
+        self.hits, self.misses, self.encoded_tiles, self.bytes = (family.Metric() for family in self.families)
 
     def execute(self, requests):
-        pixels, responses = [], [None] * len(requests)
+        responses: list = [None] * len(requests)
+        tiled, encoded = [], []  # (request index, pixel_values) / (request index, RequestImages)
         for i, request in enumerate(requests):
             try:
-                pixels.append((i, pb.item(request, "pixel_values")))  # [T_i, 3, S, S]
+                pixels = pb.item(request, "pixel_values")  # [T_i, 3, S, S]
+                images = pb.strings(request, "image_data")
+                if len(pixels):
+                    tiled.append((i, pixels))
+                elif images:
+                    keys = [key.decode() for key in pb.strings(request, "image_keys")]
+                    encoded.append((i, RequestImages(images, keys, int(pb.scalar(request, "tile_budget")))))
             except Exception as error:  # noqa: BLE001 — answer this request, batch the others
                 responses[i] = pb.error_response(error)
-        with_tiles = [(i, p) for i, p in pixels if len(p)]
+        results = {}
         try:
-            encoded = self.encoder.encode_requests([p for _, p in with_tiles]) if with_tiles else []
+            if tiled:
+                results.update(zip((i for i, _ in tiled), self.encoder.encode_requests([p for _, p in tiled])))
+                self.encoded_tiles.increment(sum(len(p) for _, p in tiled))
+            if encoded:
+                cache = self.images.cache
+                before = cache.hits, cache.misses, self.images.encoded_tiles
+                found = self.images.features([r for _, r in encoded])
+                for (i, _), features in zip(encoded, found):
+                    results[i] = features if isinstance(features, Exception) else (features.table, features.tile_tokens)
+                self.encoded_tiles.increment(self.images.encoded_tiles - before[2])
+                self.hits.increment(cache.hits - before[0])
+                self.misses.increment(cache.misses - before[1])
+                self.bytes.set(cache.bytes)
         except Exception as error:  # noqa: BLE001
             return [r or pb.error_response(error) for r in responses]
-        results = dict(zip((i for i, _ in with_tiles), encoded))
         empty = (np.zeros((0, self.hidden_size), np.float32), np.zeros(0, np.int32))
         d = self.dtypes
-        for i, _ in pixels:
-            table, tile_tokens = results.get(i, empty)
+        for i in range(len(requests)):
+            if responses[i] is not None:
+                continue
+            result = results.get(i, empty)
+            if isinstance(result, Exception):
+                responses[i] = pb.error_response(result)
+                continue
+            table, tile_tokens = result
             responses[i] = pb_utils.InferenceResponse(
                 [pb.tensor("prompt_embedding_table", table, d["prompt_embedding_table"]), pb.tensor("tile_tokens", tile_tokens, d["tile_tokens"])]
             )
