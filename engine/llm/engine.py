@@ -8,18 +8,25 @@ call from other threads while a loop thread calls `step()` (engine/llm/runner.py
 A failure that belongs to one sequence — its prompt table, its KV-cache allocation, its sampling —
 finishes that sequence with an "error" event; the others in the step go on. When a batched forward
 fails, each sequence of it runs alone (rewriting the same cache positions) to find the failing one.
+
+Prefix reuse (engine/llm/prefix_cache.py): at admission the longest cached block prefix of the prompt
+is copied into the new sequence's cache and its prefill starts after it (at least one prompt token is
+always computed, for the logits); once a prompt is fully prefilled its full blocks are stored. An
+aborted or failed sequence stores nothing it had not completed.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from engine.llm.model import DecoderLM, KVCache, SequenceInput
+from engine.llm.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache, block_hashes
 from engine.llm.sampling import Sampler
 from engine.sampling_params import SamplingParams, check_context
 
@@ -41,6 +48,7 @@ class _Sequence:
     sampler: Sampler
     stop_ids: frozenset[int]
     max_new_tokens: int  # params.max_new_tokens clamped to the context length
+    block_hashes: list[bytes]  # chained hashes of the prompt's full blocks (engine/llm/prefix_cache.py)
     cache: KVCache | None = None
     num_cached: int = 0  # prompt tokens already run through the model
     generated: list[int] = field(default_factory=list)
@@ -55,6 +63,7 @@ class LLMEngine:
         max_batch_size: int = 8,
         max_num_tokens: int = 2048,
         max_seq_len: int | None = None,  # prompt + reply; default and upper bound: the model's positions
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,  # K/V kept for prefix reuse; 0: off
     ):
         self.model = model
         self.vocab_size = model.config.vocab_size
@@ -67,6 +76,8 @@ class LLMEngine:
         self._running: list[_Sequence] = []
         self._lock = threading.Lock()
         self.last_batch_size = 0  # sequences in the most recent step (observability)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.prefix_hit_tokens = 0  # prompt tokens taken from the prefix cache instead of computed, since start
 
     def add_request(
         self,
@@ -74,7 +85,9 @@ class LLMEngine:
         input_ids: np.ndarray,  # int32 [L]; ids ≥ vocab_size index prompt_table rows
         prompt_table: np.ndarray | None,  # float32 [P, H]
         params: SamplingParams,
+        table_keys: Sequence[tuple[str, int]] | None = None,  # (content key, rows) per image over the table's rows
     ) -> None:
+        """table_keys None: no reuse across a prompt-table id (prefix_cache.py)."""
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.int64)
         if ids.ndim != 1 or len(ids) == 0:
             raise ValueError("input_ids must be a non-empty 1-D sequence")
@@ -98,6 +111,7 @@ class LLMEngine:
             raise ValueError(
                 f"input_ids reference prompt-table row {int(fake_rows.max())} but the prompt table has {rows} rows"
             )
+        hashes = block_hashes(ids, self.vocab_size, table_keys, 0 if table is None else len(table))
         seq = _Sequence(
             request_id=request_id,
             token_ids=ids,
@@ -106,6 +120,7 @@ class LLMEngine:
             sampler=Sampler(params, ids, self.vocab_size),
             stop_ids=frozenset((self.stop_token_id, *params.stop_token_ids)),
             max_new_tokens=max_new_tokens,
+            block_hashes=hashes,
         )
         with self._lock:
             if any(s.request_id == request_id for s in self._live()):
@@ -165,6 +180,11 @@ class LLMEngine:
                 seq.num_cached += n
                 if seq.num_cached < len(seq.token_ids):
                     continue  # more prompt chunks to go
+                try:
+                    self.prefix_cache.store(seq.block_hashes, seq.cache)
+                except Exception as error:  # noqa: BLE001 — e.g. the pool's allocation; loud, for this request alone
+                    events.append(self._fail(seq, error))
+                    continue
             events.append(self._sample(seq, row))
         return events
 
@@ -233,6 +253,7 @@ class LLMEngine:
     def _schedule(self, events: list[TokenEvent]) -> list[tuple[_Sequence, int]]:
         """Decodes first (one token each), then prompt chunks, oldest first, within the token budget.
         A sequence whose KV cache cannot be allocated fails with an event added to `events`."""
+        admitted = []
         with self._lock:
             while self._waiting and len(self._running) < self.max_batch_size:
                 seq = self._waiting.popleft()
@@ -242,6 +263,15 @@ class LLMEngine:
                     events.append(TokenEvent(seq.request_id, None, "error", describe(error)))
                     continue
                 self._running.append(seq)
+                admitted.append(seq)
+        for seq in admitted:  # outside the lock: add_request is not held up by the copies
+            try:
+                seq.num_cached = self.prefix_cache.load(seq.block_hashes, seq.cache, len(seq.token_ids) - 1)
+            except Exception as error:  # noqa: BLE001 — for this request alone
+                events.append(self._fail(seq, error))
+                continue
+            self.prefix_hit_tokens += seq.num_cached
+        with self._lock:
             running = list(self._running)
         batch = [(s, 1) for s in running if s.num_cached == len(s.token_ids)]
         budget = max(self.max_num_tokens - len(batch), 1)

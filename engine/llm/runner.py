@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +51,7 @@ class EngineRunner:
         on_event: Callable[[TokenEvent], None],  # called from the loop thread
         is_cancelled: Callable[[], bool] | None = None,  # polled before each step
         client_id: str | None = None,  # the id the client knows the request by (cancel_client)
+        table_keys: Sequence[tuple[str, int]] | None = None,  # (content key, rows) per image: prefix reuse (LLMEngine)
     ) -> None:
         """Raises ValueError for a bad request; nothing is queued then and on_event is never called."""
         if self._closing:
@@ -58,7 +59,7 @@ class EngineRunner:
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in flight")
-            self.engine.add_request(request_id, input_ids, prompt_table, params)
+            self.engine.add_request(request_id, input_ids, prompt_table, params, table_keys)
             self._requests[request_id] = _Request(on_event, is_cancelled, client_id)
         self._wakeup.set()
 
