@@ -63,13 +63,16 @@ class ModelConfig:
     def max_tiles_per_image(self) -> int:
         return self.max_num + (self.use_thumbnail and self.max_num > 1)
 
-    def tile_budget(self, max_tiles: int | None) -> int:
-        """A request's max_tiles (None: the checkpoint's max_dynamic_patch), checked as the server checks it."""
-        if max_tiles is None:
-            return self.max_num
-        if isinstance(max_tiles, bool) or not isinstance(max_tiles, (int, np.integer)) or not 1 <= max_tiles <= self.max_num:
-            raise ValueError(f"max_tiles must be in [1, {self.max_num}], got {max_tiles!r}")
-        return int(max_tiles)
+    def tile_budget(self, max_tiles: int | None, max_total_tiles: int | None = None, num_images: int = 1) -> int:
+        """A request's tiles per image (the cards' max_num; None: the checkpoint's max_dynamic_patch),
+        checked as the server checks it. max_total_tiles shares a budget among the request's images as
+        InternVL's evaluations do (VLMEvalKit vlmeval/vlm/internvl/internvl_chat.py, generate_v2:
+        max_num = max(1, min(max_num, total_max_num // image_num)), total_max_num 64); thumbnails
+        are not counted in it there either."""
+        budget = self.max_num if max_tiles is None else _positive("max_tiles", max_tiles, self.max_num)
+        if max_total_tiles is not None and num_images:
+            budget = max(1, min(budget, _positive("max_total_tiles", max_total_tiles) // num_images))
+        return budget
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
@@ -207,3 +210,9 @@ def _chat_template(path: Path, vocab: dict[str, int]) -> ChatTemplate:
             "chat_template with an eos_token to stop on"
         )
     return ChatTemplate(source=source, stop_token=special["eos_token"], special_tokens=special)
+
+
+def _positive(name: str, value, upper: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1 or (upper is not None and value > upper):
+        raise ValueError(f"{name} must be in [1, {upper}], got {value!r}" if upper else f"{name} must be a positive integer, got {value!r}")
+    return int(value)

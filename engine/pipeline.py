@@ -107,9 +107,10 @@ class Pipeline:
         history: Sequence[Turn] | None = None,
         max_tiles: int | None = None,
         system_message: str | None = None,
+        max_total_tiles: int | None = None,
     ) -> PreparedRequest:
         images = list(images)
-        max_tiles = self.config.tile_budget(max_tiles)
+        max_tiles = self.config.tile_budget(max_tiles, max_total_tiles, len(images))
         request = RequestImages(images, self.image_keys.keys(images, max_tiles), max_tiles)
         features = self.images.features([request])[0]
         if isinstance(features, Exception):
@@ -155,6 +156,7 @@ class Pipeline:
         seed: int | None = None,
         min_new_tokens: int = 0,
         max_tiles: int | None = None,
+        max_total_tiles: int | None = None,
         system_message: str | None = None,
         stop: Sequence[str] = (),
         enable_thinking: bool = False,
@@ -171,7 +173,7 @@ class Pipeline:
             seed=seed,
             min_new_tokens=min_new_tokens,
         )
-        request = self.prepare(question, images, history, max_tiles, system_message)
+        request = self.prepare(question, images, history, max_tiles, system_message, max_total_tiles)
         input_ids, table, features = request.prompt.input_ids, None, request.features
         if features.num_tiles:
             table = features.table

@@ -44,7 +44,7 @@ class TritonPythonModel:
         question = pb.scalar(request, "text_input")
         images = [image_from_element(e, i) for i, e in enumerate(pb.strings(request, "image_bytes"))]
         check_images(images, self.max_images, self.max_request_bytes)
-        max_tiles = c.tile_budget(pb.scalar(request, "max_tiles", None))
+        max_tiles = c.tile_budget(pb.scalar(request, "max_tiles", None), pb.scalar(request, "max_total_tiles", None), len(images))
         history = parse_history(pb.scalar(request, "history", b"") or None)
         system_prompt = pb.scalar(request, "system_prompt", "") or None
         if system_prompt is None and pb.scalar(request, "enable_thinking", False):  # seed card 004's switch
