@@ -24,6 +24,7 @@ from engine.image_features import ImageFeatureSource, RequestFeatures, RequestIm
 from engine.image_key import ImageKeys
 from engine.llm.engine import LLMEngine
 from engine.llm.model import DecoderLM
+from engine.llm.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from engine.llm.runner import EngineRunner
 from engine.prompt import Prompt, PromptBuilder
 from engine.reasoning import R1_SYSTEM_PROMPT
@@ -55,6 +56,7 @@ class GenerationResult:
 class PreparedRequest:
     prompt: Prompt
     features: RequestFeatures  # the images' prompt table (from the vision-feature cache or the encoder)
+    image_keys: list[str]  # content keys (engine/image_key.py), one per image
 
 
 class Pipeline:
@@ -92,12 +94,14 @@ class Pipeline:
         vision_onnx: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         vision_cache_mib: int = DEFAULT_VISION_CACHE // MIB,
+        prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_BYTES // MIB,
     ) -> Pipeline:
-        """vision_cache_mib: bound of the vision-feature cache (engine/vision_cache.py); 0 turns it off."""
+        """vision_cache_mib: bound of the vision-feature cache (engine/vision_cache.py); prefix_cache_mib:
+        of the LLM's prefix KV reuse (engine/llm/prefix_cache.py); 0 turns either off."""
         config = ModelConfig.from_pretrained(path)
         tokenizer = TextTokenizer(path, config.skip_special_tokens)
         vision = load_vision_encoder(config, vision_backend, vision_onnx)
-        llm = LLMEngine(DecoderLM.from_pretrained(path, config.text, dtype), config.stop_token_id)
+        llm = LLMEngine(DecoderLM.from_pretrained(path, config.text, dtype), config.stop_token_id, prefix_cache_bytes=prefix_cache_mib * MIB)
         return cls(config, vision, llm, tokenizer, vision_cache_mib * MIB)
 
     def prepare(
@@ -111,12 +115,13 @@ class Pipeline:
     ) -> PreparedRequest:
         images = list(images)
         max_tiles = self.config.tile_budget(max_tiles, max_total_tiles, len(images))
-        request = RequestImages(images, self.image_keys.keys(images, max_tiles), max_tiles)
+        keys = self.image_keys.keys(images, max_tiles)
+        request = RequestImages(images, keys, max_tiles)
         features = self.images.features([request])[0]
         if isinstance(features, Exception):
             raise features
         prompt = self.prompts.build(question, features.num_tiles, history, system_message)
-        return PreparedRequest(prompt, features)
+        return PreparedRequest(prompt, features, keys)
 
     def generate(self, question: str, images: Sequence = (), history: Sequence[Turn] | None = None, **kwargs) -> GenerationResult:
         run = self._run(question, images, history, **kwargs)
@@ -174,16 +179,18 @@ class Pipeline:
             min_new_tokens=min_new_tokens,
         )
         request = self.prepare(question, images, history, max_tiles, system_message, max_total_tiles)
-        input_ids, table, features = request.prompt.input_ids, None, request.features
+        input_ids, table, features, table_keys = request.prompt.input_ids, None, request.features, None
         if features.num_tiles:
             table = features.table
+            rows_per_tile = self.config.vision.tokens_per_tile  # the table's static layout, also on Flash
+            table_keys = [(key, n * rows_per_tile) for key, n in zip(request.image_keys, features.num_tiles)]
             input_ids = drop_compressed(input_ids, self.config.text.vocab_size, self.config.vision.tokens_per_tile, features.tile_tokens)
         request_id = str(next(self._request_ids))
         reply = ReplyParts(self.tokenizer, tuple(stop), request.prompt.opens_reasoning)
         token_ids: list[int] = []
         finish_reason = None
         events: queue.SimpleQueue = queue.SimpleQueue()
-        self.runner.submit(request_id, input_ids, table, params, events.put)
+        self.runner.submit(request_id, input_ids, table, params, events.put, table_keys=table_keys)
         try:
             while finish_reason is None:
                 event = events.get()
