@@ -9,6 +9,10 @@ Cancellation: Triton cancels a composing model's request only when the ensemble 
 the client cancelled (core src/ensemble_scheduler/ensemble_scheduler.cc), never a decoupled step
 already running, so a client that goes away sends `stop` (TensorRT-LLM's tensorrt_llm input of that
 name) with its request id straight to this model (engine/protocol.py stop_request).
+
+Prefix reuse: image_keys and image_tiles (one content key and tile count per image, from preprocess)
+become the engine's table_keys, tiles × tokens_per_tile rows per image; the prompt tokens it reused
+are counted in internvl_prefix_cache_hit_tokens_total.
 """
 
 import uuid
@@ -42,6 +46,7 @@ class TritonPythonModel:
             max_batch_size=int(params["max_batch_size"]),
             max_num_tokens=int(params["max_num_tokens"]),
             max_seq_len=int(params["max_seq_len"]),
+            prefix_cache_bytes=int(params["prefix_cache_mib"]) << 20,
         )
         self.max_seq_len = engine.max_seq_len
         self.metrics = MetricLock()  # updated from execute and from the engine loop's thread
@@ -52,7 +57,22 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self.step_metric = {n: self.steps.Metric(labels={"batch_size": str(n)}) for n in range(1, engine.max_batch_size + 1)}
-        self.runner = EngineRunner(engine, on_step=lambda n: self.metrics.increment(self.step_metric[n], 1))
+        self.prefix_hits = pb_utils.MetricFamily(
+            name="internvl_prefix_cache_hit_tokens_total",
+            description="prompt tokens whose KV was copied from the prefix cache instead of computed",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.prefix_hit_metric = self.prefix_hits.Metric()
+        self.hits_counted = 0  # engine.prefix_hit_tokens already added to the metric
+        self.runner = EngineRunner(engine, on_step=self._on_step)
+
+    def _on_step(self, batch_size: int) -> None:
+        """On the engine loop's thread, after each step that ran sequences."""
+        self.metrics.increment(self.step_metric[batch_size], 1)
+        hits = self.runner.engine.prefix_hit_tokens
+        if hits > self.hits_counted:
+            self.metrics.increment(self.prefix_hit_metric, hits - self.hits_counted)
+            self.hits_counted = hits
 
     def execute(self, requests):
         for request in requests:
@@ -62,13 +82,13 @@ class TritonPythonModel:
                 if pb.scalar(request, "stop", False):
                     pb.stop_by_request_id(request, sender, self.runner.cancel_client)
                     continue
-                ids, table, params, streaming = self._parse(request)
+                ids, table, table_keys, params, streaming = self._parse(request)
                 echo = pb.stream_echo(request, request_id, len(ids))
                 stream = _Stream(sender, streaming, echo, self.dtypes, self._finished)
                 self.requests.started()  # before submit: the final event may come first
                 try:
                     self.runner.submit(
-                        request_id, ids, table, params, stream.on_event, sender.is_cancelled, request.request_id() or None
+                        request_id, ids, table, params, stream.on_event, sender.is_cancelled, request.request_id() or None, table_keys
                     )
                 except Exception:
                     self.requests.failed_to_start()
@@ -98,7 +118,17 @@ class TritonPythonModel:
             stop_sequences=stop_sequences(pb.item(request, "stop_words_list", required=False)),
         )
         table = pb.item(request, "prompt_embedding_table", required=False)
-        return ids, table, params, bool(pb.scalar(request, "streaming", False))
+        return ids, table, self._table_keys(request), params, bool(pb.scalar(request, "streaming", False))
+
+    def _table_keys(self, request) -> list[tuple[str, int]] | None:
+        """(content key, prompt-table rows) per image; None without the inputs (no reuse across images)."""
+        keys = pb.item(request, "image_keys", required=False)
+        tiles = pb.item(request, "image_tiles", required=False)
+        if keys is None or tiles is None:
+            return None
+        if len(keys) != len(tiles):
+            raise ValueError(f"image_keys has {len(keys)} keys but image_tiles {len(tiles)} tile counts")
+        return [(pb.utf8(key, "image_keys"), int(n) * self.tokens_per_tile) for key, n in zip(keys, tiles)]
 
     def finalize(self):
         self.runner.close()
