@@ -6,6 +6,19 @@ Pure numpy, so it is tested on CPU against the generated tensorrt_llm config; th
 TensorRT-LLM's triton_backend (all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt;
 inflight_batcher_llm/src/utils.cc: prompt_table_extra_ids is used only when its length equals
 the prompt's; topP ≤ 0 means unset).
+
+KV-cache reuse keys (TensorRT-LLM cpp/include/tensorrt_llm/runtime/common.h, UniqueToken;
+batch_manager/kvCacheManager.cpp, BlockKey / BlockKeyHasher): a prompt position is (token id, extra
+id), extra ids are std::uint64_t, and a block is reused only when its parent chain and every
+position's pair are equal. Our image slots hold fake ids vocab_size + row in every request, so the
+extra id is what tells images apart: each image's rows carry an id from its content key
+(engine/image_key.py), equal for the same image in any request. Rows appear in the prompt in table
+order, so an equal chain of (fake id, image id) pairs before a position also means equal earlier
+images, hence the same table row there. Text tokens get 0, the id TensorRT-LLM gives generated
+tokens (llmRequest.h addNewToken), so a next turn's copy of a reply matches the blocks stored from
+its generation. With reuse on and a prompt table, the ids must be sent, one per prompt token
+(batch_manager/llmRequest.cpp validate; utils.cc drops them at another length); a request without
+ids uses usesExtraIds = false in its block keys, so text-only requests share no blocks with image ones.
 """
 
 from __future__ import annotations
@@ -21,16 +34,16 @@ _SAMPLING = {"runtime_top_k": np.int32, "repetition_penalty": np.float32, "seed"
 
 
 def tensorrt_llm_inputs(
-    item: dict[str, np.ndarray], vocab_size: int, table_rows: int, image_key: int, max_seq_len: int
+    item: dict[str, np.ndarray], vocab_size: int, row_ids: np.ndarray, max_seq_len: int
 ) -> dict[str, np.ndarray]:
     """item: this request's inputs without the batch dimension (input_ids [L], input_lengths [1],
     request_output_len [1], optional end_id, stop_words_list [2, N], streaming, temperature,
     runtime_top_p, runtime_top_k, repetition_penalty, seed, min_tokens).
-    table_rows: rows of the request's prompt table (T·Q; 0 without images).
-    image_key ≥ 1: this request's images in the KV-cache block hashes.
+    row_ids: uint64 [T·Q], the extra id of each prompt-table row (table_extra_ids; empty without images).
     -> tensorrt_llm inputs, each with the batch dimension [1, ...]. The prompt table itself is not
     here: the adapter passes it on as [1, T·Q, H] without copying it through numpy."""
     ids = np.asarray(item["input_ids"], np.int32).reshape(-1)
+    table_rows = len(row_ids)
     if int(np.asarray(item["input_lengths"]).reshape(-1)[0]) != len(ids):
         raise ValueError(f"input_lengths {item['input_lengths'].tolist()} does not match the {len(ids)} input_ids")
     image_slots = ids >= vocab_size
@@ -38,8 +51,8 @@ def tensorrt_llm_inputs(
         raise ValueError(f"the prompt has {int(image_slots.sum())} image-token slots but the prompt table has {table_rows} rows")
     if table_rows and int(ids.max()) - vocab_size >= table_rows:
         raise ValueError(f"input id {int(ids.max())} points past the prompt table ({table_rows} rows from id {vocab_size})")
-    if image_key < 1:
-        raise ValueError("image_key must be ≥ 1 (0 marks text tokens)")
+    if np.asarray(row_ids).dtype != np.uint64 or not np.all(row_ids):
+        raise ValueError("row_ids must be nonzero uint64 ids (0 marks text tokens)")
     # the CPU llm's rules, so both targets refuse the same values with the same message
     requested = check_context(len(ids), _value(item, "request_output_len"), max_seq_len)
     params = SamplingParams.from_request(
@@ -79,17 +92,40 @@ def tensorrt_llm_inputs(
         if name in item and not (name == "runtime_top_k" and not params.do_sample):
             out[name] = scalar(_value(item, name), dtype)
     if table_rows:
-        # uint64 operands: a Python int ≥ 2**63 with an int 0 makes numpy go through float64 (rounded,
-        # or 0 with "invalid value" for 2**64 - 1); tensorrt_llm reads the input as uint64 exactly
-        out["prompt_table_extra_ids"] = np.where(image_slots, np.uint64(image_key), np.uint64(0))[None]
+        # filled in uint64 (np.where with a Python int ≥ 2**63 went through float64); tensorrt_llm
+        # reads the input as uint64 exactly
+        extra = np.zeros(len(ids), np.uint64)
+        extra[image_slots] = row_ids[ids[image_slots] - vocab_size]
+        out["prompt_table_extra_ids"] = extra[None]
     return out
 
 
-def image_key(request_key: bytes) -> int:
-    """A per-request id ≥ 1 for the request's image-token slots (prompt_table_extra_ids). Image
-    slots hold the same fake ids (vocab_size + row) in every request, so without it KV-cache reuse
-    would hand one request the blocks another request computed from a different image."""
-    return int.from_bytes(hashlib.blake2b(request_key, digest_size=8).digest(), "little") or 1
+def table_extra_ids(
+    rows: int, tokens_per_tile: int, image_keys: list[str] | None, image_tiles: np.ndarray | None, request_key: bytes
+) -> np.ndarray:
+    """-> uint64 [rows]: each prompt-table row's extra id, its image's image_extra_id (image i owns
+    tiles_i × tokens_per_tile rows, in order). Without image_keys / image_tiles every row gets the
+    request's own id: correct, but nothing is reused across requests."""
+    if image_keys is None or image_tiles is None:
+        return np.full(rows, request_extra_id(request_key), np.uint64)
+    tiles = np.asarray(image_tiles, np.int64).reshape(-1)
+    if len(image_keys) != len(tiles):
+        raise ValueError(f"image_keys has {len(image_keys)} keys but image_tiles {len(tiles)} tile counts")
+    if (tiles < 1).any() or int(tiles.sum()) * tokens_per_tile != rows:
+        raise ValueError(f"image_tiles {tiles.tolist()} × {tokens_per_tile} tokens do not cover the prompt table's {rows} rows")
+    ids = np.array([image_extra_id(key) for key in image_keys], np.uint64)
+    return np.repeat(ids, tiles * tokens_per_tile)
+
+
+def image_extra_id(key: str) -> int:
+    """An image's id from its content key: the first 8 bytes of its sha256, top bit set so it is never
+    0 (the text and generated tokens' id); any uint64 is valid to TensorRT-LLM (TokenExtraIdType)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") | 1 << 63
+
+
+def request_extra_id(request_key: bytes) -> int:
+    """A per-request id, never 0, for image rows without content keys."""
+    return int.from_bytes(hashlib.blake2b(request_key, digest_size=8).digest(), "little") | 1 << 63
 
 
 def response_tokens(output_ids: np.ndarray, sequence_length: np.ndarray) -> np.ndarray:

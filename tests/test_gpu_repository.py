@@ -20,7 +20,14 @@ from engine.prompt import PromptBuilder
 from engine.protocol import stop_words_list
 from engine.sampling_params import MIN_TEMPERATURE
 from engine.tokenizer import TextTokenizer
-from engine.trtllm_request import finish_reason, image_key, response_tokens, tensorrt_llm_inputs
+from engine.trtllm_request import (
+    finish_reason,
+    image_extra_id,
+    request_extra_id,
+    response_tokens,
+    table_extra_ids,
+    tensorrt_llm_inputs,
+)
 from launcher.gpu import server_command, world_size
 from tests.repository_checks import assert_ensemble_wired, full_dims, metric_value, parse_configs
 
@@ -146,8 +153,8 @@ def test_llm_wrapper_requests_match_the_tensorrt_llm_config(tiny, tmp_path):
         "min_tokens": np.array([3], np.int32),
         "repetition_penalty": np.array([1.1], np.float32),
     }
-    key = image_key(b"request-1")
-    sent = tensorrt_llm_inputs(item, config.text.vocab_size, rows, key, max_seq_len=100_000)
+    row_ids = table_extra_ids(rows, config.vision.tokens_per_tile, ["key-a", "key-b"], np.array([5, 2]), b"request-1")
+    sent = tensorrt_llm_inputs(item, config.text.vocab_size, row_ids, max_seq_len=100_000)
     trtllm = configs["tensorrt_llm"]
     declared = {t.name: t for t in trtllm.input}
     for name, value in sent.items():
@@ -158,15 +165,16 @@ def test_llm_wrapper_requests_match_the_tensorrt_llm_config(tiny, tmp_path):
     assert {t.name for t in trtllm.input if not t.optional} <= set(sent)
     extra = sent["prompt_table_extra_ids"][0]
     assert len(extra) == len(prompt.input_ids)  # the backend ignores them otherwise
-    assert set(extra[prompt.input_ids >= config.text.vocab_size]) == {key} and not extra[prompt.input_ids < config.text.vocab_size].any()
-    assert image_key(b"request-1") == key != image_key(b"request-2")
+    image_slots = prompt.input_ids >= config.text.vocab_size
+    assert [int(x) for x in np.unique(extra[image_slots])] == sorted([image_extra_id("key-a"), image_extra_id("key-b")])
+    assert not extra[~image_slots].any()
     assert sent["temperature"][0, 0] == np.float32(0.7) and sent["runtime_top_p"][0, 0] == 1.0  # full-vocabulary sampling
     assert sent["runtime_top_k"][0, 0] == 20 and sent["pad_id"][0, 0] == config.stop_token_id
 
 
 @pytest.mark.parametrize("key", [2**63 + 5, 15121140756026053281, 2**64 - 1, 7])
 def test_defect_image_keys_above_2_63_reach_tensorrt_llm_exactly(tiny, key):
-    """image_key spans uint64; half its values are ≥ 2**63, where np.where(mask, key, 0) went through
+    """Extra ids span uint64; half its values are ≥ 2**63, where np.where(mask, key, 0) went through
     float64 (rounded, or 0 for 2**64 - 1: the text marker) before the uint64 cast. The backend declares
     prompt_table_extra_ids TYPE_UINT64 and reads it with extractVector<uint64_t> (TensorRT-LLM
     triton_backend/inflight_batcher_llm/src/utils.cc)."""
@@ -177,8 +185,11 @@ def test_defect_image_keys_above_2_63_reach_tensorrt_llm_exactly(tiny, key):
     item = {"input_ids": ids, "input_lengths": np.array([4], np.int32), "request_output_len": np.array([5], np.int32)}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        extra = tensorrt_llm_inputs(item, vocab, 2, key, max_seq_len=100)["prompt_table_extra_ids"][0]
+        extra = tensorrt_llm_inputs(item, vocab, np.full(2, key, np.uint64), max_seq_len=100)["prompt_table_extra_ids"][0]
     assert extra.dtype == np.uint64 and [int(x) for x in extra] == [0, key, key, 0]
+
+
+TWO_ROWS, NO_ROWS = np.full(2, 9, np.uint64), np.zeros(0, np.uint64)  # prompt-table rows' extra ids
 
 
 def test_llm_wrapper_request_semantics(tiny):
@@ -186,24 +197,24 @@ def test_llm_wrapper_request_semantics(tiny):
     vocab = config.text.vocab_size
     ids = np.array([1, 2, vocab, vocab + 1, 3], np.int32)
     base = {"input_ids": ids, "input_lengths": np.array([5], np.int32), "request_output_len": np.array([15], np.int32)}
-    greedy = tensorrt_llm_inputs({**base, "runtime_top_k": np.array([40], np.int32)}, vocab, 2, 9, max_seq_len=20)
+    greedy = tensorrt_llm_inputs({**base, "runtime_top_k": np.array([40], np.int32)}, vocab, TWO_ROWS, max_seq_len=20)
     assert greedy["runtime_top_k"][0, 0] == 1 and "temperature" not in greedy  # no temperature: greedy, as on CPU
     assert greedy["request_output_len"][0, 0] == 15
     assert greedy["exclude_input_in_output"][0, 0] and not greedy["streaming"][0, 0]
     # absent: the rest of the context, as on CPU; more than that is refused, not cut
     unset = {k: v for k, v in base.items() if k != "request_output_len"}
-    assert tensorrt_llm_inputs(unset, vocab, 2, 9, 20)["request_output_len"][0, 0] == 15
+    assert tensorrt_llm_inputs(unset, vocab, TWO_ROWS, 20)["request_output_len"][0, 0] == 15
     with pytest.raises(ValueError, match=r"max_tokens \+ the prompt's 5 tokens must fit this deployment's context of 20 tokens \(at most 15 new tokens\), got 16"):
-        tensorrt_llm_inputs({**base, "request_output_len": np.array([16], np.int32)}, vocab, 2, 9, 20)
-    assert "prompt_table_extra_ids" not in tensorrt_llm_inputs({**base, "input_ids": ids.clip(max=5)}, vocab, 0, 9, 20)
+        tensorrt_llm_inputs({**base, "request_output_len": np.array([16], np.int32)}, vocab, TWO_ROWS, 20)
+    assert "prompt_table_extra_ids" not in tensorrt_llm_inputs({**base, "input_ids": ids.clip(max=5)}, vocab, NO_ROWS, 20)
     with pytest.raises(ValueError, match="2 image-token slots but the prompt table has 3 rows"):
-        tensorrt_llm_inputs(base, vocab, 3, 9, 20)
+        tensorrt_llm_inputs(base, vocab, np.full(3, 9, np.uint64), 20)
     with pytest.raises(ValueError, match="does not match the 5 input_ids"):
-        tensorrt_llm_inputs({**base, "input_lengths": np.array([4], np.int32)}, vocab, 2, 9, 20)
+        tensorrt_llm_inputs({**base, "input_lengths": np.array([4], np.int32)}, vocab, TWO_ROWS, 20)
     with pytest.raises(ValueError, match="the prompt has 5 tokens; this deployment's context is 5"):
-        tensorrt_llm_inputs(base, vocab, 2, 9, 5)
+        tensorrt_llm_inputs(base, vocab, TWO_ROWS, 5)
     with pytest.raises(ValueError, match="max_tokens must be ≥ 1"):
-        tensorrt_llm_inputs({**base, "request_output_len": np.array([0], np.int32)}, vocab, 2, 9, 20)
+        tensorrt_llm_inputs({**base, "request_output_len": np.array([0], np.int32)}, vocab, TWO_ROWS, 20)
     assert (finish_reason(15, 15), finish_reason(3, 15)) == ("length", "stop")
     # responses: [1, beams, N] padded; sequence_length says how many are real
     assert response_tokens(np.array([[[5, 6, -1]]], np.int32), np.array([[2]], np.int32)).tolist() == [5, 6]
@@ -224,14 +235,14 @@ def test_gpu_llm_step_refuses_what_the_cpu_llm_refuses(tiny, field, value, messa
     item = {"input_ids": np.array([1, 2, 3], np.int32), "input_lengths": np.array([3], np.int32),
             "request_output_len": np.array([8], np.int32), field: np.array([value])}  # fmt: skip
     with pytest.raises(ValueError, match=message):
-        tensorrt_llm_inputs(item, vocab, 0, 9, 100)
+        tensorrt_llm_inputs(item, vocab, NO_ROWS, 100)
 
 
 def test_gpu_llm_step_sends_tiny_temperatures_as_the_cpu_engine_samples_them(tiny):
     vocab = ModelConfig.from_pretrained(tiny).text.vocab_size
     item = {"input_ids": np.array([1, 2, 3], np.int32), "input_lengths": np.array([3], np.int32),
             "request_output_len": np.array([8], np.int32), "temperature": np.array([1e-38], np.float32)}  # fmt: skip
-    assert tensorrt_llm_inputs(item, vocab, 0, 9, 100)["temperature"][0, 0] == np.float32(MIN_TEMPERATURE)
+    assert tensorrt_llm_inputs(item, vocab, NO_ROWS, 100)["temperature"][0, 0] == np.float32(MIN_TEMPERATURE)
 
 
 def test_vision_plan_and_llm_engine_must_agree(tiny, tmp_path):
@@ -382,7 +393,7 @@ def test_gpu_llm_wrapper_through_tritonserver(wrapper_server, tiny, streaming):
     q = config.vision.tokens_per_tile
     responses = _call_llm(wrapper_server, _llm_request(config, tiles=2, streaming=streaming))
     tokens = [t for r in responses for t in r["output_ids"][0].tolist()]
-    assert tokens == [2 * q, 2 * q, 1, 2 * q + 3, 1, 100, 101, 102]
+    assert tokens == [2 * q, 2 * q, 1, 2 * q + 3, 1, request_extra_id(b"key-2") & 0x7FFFFFFF, 100, 101]
     assert [bool(r["is_final"][0, 0]) for r in responses] == [False] * (len(responses) - 1) + [True]
     assert len(responses) == (9 if streaming else 1)  # streaming ends with an empty is_final response
     assert [r["finish_reason"][0, 0] for r in responses] == [b""] * (len(responses) - 1) + [b"length"]
@@ -390,6 +401,34 @@ def test_gpu_llm_wrapper_through_tritonserver(wrapper_server, tiny, streaming):
     for r in responses:
         assert r["request_key"][0, 0] == b"key-2" and r["stop_words_list"][0].tolist() == [[9, 0], [1, -1]]
         assert r["sequence_length"][0, 0] == len(r["output_ids"][0])
+
+
+def test_gpu_llm_wrapper_keys_image_rows_by_content_across_requests(wrapper_server, tiny):
+    """prompt_table_extra_ids from image_keys / image_tiles: an image gets the same id in every request
+    (TensorRT-LLM then reuses its KV blocks across requests), another image another id; without
+    image_keys each request gets its own id (no reuse across requests)."""
+    config = ModelConfig.from_pretrained(tiny)
+
+    def sent_ids(request_key: bytes, keys: list[bytes] | None, tiles: list[int] | None = None) -> tuple[int, int]:
+        """-> (distinct extra ids, the first image slot's id & 0x7FFFFFFF) that reached tensorrt_llm."""
+        inputs = _llm_request(config, tiles=2, streaming=False)
+        inputs["request_key"] = np.array([[request_key]], dtype=object)
+        if keys is not None:
+            inputs["image_keys"] = np.array([keys], dtype=object)
+            inputs["image_tiles"] = np.array([tiles or [1] * len(keys)], np.int32)
+        tokens = _call_llm(wrapper_server, inputs)[0]["output_ids"][0].tolist()
+        return tokens[2], tokens[5]
+
+    low = 0x7FFFFFFF
+    assert sent_ids(b"r1", [b"A", b"B"]) == (2, image_extra_id("A") & low) == sent_ids(b"r2", [b"A", b"C"])
+    assert sent_ids(b"r3", [b"B", b"A"]) == (2, image_extra_id("B") & low)
+    assert sent_ids(b"r4", [b"A", b"A"]) == (1, image_extra_id("A") & low)
+    assert sent_ids(b"r5", [b"A"], [2]) == (1, image_extra_id("A") & low)  # one image of two tiles
+    assert sent_ids(b"r6", None) == (1, request_extra_id(b"r6") & low) != sent_ids(b"r7", None)
+    with pytest.raises(Exception, match="image_keys has 2 keys but image_tiles 1 tile counts"):
+        sent_ids(b"r8", [b"A", b"B"], [1])
+    with pytest.raises(Exception, match=r"image_tiles \[1\] × 256 tokens do not cover the prompt table's 512 rows"):
+        sent_ids(b"r9", [b"A"], [1])
 
 
 def test_gpu_llm_wrapper_stop_request_ends_the_stream_with_that_request_id(wrapper_server, tiny):

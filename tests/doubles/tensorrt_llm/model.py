@@ -3,7 +3,8 @@ decoupled python model with the generated tensorrt_llm config's inputs that answ
 describing what it received, in TensorRT-LLM's output layout (output_ids [1, beams, N],
 sequence_length [1, beams]; one response per token when streaming, else one response):
 [table rows, image slots marked in prompt_table_extra_ids, distinct extra ids, input length,
- exclude_input_in_output, 100, 101, ...] cut to request_output_len. Long streams are paced and
+ exclude_input_in_output, the first image slot's extra id & 0x7FFFFFFF (0 without one), 100, 101, ...]
+cut to request_output_len. Long streams are paced and
 honour cancellation, as the real backend does."""
 
 import time
@@ -33,6 +34,7 @@ class TritonPythonModel:
                 len(np.unique(extra[0][extra[0] > 0])),
                 ids.shape[1],
                 int(_get(request, "exclude_input_in_output").reshape(-1)[0]),
+                int(extra[0][extra[0] > 0][0] & np.uint64(0x7FFFFFFF)) if (extra[0] > 0).any() else 0,
             ]
             length = int(_get(request, "request_output_len").reshape(-1)[0])
             tokens = (facts + list(range(100, 100 + length)))[:length]

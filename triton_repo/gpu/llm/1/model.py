@@ -5,7 +5,10 @@ execute() starts one thread per request and returns; the thread sends the mapped
 (request_key, stop_words_list, opens_reasoning, prompt_tokens), and ends the stream with an empty
 is_final response carrying the finish_reason (a BLS response does
 not say whether it was the last one); without streaming it sends one response with every token. The prompt table is passed on through DLPack (it may live in
-GPU memory and be bf16, which numpy cannot hold): [1, T, Q, H] → [1, T·Q, H], no copy.
+GPU memory and be bf16, which numpy cannot hold): [1, T, Q, H] → [1, T·Q, H], no copy. Each image's
+rows get a prompt_table_extra_ids id from its content key (image_keys, image_tiles from preprocess;
+engine/trtllm_request.py table_extra_ids), so TensorRT-LLM's KV-cache reuse shares a repeated image's
+blocks across requests and never one image's blocks with another.
 """
 
 import threading
@@ -16,7 +19,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from engine.config import ModelConfig
-from engine.trtllm_request import finish_reason, image_key, response_tokens, tensorrt_llm_inputs
+from engine.trtllm_request import finish_reason, response_tokens, table_extra_ids, tensorrt_llm_inputs
 from triton_repo import pb
 from triton_repo.metric_lock import MetricLock
 from triton_repo.request_metrics import RequestMetrics
@@ -32,7 +35,8 @@ class TritonPythonModel:
     def initialize(self, args):
         config, params = pb.model_parameters(args)
         self.dtypes = pb.decoupled_output_dtypes(config, "llm")
-        self.vocab_size = ModelConfig.from_pretrained(params["checkpoint"]).text.vocab_size
+        model_config = ModelConfig.from_pretrained(params["checkpoint"])
+        self.vocab_size, self.tokens_per_tile = model_config.text.vocab_size, model_config.vision.tokens_per_tile
         self.target = params["tensorrt_llm_model"]
         self.max_seq_len = int(params["max_seq_len"])
         self.stops: dict[str, list[threading.Event]] = {}  # Triton request id -> its live requests' stop flags
@@ -87,7 +91,11 @@ class TritonPythonModel:
             table = pb_utils.get_input_tensor_by_name(request, "prompt_embedding_table")
             table = None if table is None else from_dlpack(table.to_dlpack())  # [1, T, Q, H]
             rows = 0 if table is None else table.shape[1] * table.shape[2]
-            sent = tensorrt_llm_inputs(item, self.vocab_size, rows, image_key(key), self.max_seq_len)
+            keys = pb.item(request, "image_keys", required=False)
+            keys = None if keys is None else [pb.utf8(k, "image_keys") for k in keys]
+            tiles = pb.item(request, "image_tiles", required=False)
+            row_ids = table_extra_ids(rows, self.tokens_per_tile, keys, tiles, key)
+            sent = tensorrt_llm_inputs(item, self.vocab_size, row_ids, self.max_seq_len)
             requested = int(sent["request_output_len"][0, 0])
             inputs = [pb_utils.Tensor(name, value) for name, value in sent.items()]
             if rows:
