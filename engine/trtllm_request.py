@@ -19,6 +19,8 @@ tokens (llmRequest.h addNewToken), so a next turn's copy of a reply matches the 
 its generation. With reuse on and a prompt table, the ids must be sent, one per prompt token
 (batch_manager/llmRequest.cpp validate; utils.cc drops them at another length); a request without
 ids uses usesExtraIds = false in its block keys, so text-only requests share no blocks with image ones.
+Read at NVIDIA/TensorRT-LLM commits of the search index (kvCacheManager.cpp at 002ba6a), not at the
+v1.2.1 tag, which could not be fetched (over the fetch limit).
 """
 
 from __future__ import annotations
