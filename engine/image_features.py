@@ -1,6 +1,7 @@
 """Images of one or several requests → their prompt tables, through the vision-feature cache: cached
-images skip decoding, tiling and the encoder; the others are decoded and tiled (engine/preprocess.py)
-and encoded together in one run, then cached. A request whose image fails gets its error; the other
+images skip decoding, tiling and the encoder; the others are decoded and tiled (engine/preprocess.py;
+a video's missing frames are decoded together, engine/video_frames.py) and encoded together in one
+run, then cached. A request whose image fails gets its error; the other
 requests go on.
 """
 
@@ -12,12 +13,14 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.preprocess import load_images
+from engine.video_frames import decode_frames
 from engine.vision_cache import ImageFeatures, VisionCache
 
 
 @dataclass(frozen=True, slots=True)
 class RequestImages:
-    images: list  # what engine/preprocess.py load_image takes (encoded bytes on the serving path), in prompt order
+    images: list  # what engine/preprocess.py load_image takes (encoded bytes on the serving path) or a
+    # video's frames (engine/video_frames.py VideoFrame), in prompt order
     keys: list[str]  # engine/image_key.py, one per image
     max_tiles: int
 
@@ -53,9 +56,9 @@ class ImageFeatureSource:
                 missing = list(range(len(hits)))
             try:
                 tiles, counts = load_images(
-                    [request.images[j] for j in missing], max_num=request.max_tiles, normalize=False, names=missing, **self.tiling
+                    decode_frames([request.images[j] for j in missing]), max_num=request.max_tiles, normalize=False, names=missing, **self.tiling
                 )
-            except ValueError as error:  # ImageError: this request's image is at fault
+            except ValueError as error:  # ImageError, VideoError: this request's image or video is at fault
                 results[i] = error
                 continue
             pixels[i] = (missing, tiles, counts)

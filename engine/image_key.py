@@ -1,8 +1,9 @@
 """Content keys of images: two images with the same key give the same vision features, so their
 features (engine/vision_cache.py) and the KV of prompts that hold them (prefix reuse) can be shared.
 
-A key covers the image's encoded bytes and everything that changes its tiles or their features: the
-model (its checkpoint files), the tile size, the tile budget, min tiles and the thumbnail, and on an
+A key covers the image's encoded bytes (a video frame's: the video's and the frame number) and
+everything that changes its tiles or their features: the model (its checkpoint files), the tile
+size, the tile budget (a video's: tiles per frame), min tiles and the thumbnail, and on an
 InternVL3.5-Flash checkpoint the routing, which is decided over all tiles of a request
 (engine/flash.py): there the key also covers the request's other images and the image's place among them.
 """
@@ -18,12 +19,16 @@ from PIL import Image
 
 from engine.config import ModelConfig
 from engine.preprocess import ImageError
+from engine.video_frames import VideoFrame
 
 
 def image_digest(image) -> str:
-    """image: encoded bytes, a path (its bytes) or a PIL image (its mode, size and pixels)."""
+    """image: encoded bytes, a path (its bytes), a PIL image (its mode, size and pixels) or a video
+    frame (the video's bytes and the frame's number)."""
     digest = hashlib.sha256()
-    if isinstance(image, (bytes, bytearray, memoryview)):
+    if isinstance(image, VideoFrame):
+        digest.update(f"video {image.video_digest} frame {image.index}".encode())
+    elif isinstance(image, (bytes, bytearray, memoryview)):
         digest.update(image)
     elif isinstance(image, (str, os.PathLike)):
         try:

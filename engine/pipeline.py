@@ -1,7 +1,8 @@
 """The in-process pipeline: preprocess → vision encoder → prompt-table LLM → detokenize.
 
 `generate` is the one path; `stream` yields its text deltas as they come and `chat` returns its
-text like the InternVL cards' `model.chat`. The Triton models wrap the same stages one per model.
+text like the InternVL cards' `model.chat`. A request has images or a video, whose sampled frames
+are its images (engine/video_frames.py). The Triton models wrap the same stages one per model.
 Requests from several threads, or several open streams, run concurrently: the engine loop
 (engine/llm/runner.py) batches them as the server does.
 """
@@ -26,11 +27,14 @@ from engine.llm.engine import LLMEngine
 from engine.llm.model import DecoderLM
 from engine.llm.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from engine.llm.runner import EngineRunner
-from engine.prompt import Prompt, PromptBuilder
+from engine.prompt import Prompt, PromptBuilder, video_question
+from engine.protocol import DEFAULT_NUM_FRAMES
 from engine.reasoning import R1_SYSTEM_PROMPT
 from engine.sampling_params import SamplingParams
 from engine.templates import Turn
 from engine.tokenizer import TextTokenizer
+from engine.video import VideoLimits
+from engine.video_frames import sample_video
 from engine.vision import load_vision_encoder
 from engine.vision_cache import MIB
 
@@ -69,6 +73,7 @@ class Pipeline:
         self.vision = vision_encoder
         self.images = ImageFeatureSource.of(vision_encoder, config, vision_cache_bytes)
         self.image_keys = ImageKeys.of(config)
+        self.video_limits = VideoLimits()  # bytes, length, frames and frame size of a video request
         self.llm = llm
         self.runner = EngineRunner(llm)
         # the engine thread references the runner, never the Pipeline: a Pipeline dropped without
@@ -112,9 +117,22 @@ class Pipeline:
         max_tiles: int | None = None,
         system_message: str | None = None,
         max_total_tiles: int | None = None,
+        video=None,
+        num_segments: int = DEFAULT_NUM_FRAMES,
+        bound: tuple[float, float] | None = None,
+        max_tiles_per_frame: int = 1,
     ) -> PreparedRequest:
+        """video (a path or encoded bytes): num_segments frames as the cards' load_video picks them
+        (bound: (start, end) seconds), each an image of max_tiles_per_frame tiles (+ thumbnail)."""
         images = list(images)
-        max_tiles = self.config.tile_budget(max_tiles, max_total_tiles, len(images))
+        if video is None:
+            max_tiles = self.config.tile_budget(max_tiles, max_total_tiles, len(images))
+        else:
+            if images or max_tiles is not None or max_total_tiles is not None:
+                raise ValueError("a request has images or a video, not both (a video's frames take max_tiles_per_frame)")
+            images = sample_video(video, num_segments, bound, self.video_limits).frames
+            question = video_question(question, len(images), history is None)
+            max_tiles = self.config.tile_budget(max_tiles_per_frame)
         keys = self.image_keys.keys(images, max_tiles)
         request = RequestImages(images, keys, max_tiles)
         features = self.images.features([request])[0]
@@ -165,6 +183,10 @@ class Pipeline:
         system_message: str | None = None,
         stop: Sequence[str] = (),
         enable_thinking: bool = False,
+        video=None,
+        num_segments: int = DEFAULT_NUM_FRAMES,
+        bound: tuple[float, float] | None = None,
+        max_tiles_per_frame: int = 1,
     ) -> Generator[str, None, GenerationResult]:
         if enable_thinking and system_message is None:  # the InternVL3.5 card's switch (seed card 004)
             system_message = R1_SYSTEM_PROMPT
@@ -178,7 +200,9 @@ class Pipeline:
             seed=seed,
             min_new_tokens=min_new_tokens,
         )
-        request = self.prepare(question, images, history, max_tiles, system_message, max_total_tiles)
+        request = self.prepare(
+            question, images, history, max_tiles, system_message, max_total_tiles, video, num_segments, bound, max_tiles_per_frame
+        )
         input_ids, table, features, table_keys = request.prompt.input_ids, None, request.features, None
         if features.num_tiles:
             table = features.table

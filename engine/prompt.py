@@ -20,6 +20,19 @@ from engine.tokenizer import TextTokenizer
 IMAGE_PLACEHOLDER = "<image>"
 
 
+def frame_prompt(num_frames: int) -> str:
+    """The cards' video prefix: `Frame1: <image>\\nFrame2: <image>\\n…`, one tag per frame."""
+    return "".join(f"Frame{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(num_frames))
+
+
+def video_question(question: str, num_frames: int, first_turn: bool) -> str:
+    """The cards' first video turn: `Frame1: <image>\\n…FrameN: <image>\\n` + question, unless the
+    question places its own tags; later turns find the tags in the history."""
+    if first_turn and IMAGE_PLACEHOLDER not in question:
+        return frame_prompt(num_frames) + question
+    return question
+
+
 class PromptError(ValueError):
     """The request's text and images do not fit together."""
 

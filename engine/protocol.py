@@ -27,10 +27,10 @@ class RequestError(ValueError):
 
 
 # Errors caused by the request itself: every one is a ValueError subclass (engine/preprocess.py
-# ImageError, engine/prompt.py PromptError, engine/sampling_params.py SamplingParamError, ...), and the
-# Triton models report them as "<class>: <message>" (triton_repo/pb.py error_response). Triton core's
-# own input checks ("[request id: …] expected …", "unexpected …") are the request's too.
-REQUEST_ERRORS = ("ValueError", "RequestError", "PromptError", "SamplingParamError", "ImageError")
+# ImageError, engine/video.py VideoError, engine/prompt.py PromptError, engine/sampling_params.py
+# SamplingParamError, ...), and the Triton models report them as "<class>: <message>"
+# (triton_repo/pb.py error_response). Triton core's own input checks ("[request id: …] expected …", "unexpected …") are the request's too.
+REQUEST_ERRORS = ("ValueError", "RequestError", "PromptError", "SamplingParamError", "ImageError", "VideoError")
 _TRITON_INPUT_ERRORS = re.compile(
     r"^(\[request id: [^\]]*\] )?(expected|unexpected|inference input|out of bounds index 0: request has 0 inputs)\b"
 )
@@ -84,6 +84,15 @@ def image_from_element(element: bytes, index: int) -> bytes:
         return base64.b64decode(element, validate=True)
     except (binascii.Error, ValueError):
         return element  # text that is not base64 (e.g. an SVG/PPM): let the decoder judge it
+
+
+# num_frames absent: the frames the cards sample (load_video(..., num_segments=8) in their examples)
+DEFAULT_NUM_FRAMES = 8
+
+
+def video_from_element(element: bytes) -> bytes:
+    """Raw encoded video bytes, or base64 text of them (optionally a `data:...;base64,` URL)."""
+    return image_from_element(element, 0)
 
 
 def parse_history(raw: bytes | str | None) -> list[Turn] | None:

@@ -9,6 +9,8 @@ cards read from decord is reproduced from its source (dmlc/decord src/video/vide
 - frames are RGB24 from FFmpeg's scaler, turned by the display matrix (GetRotation:
   -av_display_rotation_get, only 90/180/270 turn the frame; SetCodecContext's transpose filters).
 
+The prompt side (the cards' `Frame1: <image>\\n…` prefix) is engine/prompt.py's video_question.
+
 `probe` reads the header and the packet index and decodes only the first frame: PyAV exposes the
 display matrix on frames only, and the rotation decides the frame's shape, hence its tiles.
 `read_frames` decodes only what the sampled frames need: it seeks to the keyframe before each one
@@ -34,7 +36,7 @@ from engine.preprocess import ImageError, load_images, tile_grid
 # The demuxers FFmpeg may choose from (format_whitelist): the MP4/MOV, Matroska/WebM, AVI and
 # MPEG-TS containers; never a playlist format (hls, concat) that opens other files or URLs.
 CONTAINERS = "mov,matroska,avi,mpegts"
-_NAMES = "MP4/MOV, MKV/WebM, AVI or MPEG-TS"
+_NAMES = "an MP4/MOV, MKV/WebM, AVI or MPEG-TS"
 
 
 class VideoError(ValueError):
@@ -54,6 +56,13 @@ class VideoLimits:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds!r}")
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> VideoLimits:
+        """The build's limits as a Triton model config carries them (build/settings.py)."""
+        return cls(
+            int(params["max_request_bytes"]), float(params["max_video_seconds"]), int(params["max_video_frames"]), int(params["max_video_pixels"])
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +99,9 @@ def sample_indices(info: VideoInfo, num_segments: int = 8, bound=None, limits: V
     """get_index over the video, after checking num_segments and bound (seconds) against it."""
     # -> frame indices: int64 [num_segments]
     if not isinstance(num_segments, int) or not 1 <= num_segments <= limits.max_frames:
-        raise VideoError(f"num_segments must be an integer in [1, {limits.max_frames}], got {num_segments!r}")
+        raise VideoError(
+            f"the number of frames to sample (num_segments, num_frames) must be an integer in [1, {limits.max_frames}], got {num_segments!r}"
+        )
     max_frame = info.num_frames - 1
     if bound:
         try:
@@ -102,11 +113,6 @@ def sample_indices(info: VideoInfo, num_segments: int = 8, bound=None, limits: V
         if round(start * info.fps) > max_frame or round(end * info.fps) < 0:
             raise VideoError(f"bound {bound!r} lies outside the video (0 to {info.duration:.3f} s)")
     return get_index(bound, info.fps, max_frame, first_idx=0, num_segments=num_segments)
-
-
-def frame_prompt(num_frames: int) -> str:
-    """The cards' video prefix: `Frame1: <image>\\nFrame2: <image>\\n…`, one tag per frame."""
-    return "".join(f"Frame{i + 1}: <image>\n" for i in range(num_frames))
 
 
 def frame_tiles(info: VideoInfo, input_size=448, max_num=1, min_num=1, use_thumbnail=True) -> int:
@@ -186,7 +192,7 @@ def _opened(data: bytes, limits: VideoLimits) -> Iterator[tuple[av.container.Inp
     try:
         container = av.open(io.BytesIO(data), container_options={"format_whitelist": CONTAINERS})
     except av.FFmpegError as e:
-        raise VideoError(f"cannot read video: not a {_NAMES} file, or the file is corrupt ({e.strerror})") from e
+        raise VideoError(f"cannot read video: not {_NAMES} file, or the file is corrupt ({e.strerror})") from e
     with container:
         stream = container.streams.best("video")
         if stream is None:

@@ -5,6 +5,8 @@ Literal, with the cards' own reader: decord's VideoReader opened as the card ope
 transform of tests/reference_preprocess.py (the cards' dynamic_preprocess and build_transform).
 """
 
+import av  # noqa: F401 — before decord: decord's libraries export libvpx's symbols, which would
+# otherwise bind PyAV's libvpx encoder (tests/video_files.py) to decord's older copy
 import numpy as np
 import torch
 from decord import VideoReader, cpu

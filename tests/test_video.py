@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from engine import video
-from engine.video import VideoError, VideoLimits, frame_prompt, frame_tiles, get_index, load_video, probe, read_frames
+from engine.prompt import frame_prompt
+from engine.video import VideoError, VideoLimits, frame_tiles, get_index, load_video, probe, read_frames
 from tests import reference_video
 from tests.video_files import audio_only, encode, frames, remux_every_packet_as_keyframe
 
@@ -73,7 +74,7 @@ def test_sample_indices_refuse_bounds_outside_the_video_and_bad_segment_counts(v
         with pytest.raises(VideoError, match="bound"):
             video.sample_indices(info, 8, bound)
     for num_segments in [0, 33, 2.5]:
-        with pytest.raises(VideoError, match="num_segments"):
+        with pytest.raises(VideoError, match="frames to sample"):
             video.sample_indices(info, num_segments)
     expected = reference_video.get_index(None, 25.0, 39, 0, 40).tolist()
     assert video.sample_indices(info, 40, limits=VideoLimits(max_frames=40)).tolist() == expected
@@ -182,10 +183,10 @@ def test_corrupt_empty_and_unsupported_inputs_are_refused_clearly(videos, tmp_pa
     playlist = b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\n/etc/hostname\n#EXT-X-ENDLIST\n"
     cases = {
         b"": "empty",
-        b"not a video at all" * 50: "not a MP4/MOV, MKV/WebM, AVI or MPEG-TS file",
+        b"not a video at all" * 50: "not an MP4/MOV, MKV/WebM, AVI or MPEG-TS file",
         _truncated(videos["h264_bframes.mp4"][0]): "cannot read video",  # its index (moov) is at the end
-        png.getvalue(): "not a MP4/MOV",
-        playlist: "not a MP4/MOV",  # an HLS playlist would make FFmpeg open the file it names
+        png.getvalue(): "not an MP4/MOV",
+        playlist: "not an MP4/MOV",  # an HLS playlist would make FFmpeg open the file it names
         audio_only(tmp_path / "silence.m4a").read_bytes(): "no video stream",
         _unknown_codec(videos["ffv1_lossless.mkv"][0]): "unsupported video codec",
     }
@@ -212,7 +213,7 @@ def test_limits_refuse_large_long_and_oversized_videos_before_decoding(videos):
     assert probe(path, VideoLimits(max_seconds=1.51)).num_frames == 45  # 45 / 29.97 = 1.5015 s
     with pytest.raises(VideoError, match="320×180 = 57600 pixels; this deployment allows 57599"):
         read_frames(path, [0], VideoLimits(max_pixels=57599))
-    with pytest.raises(VideoError, match="num_segments"):
+    with pytest.raises(VideoError, match="frames to sample"):
         load_video(path, num_segments=9, limits=VideoLimits(max_frames=8))
     with pytest.raises(VideoError, match=r"frame indices must be in \[0, 45\)"):
         read_frames(path, [3, 45])
