@@ -67,7 +67,8 @@ def common_values(config: ModelConfig, settings: BuildSettings) -> dict:
         # CPU: the vision model decodes and tiles the images itself, behind its feature cache
         "preprocess_decodes": "false",
         "vision_image_inputs": "".join(
-            f'\n      input_map {{ key: "{name}" value: "preprocess_{name}" }}' for name in ("image_data", "image_keys", "tile_budget")
+            f'\n      input_map {{ key: "{name}" value: "preprocess_{name}" }}'
+            for name in ("image_data", "image_keys", "tile_budget", "video_data", "frame_indices")
         ),
     }
 

@@ -1,9 +1,10 @@
 """Triton adapter: the images of several requests → one ONNX Runtime run → a prompt table per request,
 with each tile's token count (InternVL3.5-Flash routes each request's tiles on their own).
 
-Images arrive encoded (image_data, with their content keys and the tile budget): the vision-feature
-cache (engine/image_features.py) serves those it holds, and the others are decoded, tiled and encoded
-here, so a cached image costs neither preprocessing nor the encoder. pixel_values (already tiled)
+Images arrive encoded (image_data, with their content keys and the tile budget), or as a video's
+sampled frames (video_data and frame_indices): the vision-feature cache (engine/image_features.py)
+serves those it holds, and the others are decoded, tiled and encoded here, so a cached image or
+frame costs neither preprocessing nor the encoder. pixel_values (already tiled)
 are encoded as they are.
 """
 
@@ -12,6 +13,8 @@ import triton_python_backend_utils as pb_utils
 
 from engine.config import ModelConfig
 from engine.image_features import ImageFeatureSource, RequestImages
+from engine.video import VideoLimits
+from engine.video_frames import video_frames
 from engine.vision import OnnxVisionEncoder
 from triton_repo import allocator, pb
 
@@ -25,6 +28,7 @@ class TritonPythonModel:
         self.encoder = OnnxVisionEncoder(params["onnx_file"], flash=model_config.flash, max_tiles_per_run=int(params["max_tiles_per_run"]))
         self.images = ImageFeatureSource.of(self.encoder, model_config, int(params["cache_bytes"]))
         self.hidden_size = int(params["hidden_size"])
+        self.video_limits = VideoLimits.from_parameters(params)
         self.families = [  # must outlive their metrics
             pb_utils.MetricFamily(
                 name="internvl_vision_cache_hits_total", description="images served from the vision-feature cache", kind=pb_utils.MetricFamily.COUNTER
@@ -48,6 +52,9 @@ class TritonPythonModel:
             try:
                 pixels = pb.item(request, "pixel_values")  # [T_i, 3, S, S]
                 images = pb.strings(request, "image_data")
+                video = pb.strings(request, "video_data")
+                if video:  # a video request: its sampled frames are its images
+                    images = video_frames(video[0], pb.item(request, "frame_indices").tolist(), self.video_limits)
                 if len(pixels):
                     tiled.append((i, pixels))
                 elif images:
