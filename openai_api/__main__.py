@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULTS.max_request_bytes,
         help="largest request body, bytes, refused (413) while it is read; None: from the build's limits in Triton's "
-        "preprocess config, ceil(max_request_bytes × 4/3) + 1 MiB (its images as base64, plus the messages' text), "
+        "preprocess config, ceil(max_request_bytes × 4/3) + 1 MiB (its images or video as base64, plus the messages' text), "
         "and until Triton answers a request with a body gets 503",
     )
     p.add_argument(

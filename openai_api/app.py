@@ -140,9 +140,11 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
             raise APIError(404, f"The model `{body.model}` does not exist.", "model")
         check_values(body)
         conversation = build_conversation(body.messages)
-        images = await loader.load(conversation.images, await request_limits())
+        limits = await request_limits()
+        images = await loader.load(conversation.images, limits)
+        video = await loader.load_video(conversation.video, limits) if conversation.video else None
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        fields = ensemble_fields(body, conversation, images, stream=body.stream)
+        fields = ensemble_fields(body, conversation, images, stream=body.stream, video=video)
         replies = backend.stream(fields, completion_id)
         head = Completion(completion_id, name, int(time.time()))
         if not body.stream:

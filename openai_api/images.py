@@ -1,5 +1,5 @@
-"""Image parts -> encoded image bytes within the build's limits (openai_api/limits.py): data URIs and
-plain base64 are decoded here; remote http(s) URLs are fetched only from hosts the operator
+"""Image parts (and a video part) -> encoded bytes within the build's limits (openai_api/limits.py):
+data URIs and plain base64 are decoded here; remote http(s) URLs are fetched only from hosts the operator
 allow-listed, within a byte and a time limit (openai_api/image_fetch.py). Whether the bytes are an
 image is the ensemble's call (its ImageError is a 400 too)."""
 
@@ -9,7 +9,7 @@ import base64
 import binascii
 import urllib.parse
 
-from openai_api.conversation import ImageRef
+from openai_api.conversation import ImageRef, VideoRef
 from openai_api.errors import bad_request
 from openai_api.image_fetch import FetchError, fetch_image
 from openai_api.limits import RequestLimits
@@ -35,24 +35,31 @@ class ImageLoader:
             loaded.append(data)
         return loaded
 
-    async def load_one(self, image: ImageRef) -> bytes:
+    async def load_video(self, video: VideoRef, limits: RequestLimits) -> bytes:
+        """The video's bytes within the request's byte limit; whether they are a video (and its
+        length, frames and frame size) is the ensemble's call (its VideoError is a 400 too)."""
+        data = await self.load_one(video)
+        limits.check_bytes(len(data), video.where)
+        return data
+
+    async def load_one(self, image: ImageRef | VideoRef) -> bytes:
         url = image.url.url.strip()
         where = image.where
         if url.startswith("data:"):
-            return _decode_data_uri(url, where)
+            return _decode_data_uri(url, where, image.kind)
         scheme = url.partition(":")[0].lower()
         if scheme in ("http", "https"):
-            return await self._fetch(url, where)
+            return await self._fetch(url, where, image.kind)
         if scheme.isalpha() and url[len(scheme) : len(scheme) + 3] == "://":
             raise bad_request(f"{where}: unsupported URL scheme {scheme!r} (use a data URI, base64 or http(s))", where)
-        return _decode_base64(url, where)
+        return _decode_base64(url, where, image.kind)
 
-    async def _fetch(self, url: str, where: str) -> bytes:
+    async def _fetch(self, url: str, where: str, kind: str) -> bytes:
         host = (urllib.parse.urlsplit(url).hostname or "").lower()
         if host not in self.allowed_hosts:
             raise bad_request(
-                f"{where}: remote image URLs are refused unless the server allows their host "
-                f"(--allow-image-host); {host!r} is not allowed. Send the image as a base64 data URI.",
+                f"{where}: remote {kind} URLs are refused unless the server allows their host "
+                f"(--allow-image-host); {host!r} is not allowed. Send the {kind} as a base64 data URI.",
                 where,
             )
         try:
@@ -63,18 +70,19 @@ class ImageLoader:
             raise bad_request(f"{where}: could not fetch {url}: {e}", where) from None
 
 
-def _decode_data_uri(url: str, where: str) -> bytes:
+def _decode_data_uri(url: str, where: str, kind: str) -> bytes:
     header, comma, payload = url[len("data:") :].partition(",")
     if not comma or not header.endswith(";base64"):
-        raise bad_request(f"{where}: a data URI must look like data:image/png;base64,<data>", where)
-    return _decode_base64(payload, where)
+        example = "image/png" if kind == "image" else "video/mp4"
+        raise bad_request(f"{where}: a data URI must look like data:{example};base64,<data>", where)
+    return _decode_base64(payload, where, kind)
 
 
-def _decode_base64(text: str, where: str) -> bytes:
+def _decode_base64(text: str, where: str, kind: str) -> bytes:
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise bad_request(f"{where}: invalid base64 image data", where) from None
+        raise bad_request(f"{where}: invalid base64 {kind} data", where) from None
     if not data:
-        raise bad_request(f"{where}: empty image", where)
+        raise bad_request(f"{where}: empty {kind}", where)
     return data

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from engine.sampling_params import SamplingParamError, SamplingParams
-from openai_api.conversation import Conversation
+from openai_api.conversation import NUM_FRAMES, Conversation
 from openai_api.errors import bad_request
 from openai_api.schema import ChatCompletionRequest
 from openai_api.triton import Fields
@@ -48,11 +48,13 @@ def check_values(body: ChatCompletionRequest) -> None:
         raise bad_request(str(e), param) from None
 
 
-def ensemble_fields(body: ChatCompletionRequest, conversation: Conversation, images: list[bytes], stream: bool) -> Fields:
+def ensemble_fields(body: ChatCompletionRequest, conversation: Conversation, images: list[bytes], stream: bool, video: bytes | None = None) -> Fields:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
     thinking = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None
     optional = {
         "image_bytes": ("BYTES", images or None),
+        "video_bytes": ("BYTES", video),
+        "num_frames": ("INT32", None if video is None else NUM_FRAMES),
         "max_tokens": ("INT32", max_tokens(body)),
         "temperature": ("FP32", body.temperature),
         "top_p": ("FP32", body.top_p),

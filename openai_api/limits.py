@@ -14,7 +14,7 @@ from PIL import Image
 from openai_api.conversation import ImageRef
 from openai_api.errors import APIError, bad_request
 
-# Body bytes beyond the images' base64: the messages' text, the JSON around it, data-URI prefixes.
+# Body bytes beyond the images' (or the video's) base64: the messages' text, the JSON around it, data-URI prefixes.
 TEXT_ROOM = 1 << 20
 # What PIL raises for data it cannot read as an image; the ensemble's decoder then says why (400).
 _UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error)
@@ -24,7 +24,7 @@ _UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 class RequestLimits:
     max_images: int  # image parts per request
     max_image_pixels: int  # width × height of each image, read from its header
-    max_image_bytes: int  # encoded bytes of all the request's images (the build's max_request_bytes)
+    max_image_bytes: int  # encoded bytes of all the request's images, or of its video (the build's max_request_bytes)
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> RequestLimits:
@@ -35,7 +35,8 @@ class RequestLimits:
 
     @property
     def body_bytes(self) -> int:
-        """The default body limit (--max-request-bytes): every image as base64 (4/3 of its bytes) plus TEXT_ROOM."""
+        """The default body limit (--max-request-bytes): every image, or the video, as base64 (4/3 of
+        its bytes) plus TEXT_ROOM."""
         return math.ceil(self.max_image_bytes * 4 / 3) + TEXT_ROOM
 
     def check_count(self, images: list[ImageRef]) -> None:
@@ -43,11 +44,10 @@ class RequestLimits:
             raise bad_request(f"the request has {len(images)} images; this deployment allows {self.max_images}", "messages")
 
     def check_bytes(self, total: int, where: str) -> None:
-        """total: the bytes of the request's images up to the one at `where`."""
+        """total: the bytes of the request's images up to the one at `where` (or of its video)."""
         if total > self.max_image_bytes:
-            raise bad_request(
-                f"the request's images up to {where} hold {total} bytes; this deployment allows {self.max_image_bytes} per request", "messages"
-            )
+            what = f"video ({where}) has" if where.endswith("video_url") else f"images up to {where} hold"
+            raise bad_request(f"the request's {what} {total} bytes; this deployment allows {self.max_image_bytes} per request", "messages")
 
     def check_pixels(self, data: bytes, where: str) -> None:
         """Reads only the image's header (PIL decodes nothing before asked)."""

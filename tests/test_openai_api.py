@@ -68,7 +68,7 @@ def test_images_go_before_the_text_vllm_style_and_history_keeps_its_images():
     assert [(i.url.url, i.param) for i in conv.images] == [("A", "messages[1].content[1]"), ("B", "messages[1].content[2]"), ("C", "messages[3].content[1]")]
     assert conv.max_tiles == 1  # one "low" image: the smallest budget wins
     assert _conversation([{"role": "user", "content": [_image("A", "high")]}]).max_tiles is None
-    assert vars(_conversation([{"role": "user", "content": "Hi"}])) == {"question": "Hi", "history": [], "system_prompt": None, "images": []}
+    assert vars(_conversation([{"role": "user", "content": "Hi"}])) == {"question": "Hi", "history": [], "system_prompt": None, "images": [], "video": None}
 
 
 def _turns(*roles: str) -> list[dict]:
