@@ -199,9 +199,10 @@ def _python_blocks(path: Path) -> list[str]:
 def test_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
     """In a directory laid out as after `make build`: the generated demo checkpoint (without an ONNX
     of its own) in artifacts/checkpoints/tiny-qwen3, the build in artifacts/build, and the images
-    the example names."""
+    and the video the example names."""
     from build.checkpoint import generate
     from build.repository import build
+    from tests.video_files import encode, frames
 
     blocks = _python_blocks(ROOT / "README.md")
     assert blocks
@@ -212,6 +213,7 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
     shutil.copy(SAMPLE, tmp_path / "photo.jpg")
     shutil.copy(SAMPLE, tmp_path / "a.jpg")
     Image.open(SAMPLE).resize((320, 640)).save(tmp_path / "b.png")
+    encode(tmp_path / "clip.mp4", frames(30, 320, 180), 25)
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         namespace: dict = {"__name__": "readme"}
