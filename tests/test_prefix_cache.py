@@ -293,3 +293,19 @@ def test_second_turn_is_exact_on_sliding_window_sinks_and_moe_decoders(family, s
     run(engine, {"first": (turn, GREEDY)})
     assert run(engine, {"second": (second, GREEDY)})[0]["second"] == expected
     assert engine.prefix_hit_tokens == full_blocks(len(turn.ids))
+
+
+# ------------------------------------------------------------------ configuration
+
+
+def test_the_build_setting_reaches_the_llm_model_and_defaults_as_the_engine_does(qwen3, tmp_path):
+    from build.repository import common_values, write_repository
+    from build.settings import BuildSettings
+    from engine.llm.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
+
+    assert BuildSettings().prefix_cache_mib << 20 == DEFAULT_PREFIX_CACHE_BYTES
+    values = common_values(qwen3.cfg, BuildSettings(prefix_cache_mib=0))
+    write_repository(tmp_path, "cpu", {**values, "onnx_file": str(tmp_path / "vision_encoder.onnx")})
+    assert 'key: "prefix_cache_mib" value: { string_value: "0" }' in (tmp_path / "llm" / "config.pbtxt").read_text()
+    with pytest.raises(ValueError, match="prefix_cache_mib"):
+        BuildSettings(prefix_cache_mib=-1)
