@@ -48,6 +48,10 @@ TARGET_MODELS = {
     },
 }
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
+# CPU: what the vision model decodes on a feature-cache miss (encoded images, or a video and its
+# frame numbers), with the content keys and the tile budget; the GPU preprocess decodes, so its
+# ensemble maps none of them but the keys (which also reach the LLM step)
+VISION_DECODE_INPUTS = ("image_data", "image_keys", "tile_budget", "video_data", "frame_indices")
 
 
 def common_values(config: ModelConfig, settings: BuildSettings) -> dict:
@@ -66,10 +70,10 @@ def common_values(config: ModelConfig, settings: BuildSettings) -> dict:
         "llm_tile_tokens": '\n      input_map { key: "tile_tokens" value: "vision_tile_tokens" }' if config.flash else "",
         # CPU: the vision model decodes and tiles the images itself, behind its feature cache
         "preprocess_decodes": "false",
-        "vision_image_inputs": "".join(
-            f'\n      input_map {{ key: "{name}" value: "preprocess_{name}" }}'
-            for name in ("image_data", "image_keys", "tile_budget", "video_data", "frame_indices")
+        "preprocess_image_outputs": "".join(
+            f'\n      output_map {{ key: "{name}" value: "preprocess_{name}" }}' for name in VISION_DECODE_INPUTS if name != "image_keys"
         ),
+        "vision_image_inputs": "".join(f'\n      input_map {{ key: "{name}" value: "preprocess_{name}" }}' for name in VISION_DECODE_INPUTS),
     }
 
 
@@ -95,6 +99,7 @@ def gpu_values(config: ModelConfig, settings: BuildSettings, gpu: GpuSettings, v
         "vision_output": vision_metadata["output"]["name"],
         # GPU: the TensorRT plan takes tiles, so preprocess decodes (no vision-feature cache there yet)
         "preprocess_decodes": "true",
+        "preprocess_image_outputs": "",
         "vision_image_inputs": "",
         "prompt_table_dtype": TRITON_DTYPES[gpu.dtype],
         "vision_gpus": ", ".join(map(str, gpu.vision_gpus)),
