@@ -35,8 +35,10 @@ def encode(
         if rotation is not None:
             stream.set_display_rotation(rotation)
         sound = container.add_stream("aac", rate=16000) if audio else None
-        for image in pixels:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        for i, image in enumerate(pixels):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = i, 1 / Fraction(fps)
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())
         if sound is not None:
             silence = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="fltp", layout="mono")
