@@ -58,14 +58,24 @@ def test_gpu_repository_parses_and_wires_the_ensemble(tiny, tmp_path, dtype):
 
 
 def test_same_ensemble_and_pre_and_postprocessing_as_the_cpu_target(tiny, tmp_path):
-    from build.repository import build
+    """The same models and wiring on both targets, but for one documented difference: on CPU the vision
+    model decodes behind its feature cache (preprocess passes it the encoded images, VISION_DECODE_INPUTS),
+    while the GPU preprocess decodes for the TensorRT plan (decodes_images)."""
+    from build.repository import VISION_DECODE_INPUTS, build
 
     write_gpu_repository(tiny, tmp_path / "gpu")
     build(tiny, tmp_path / "cpu")
-    for model in ("internvl", "preprocess", "postprocess"):
-        cpu, gpu = ((tmp_path / t / "model_repository" / model / "config.pbtxt").read_text() for t in ("cpu", "gpu"))
-        assert cpu == gpu, model
-    cpu_llm, gpu_llm = (parse_configs(tmp_path / t / "model_repository", ["llm"])["llm"] for t in ("cpu", "gpu"))
+    cpu, gpu = (parse_configs(tmp_path / t / "model_repository", ["internvl", "preprocess", "postprocess", "llm"]) for t in ("cpu", "gpu"))
+    assert cpu["postprocess"] == gpu["postprocess"]
+    decodes = {target: c["preprocess"].parameters.pop("decodes_images").string_value for target, c in (("cpu", cpu), ("gpu", gpu))}
+    assert decodes == {"cpu": "false", "gpu": "true"} and cpu["preprocess"] == gpu["preprocess"]
+    for cpu_step, gpu_step in zip(cpu["internvl"].ensemble_scheduling.step, gpu["internvl"].ensemble_scheduling.step, strict=True):
+        assert cpu_step.model_name == gpu_step.model_name
+        cpu_only = set(VISION_DECODE_INPUTS) if cpu_step.model_name == "vision_encoder" else set()
+        assert {k: v for k, v in cpu_step.input_map.items() if k not in cpu_only} == dict(gpu_step.input_map)
+        cpu_only = set(VISION_DECODE_INPUTS) - {"image_keys"} if cpu_step.model_name == "preprocess" else set()
+        assert {k: v for k, v in cpu_step.output_map.items() if k not in cpu_only} == dict(gpu_step.output_map)
+    cpu_llm, gpu_llm = cpu["llm"], gpu["llm"]
     assert [(t.name, t.data_type) for t in cpu_llm.output] == [(t.name, t.data_type) for t in gpu_llm.output]
     # tile_tokens: InternVL3.5-Flash's per-tile token counts, served on the CPU target only (build_gpu refuses flash)
     assert {t.name for t in cpu_llm.input} - {"tile_tokens"} == {t.name for t in gpu_llm.input}
