@@ -1,4 +1,4 @@
-"""Command line: python -m client.bench_components [--out DIR] [--quick] [--only pre,vision,llm,triton]"""
+"""Command line: python -m client.bench_components [--out DIR] [--quick] [--only pre,vision,llm,triton,cache]"""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import client.bench_components
+from client.bench_components.cache import bench_cache
 from client.bench_components.common import HEALTH, PROBE, ROOT, TARGETS, THREADS, cpu_times, log, machine_info, probe_machine
 from client.bench_components.llm import bench_llm
 from client.bench_components.preprocess import bench_preprocess
@@ -23,10 +24,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m client.bench_components", description=client.bench_components.__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench", help="results + cached artifacts (default artifacts/bench)")
     parser.add_argument("--quick", action="store_true", help="small repetition counts: a smoke run")
-    parser.add_argument("--only", default="pre,vision,llm,triton", help="comma-separated sections (default: all)")
+    parser.add_argument("--only", default="pre,vision,llm,triton,cache", help="comma-separated sections (default: all)")
     args = parser.parse_args()
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(sections) - {"pre", "vision", "llm", "triton"}
+    unknown = set(sections) - {"pre", "vision", "llm", "triton", "cache"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     out = args.out.resolve()
@@ -44,7 +45,13 @@ def main() -> None:
     PROBE.update(results["probe_start"])
     HEALTH.wait_budget_s = 20.0 if args.quick else 90.0
     HEALTH.probe("start")
-    runners = {"pre": ("preprocess", bench_preprocess), "vision": ("vision", bench_vision), "llm": ("llm", bench_llm), "triton": ("triton", bench_triton)}
+    runners = {
+        "pre": ("preprocess", bench_preprocess),
+        "vision": ("vision", bench_vision),
+        "llm": ("llm", bench_llm),
+        "triton": ("triton", bench_triton),
+        "cache": ("cache", bench_cache),
+    }
     for section in sections:
         key, runner = runners[section]
         section_start = time.perf_counter()
