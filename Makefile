@@ -64,7 +64,7 @@ bench: build
 
 # Component speed ratios (preprocess, vision encoder, LLM decode, Triton TTFT overhead) in one run.
 bench-components: setup
-	$(PY) -m client.bench_components --out artifacts/bench $(BENCH_ARGS)
+	$(PY) -m bench_components --out artifacts/bench $(BENCH_ARGS)
 
 SERVER := $(if $(filter gpu,$(TARGET)),launcher.gpu --tritonserver $(TRITONSERVER),launcher.server)
 serve: setup

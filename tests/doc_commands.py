@@ -25,7 +25,7 @@ HELP_EXAMPLES = [ROOT / "client" / "chat.py"]  # its docstring is `python -m cli
 SAMPLE = ROOT / "client" / "samples" / "lake_house.jpg"
 PYTHONS = {"python", "python3", ".venv/bin/python"}
 COMMAND_WORDS = PYTHONS | {"make", "curl", "mpirun", "docker", "tritonserver"}
-PROJECT = ("build", "client", "triton_repo", "launcher", "engine", "openai_api")
+PROJECT = ("build", "client", "bench_components", "triton_repo", "launcher", "engine", "openai_api")
 SHELL_FENCES = {"", "sh", "bash", "shell", "console"}
 PLACEHOLDER = re.compile(r"<(?!image>)[^<>\s][^<>]*>")  # <dir>, <internvl checkpoint>; not the <image> tag
 CAPS_PLACEHOLDER = re.compile(r"(?<![\w=/.$-])[A-Z]{1,5}(?![\w=])")  # DIR, FILE, N (not MODEL=…)
@@ -90,9 +90,9 @@ def _runnable_module(name: str) -> bool:
 def module_ref(span: str) -> str | None:
     """`build.trt_vision` or `build/export_vision.py …` names a runnable module of this project."""
     name = None
-    if re.fullmatch(r"(build|client|triton_repo|launcher)\.\w+(\.\w+)?", span):
+    if re.fullmatch(r"(build|client|bench_components|triton_repo|launcher)\.\w+(\.\w+)?", span):
         name = span
-    elif match := re.fullmatch(r"(build|client|triton_repo|launcher)/(\w+)\.py", span.split()[0]):
+    elif match := re.fullmatch(r"(build|client|bench_components|triton_repo|launcher)/(\w+)\.py", span.split()[0]):
         name = f"{match[1]}.{match[2]}"
     return name if name and _runnable_module(name) else None
 

@@ -41,6 +41,17 @@ def test_packages_import_only_what_their_job_needs(package):
     assert not wrong
 
 
+def test_client_speaks_only_triton_protocols():
+    """In-process benchmarks (engine's Pipeline, LLM engine, vision encoder) live in bench_components/."""
+    in_process = {
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in (ROOT / "client").rglob("*.py")
+        for name in _imports(path)
+        if name.startswith(("engine.pipeline", "engine.llm", "engine.vision"))
+    }
+    assert not in_process and not (ROOT / "client" / "bench_components").exists()
+
+
 def test_the_launcher_is_outside_the_model_repository():
     assert not {"server.py", "launch_gpu.py", "kube_exec.py"} & {p.name for p in (ROOT / "triton_repo").glob("*.py")}
     assert {"server.py", "gpu.py", "kube_exec.py", "openai_process.py"} <= {p.name for p in (ROOT / "launcher").glob("*.py")}

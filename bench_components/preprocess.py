@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 
-from client.bench_components.common import ROOT, THREADS, log, race
+from bench_components.common import ROOT, THREADS, log, race
 from client.synthetic import synthetic_image
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from client.bench_components.common import TARGETS
+from bench_components.common import TARGETS
 
 
 def throttle_flag(*summaries) -> str:

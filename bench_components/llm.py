@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.bench_components.common import CKPT_1B, HEALTH, THREADS, timeit, log, memory_bandwidth, race, summary
+from bench_components.common import CKPT_1B, HEALTH, THREADS, timeit, log, memory_bandwidth, race, summary
 
 
 def decode_weight_bytes(model) -> dict:

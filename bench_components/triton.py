@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from client.bench_components.common import CKPT_1B, CKPT_TINY, HEALTH, SAMPLE_IMAGE, log, summary
+from bench_components.common import CKPT_1B, CKPT_TINY, HEALTH, SAMPLE_IMAGE, log, summary
 from client.synthetic import synthetic_image
 
 

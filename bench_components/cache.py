@@ -7,7 +7,7 @@ import gc
 import itertools
 from pathlib import Path
 
-from client.bench_components.common import CKPT_1B, SAMPLE_IMAGE, log, race
+from bench_components.common import CKPT_1B, SAMPLE_IMAGE, log, race
 from client.synthetic import synthetic_image
 
 

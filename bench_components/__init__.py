@@ -1,6 +1,6 @@
 """Component benchmarks, side by side in one run: preprocessing, vision encoder, LLM decode, Triton TTFT.
 
-    python -m client.bench_components [--out DIR] [--quick] [--only pre,vision,llm,triton]
+    python -m bench_components [--out DIR] [--quick] [--only pre,vision,llm,triton]
 
 Writes DIR/components.json (default artifacts/bench) and prints a table: every measured number with
 its target and whether it is met. All timings exclude warm-up runs and report the median (and min)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.bench_components.common import CKPT_1B, PROBE, THREADS, log, race
+from bench_components.common import CKPT_1B, PROBE, THREADS, log, race
 from client.synthetic import synthetic_image
 
 

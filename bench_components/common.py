@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CKPT_1B = ROOT / "artifacts" / "checkpoints" / "internvl3_5-1b"
 CKPT_TINY = ROOT / "artifacts" / "checkpoints" / "tiny-qwen3"
 SAMPLE_IMAGE = ROOT / "client" / "samples" / "lake_house.jpg"

@@ -1,4 +1,4 @@
-"""Command line: python -m client.bench_components [--out DIR] [--quick] [--only pre,vision,llm,triton,cache]"""
+"""Command line: python -m bench_components [--out DIR] [--quick] [--only pre,vision,llm,triton,cache]"""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ import sys
 import time
 from pathlib import Path
 
-import client.bench_components
-from client.bench_components.cache import bench_cache
-from client.bench_components.common import HEALTH, PROBE, ROOT, TARGETS, THREADS, cpu_times, log, machine_info, probe_machine
-from client.bench_components.llm import bench_llm
-from client.bench_components.preprocess import bench_preprocess
-from client.bench_components.report import print_table, table_rows
-from client.bench_components.triton import bench_triton
-from client.bench_components.vision import bench_vision
+import bench_components
+from bench_components.cache import bench_cache
+from bench_components.common import HEALTH, PROBE, ROOT, TARGETS, THREADS, cpu_times, log, machine_info, probe_machine
+from bench_components.llm import bench_llm
+from bench_components.preprocess import bench_preprocess
+from bench_components.report import print_table, table_rows
+from bench_components.triton import bench_triton
+from bench_components.vision import bench_vision
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m client.bench_components", description=client.bench_components.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench_components", description=bench_components.__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench", help="results + cached artifacts (default artifacts/bench)")
     parser.add_argument("--quick", action="store_true", help="small repetition counts: a smoke run")
     parser.add_argument("--only", default="pre,vision,llm,triton,cache", help="comma-separated sections (default: all)")
@@ -38,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
     cpu_start = cpu_times()
-    results = {"command": " ".join([Path(sys.executable).name, "-m", "client.bench_components", *sys.argv[1:]]), "quick": args.quick}
+    results = {"command": " ".join([Path(sys.executable).name, "-m", "bench_components", *sys.argv[1:]]), "quick": args.quick}
     results["machine"] = machine_info()
     log(f"machine: {results['machine']['cpu']}, {THREADS} cpus, {results['machine']['mem_gb']} GB, SIMD {results['machine']['simd']}")
     results["probe_start"] = probe_machine("start")
