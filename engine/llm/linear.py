@@ -4,7 +4,7 @@ Decode multiplies a few rows by every weight matrix, so a step is bound by how f
 stream from memory. On this project's CPUs (2-core EPYC, AVX2) `F.linear` (MKL sgemm on a
 row-major weight) reads weights at ~16-17 GB/s for one row and ~6-8 GB/s for 2-8 rows; the same
 matmul on a weight reordered by oneDNN reads at ~22-30 GB/s for 1 row and ~16-26 GB/s for 2-8
-rows (`python -m client.bench_components --only llm`, the "gate|up weight matmuls" rows; see
+rows (`python -m bench_components --only llm`, the "gate|up weight matmuls" rows; see
 docs/PERFORMANCE.md), and is as fast as sgemm for prefill-sized batches. The packing hint is the
 row count oneDNN tiles for; 8 (the default in-flight batch) cost ~5-10% at 1 row against a hint
 of 1 and won at 4-8 rows in a one-off sweep of hints 1/2/4/8/16.
