@@ -22,6 +22,7 @@ QUANT_ALGOS = {
 }
 QUANTIZATIONS = tuple(QUANT_ALGOS)
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
+LLM_WEIGHTS = ("float32", "float16")  # engine/llm/precision.py accepts the same (kept torch-free here)
 GPU_DTYPES = ("float16", "bfloat16")
 
 
@@ -47,10 +48,17 @@ class BuildSettings:
     vision_cache_mib: int = _setting(256, "CPU vision model: MiB of projected image features kept by content key (0: off)")
     vision_queue_delay_us: int = _setting(0, "vision dynamic-batching delay; requests arriving during a run still batch, waiting only adds TTFT")
     prefix_cache_mib: int = _setting(1024, "CPU LLM: MiB of K/V kept for prefix reuse across requests (0: off)")
+    llm_weights: str = _setting(
+        "float32", "CPU LLM: stored weight precision, activations fp32 (float16 halves the bytes read per token; int8 not yet)"
+    )
 
     def __post_init__(self):
+        if self.llm_weights not in LLM_WEIGHTS:
+            raise ValueError(f"llm_weights must be one of {LLM_WEIGHTS} (int8 is not supported yet), got {self.llm_weights!r}")
         for f in fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, str):
+                continue
             if value < (0 if f.name in ("vision_queue_delay_us", "prefix_cache_mib", "vision_cache_mib") else 1):
                 raise ValueError(f"{f.name} must be positive, got {value}")
 
@@ -116,7 +124,7 @@ class GpuSettings:
         return self.tp_size * self.pp_size
 
 
-_CHOICES = {"dtype": GPU_DTYPES, "quantization": QUANTIZATIONS, "batch_scheduler_policy": SCHEDULER_POLICIES}
+_CHOICES = {"llm_weights": LLM_WEIGHTS, "dtype": GPU_DTYPES, "quantization": QUANTIZATIONS, "batch_scheduler_policy": SCHEDULER_POLICIES}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -9,6 +9,13 @@ docs/PERFORMANCE.md), and is as fast as sgemm for prefill-sized batches. The pac
 row count oneDNN tiles for; 8 (the default in-flight batch) cost ~5-10% at 1 row against a hint
 of 1 and won at 4-8 rows in a one-off sweep of hints 1/2/4/8/16.
 Other dtypes and builds without oneDNN keep the plain weight and `F.linear`.
+
+float16 weights (`llm_weights="float16"`, engine/llm/precision.py) go to FBGEMM's packed fp16 GEMM
+(`quantized.linear_prepack_fp16` once at load, `quantized.linear_dynamic_fp16` per call): fp32
+activations in and out, each weight converted to fp32 in registers, fp32 accumulation, so the
+result is the fp32 product of the fp16-rounded weight; it reads half the bytes of the fp32 path.
+On this project's CPUs (no AVX512-FP16) oneDNN refuses fp16 weights and `F.linear` in fp16 runs a
+slow generic kernel (docs/PERFORMANCE.md, "LLM weights in float16").
 """
 
 from __future__ import annotations
@@ -39,19 +46,26 @@ def onednn_packing_available(dtype: torch.dtype) -> bool:
 
 
 class Linear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        # weight: [out, in]; bias: [out] or None
-        self.nbytes = weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, half: bool = False):
+        # weight: [out, in]; bias: [out] or None; half: store the weight as float16 (fp32 activations),
+        # its values already checked to fit (engine/llm/precision.py)
         self.bias = bias
         self.out_features = weight.shape[0]
-        self.packed = onednn_packing_available(weight.dtype)
-        if self.packed:
+        bias_bytes = 0 if bias is None else bias.numel() * bias.element_size()
+        self.nbytes = weight.numel() * (2 if half else weight.element_size()) + bias_bytes
+        self.half = half
+        self.packed = not half and onednn_packing_available(weight.dtype)
+        if half:
+            self.weight = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), None if bias is None else bias.float())
+        elif self.packed:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS_HINT)
         else:
             self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, in] -> [N, out]
+        if self.half:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.weight)
         if not self.packed:
             return F.linear(x, self.weight, self.bias)
         if x.shape[0] <= BLOCK_ROWS:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from engine.text_config import TextConfig
 from engine.llm.linear import Linear
 from engine.llm.moe import SparseMoE
+from engine.llm.precision import check_half_range, check_llm_weights
 from engine.llm.rope import rope_tables
 from engine.weights import load_weights
 
@@ -61,13 +62,19 @@ class DecoderLM:
         weights: dict[str, torch.Tensor],  # decoder weights, names without "language_model."
         lm_head: torch.Tensor | None,
         dtype: torch.dtype = torch.float32,
+        llm_weights: str = "float32",  # or "float16": engine/llm/precision.py
     ):
         self.config = config
         self.dtype = dtype
+        self.llm_weights = llm_weights
+        half = check_llm_weights(llm_weights, dtype)
+        if half:
+            check_half_range({**weights, **({} if lm_head is None else {"lm_head.weight": lm_head})})
         c = config
-        self.embed = weights["embed_tokens.weight"]  # [vocab, H], dense: rows are looked up
         self.tied_embeddings = lm_head is None
-        self.lm_head = Linear(self.embed if lm_head is None else lm_head)
+        self.lm_head = Linear(weights["embed_tokens.weight"] if lm_head is None else lm_head, half=half)
+        # [vocab, H], dense: rows are looked up (and cast to fp32 when stored in fp16)
+        self.embed = weights["embed_tokens.weight"].half() if half else weights["embed_tokens.weight"]
         self.final_norm = weights["norm.weight"]
         self.layers = []
         for i in range(c.num_layers):
@@ -79,9 +86,9 @@ class DecoderLM:
                 "in_norm": w("input_layernorm.weight"),
                 "post_norm": w("post_attention_layernorm.weight"),
                 # Fused projections: one matmul for q|k|v and one for gate|up.
-                "qkv": Linear(torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")]), qkv_bias),
+                "qkv": Linear(torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")]), qkv_bias, half),
                 # Llama's attention_bias also puts a bias on o_proj (Qwen2's does not): load what is stored
-                "o": Linear(w("self_attn.o_proj.weight"), weights.get(f"layers.{i}.self_attn.o_proj.bias")),
+                "o": Linear(w("self_attn.o_proj.weight"), weights.get(f"layers.{i}.self_attn.o_proj.bias"), half),
                 "gate_up": None,
                 "down": None,
                 "moe": None,
@@ -91,25 +98,26 @@ class DecoderLM:
                 "window": c.sliding_window if i in c.sliding_layers else 0,
             }
             if i in c.sparse_layers and c.model_type == "gpt_oss":
-                layer["moe"] = SparseMoE.from_gpt_oss_weights(w, c.num_experts_per_tok, c.swiglu_limit, c.swiglu_alpha)
+                layer["moe"] = SparseMoE.from_gpt_oss_weights(w, c.num_experts_per_tok, c.swiglu_limit, c.swiglu_alpha, half)
             elif i in c.sparse_layers:
-                layer["moe"] = SparseMoE.from_weights(w, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob)
+                layer["moe"] = SparseMoE.from_weights(w, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, half)
             else:
                 gate_up_bias = None
                 if f"layers.{i}.mlp.gate_proj.bias" in weights:  # Llama's mlp_bias
                     gate_up_bias = torch.cat([w("mlp.gate_proj.bias"), w("mlp.up_proj.bias")])
-                layer["gate_up"] = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]), gate_up_bias)
-                layer["down"] = Linear(w("mlp.down_proj.weight"), weights.get(f"layers.{i}.mlp.down_proj.bias"))
+                layer["gate_up"] = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]), gate_up_bias, half)
+                layer["down"] = Linear(w("mlp.down_proj.weight"), weights.get(f"layers.{i}.mlp.down_proj.bias"), half)
             if c.qk_norm:
                 layer["q_norm"], layer["k_norm"] = w("self_attn.q_norm.weight"), w("self_attn.k_norm.weight")
             self.layers.append(layer)
         self._cos, self._sin = rope_tables(c, dtype)  # [max_pos, head_dim]
 
     @classmethod
-    def from_pretrained(cls, path, config: TextConfig, dtype: torch.dtype = torch.float32) -> DecoderLM:
+    def from_pretrained(cls, path, config: TextConfig, dtype: torch.dtype = torch.float32, llm_weights: str = "float32") -> DecoderLM:
+        check_llm_weights(llm_weights, dtype)  # before reading gigabytes
         weights = load_weights(path, "language_model.", dtype)
         lm_head = load_weights(path, "lm_head.", dtype, required=False).get("weight")
-        return cls(config, weights, lm_head, dtype)
+        return cls(config, weights, lm_head, dtype, llm_weights)
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.config, capacity, self.dtype)
@@ -119,7 +127,7 @@ class DecoderLM:
         ids = seq.token_ids
         fake = ids >= self.config.vocab_size
         if not bool(fake.any()):
-            return self.embed[ids]
+            return self.embed[ids].to(self.dtype)
         if seq.prompt_table is None:
             raise ValueError("input_ids hold prompt-table ids but the request has no prompt table")
         rows = ids[fake] - self.config.vocab_size
@@ -127,7 +135,7 @@ class DecoderLM:
             raise ValueError(
                 f"input_ids index prompt-table row {int(rows.max())} but the table has {seq.prompt_table.shape[0]} rows"
             )
-        x = self.embed[ids.masked_fill(fake, 0)]
+        x = self.embed[ids.masked_fill(fake, 0)].to(self.dtype)
         x[fake] = seq.prompt_table[rows].to(self.dtype)
         return x
 

@@ -41,7 +41,7 @@ class TritonPythonModel:
         model_config = ModelConfig.from_pretrained(params["checkpoint"])
         self.vocab_size, self.tokens_per_tile = model_config.text.vocab_size, model_config.vision.tokens_per_tile
         engine = LLMEngine(
-            DecoderLM.from_pretrained(params["checkpoint"], model_config.text),
+            DecoderLM.from_pretrained(params["checkpoint"], model_config.text, llm_weights=params["llm_weights"]),
             model_config.stop_token_id,
             max_batch_size=int(params["max_batch_size"]),
             max_num_tokens=int(params["max_num_tokens"]),
