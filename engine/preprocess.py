@@ -21,12 +21,18 @@ from functools import lru_cache, partial
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from engine import resize
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)[:, None, None]  # [3, 1, 1]
 _STD = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None]  # [3, 1, 1]
 
-_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="preprocess")
+_WORKERS = os.cpu_count() or 1
+_POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="preprocess")
+# A grid resize whose intermediate image has fewer pixels than this runs as one call: thread hand-offs
+# would cost more than they save.
+_SPLIT_MIN_PIXELS = 1 << 18
 
 # What PIL raises for corrupt, truncated or unrecognised data.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
@@ -145,6 +151,22 @@ def _write_tiles(out, tiles):
         _normalize(out, pixels)
 
 
+def _write_columns(out, pixels, x0):
+    # pixels: uint8 [rows*S, width, 3], the grid image's columns x0 .. x0 + width
+    # -> out: [rows, cols, 3, S, S], those columns of its tiles written in place (as _write_tiles does)
+    rows, _, _, s, _ = out.shape
+    pixels = pixels.reshape(rows, s, -1, 3)  # [rows, S, width, 3]
+    x1 = x0 + pixels.shape[2]
+    for c in range(x0 // s, -(-x1 // s)):  # the tile columns these pixels reach into
+        lo, hi = max(x0, c * s), min(x1, (c + 1) * s)
+        part = pixels[:, :, lo - x0 : hi - x0].transpose(0, 3, 1, 2)  # [rows, 3, S, hi - lo]
+        dest = out[:, c, :, :, lo - c * s : hi - c * s]
+        if out.dtype == np.uint8:
+            dest[...] = part
+        else:
+            _normalize(dest, part)
+
+
 def _thumbnail_into(out, im):
     # im: RGB PIL image -> out: [1, 1, 3, S, S]
     s = out.shape[-1]
@@ -155,9 +177,15 @@ def _fill(out, im, cols, rows, overlap):
     # im: RGB PIL image -> out: [T, 3, S, S]: grid tiles row-major, then the thumbnail if T > cols*rows
     s = out.shape[-1]
     thumbnail = partial(_thumbnail_into, out[-1:, None], im) if len(out) > cols * rows else None
-    # Both resizes only read the image and release the GIL, so the pool can do the thumbnail meanwhile.
+    # Both resizes only read the image and release the GIL, so the pool can do the thumbnail meanwhile;
+    # the grid resize itself is split over the pool where that is exact (engine/resize.py).
     future = _POOL.submit(thumbnail) if overlap and thumbnail else None
-    _write_tiles(out[: cols * rows].reshape(rows, cols, 3, s, s), im.resize((cols * s, rows * s)))
+    size, grid_out = (cols * s, rows * s), out[: cols * rows].reshape(rows, cols, 3, s, s)
+    if overlap and resize.worth_splitting(im, size, _SPLIT_MIN_PIXELS):  # each thread writes its columns' tiles
+        write = lambda x0, strip: _write_columns(grid_out, np.asarray(strip), x0)
+        resize.resize_strips(im, size, _POOL, resize.splits(size[0], _WORKERS), write)
+    else:
+        _write_tiles(grid_out, im.resize(size))
     if future is None or future.cancel():  # cancelled: still queued behind others' jobs, quicker here
         if thumbnail:
             thumbnail()
