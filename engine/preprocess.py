@@ -34,6 +34,13 @@ _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="preprocess"
 # would cost more than they save.
 _SPLIT_MIN_PIXELS = 1 << 18
 
+
+def _core_to_spare():
+    # The split grid resize pays only with an idle core: its extra copies cost ~10% more CPU, and with
+    # the cores busy (1-minute load average) it measured 3-15% slower (docs/PERFORMANCE.md).
+    return _WORKERS > 1 and os.getloadavg()[0] < _WORKERS - 0.5
+
+
 # What PIL raises for corrupt, truncated or unrecognised data.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
@@ -178,10 +185,11 @@ def _fill(out, im, cols, rows, overlap):
     s = out.shape[-1]
     thumbnail = partial(_thumbnail_into, out[-1:, None], im) if len(out) > cols * rows else None
     # Both resizes only read the image and release the GIL, so the pool can do the thumbnail meanwhile;
-    # the grid resize itself is split over the pool where that is exact (engine/resize.py).
+    # the grid resize itself is split over the pool where that is exact (engine/resize.py) and a core is
+    # idle, each thread then writing its columns' tiles.
     future = _POOL.submit(thumbnail) if overlap and thumbnail else None
     size, grid_out = (cols * s, rows * s), out[: cols * rows].reshape(rows, cols, 3, s, s)
-    if overlap and resize.worth_splitting(im, size, _SPLIT_MIN_PIXELS):  # each thread writes its columns' tiles
+    if overlap and resize.worth_splitting(im, size, _SPLIT_MIN_PIXELS) and _core_to_spare():
         write = lambda x0, strip: _write_columns(grid_out, np.asarray(strip), x0)
         resize.resize_strips(im, size, _POOL, resize.splits(size[0], _WORKERS), write)
     else:

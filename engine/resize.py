@@ -21,7 +21,7 @@ src/_imaging.c, _resize; PIL/Image.py, Image.resize):
   height (python-pillow/Pillow#9549 "If height is scaled down significantly more than width, resize
   vertically first", merged after the snapshot read here, commit 4e5f09f of 2026-08-22, whose
   ImagingResampleInner is always horizontal-then-vertical). Both orders round to 8 bits in between,
-  so their results differ: the cause of an earlier probe's 2 failing size cases of 16 (e.g.
+  so their results differ: most likely an earlier probe's 2 failing size cases of 16 (e.g.
   20x1529 -> 1186x1106: 30% of the pixels off, by up to 21). Its rule is not in the source read and
   no simple size or cost formula fits what Pillow 13 does, so we split only where it cannot apply:
   the height is not reduced (h >= H: over 6,000 random size pairs Pillow 13 never went vertical-first

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import resize
+from engine import preprocess, resize
 from engine.preprocess import load_image, load_images, normalize_tiles, tile_grid
 from tests import reference_preprocess as ref
 
 S = 448
 POOL = ThreadPoolExecutor(max_workers=2)
+RESIZE_STRIPS = resize.resize_strips
 
 
 def noise(width, height, mode="RGB", seed=0):
@@ -105,14 +106,28 @@ def test_splits_cover_the_range_in_non_empty_pieces():
 
 
 @pytest.mark.parametrize("size", [(1280, 720), (720, 1280), (1000, 1000), (1920, 1080)])
-def test_load_image_with_split_grid_resize_matches_reference(size):
+def test_load_image_with_split_grid_resize_matches_reference(size, monkeypatch):
     # 1280x720 -> 1792x896 and 1000x1000 -> 1344x1344 are split; 1920x1080 -> 1792x896 is one call
     im = noise(*size, seed=5)
     cols, rows, _ = tile_grid(*size)
-    assert resize.can_split(im, (cols * S, rows * S)) == (rows * S >= size[1])
+    split = rows * S >= size[1]
+    assert resize.can_split(im, (cols * S, rows * S)) == split
+    calls = []
+    monkeypatch.setattr(preprocess, "_core_to_spare", lambda: True)  # whatever the machine's load
+    monkeypatch.setattr(resize, "resize_strips", lambda *a: calls.append(a) or RESIZE_STRIPS(*a))
     expected = ref.load_image(im).numpy()
     for _ in range(3):  # the pool's hand-offs differ from run to run
         ours = load_image(im)
         assert ours.shape == expected.shape and np.abs(ours - expected).max() <= 1e-6
     tiles, counts = load_images([im], normalize=False)
     np.testing.assert_array_equal(normalize_tiles(tiles), ours)
+    assert len(calls) == (4 if split else 0)
+
+
+def test_grid_resize_is_one_call_without_a_core_to_spare(monkeypatch):
+    calls = []
+    monkeypatch.setattr(preprocess, "_core_to_spare", lambda: False)
+    monkeypatch.setattr(resize, "resize_strips", lambda *a: calls.append(a) or RESIZE_STRIPS(*a))
+    im = noise(1280, 720, seed=6)
+    np.testing.assert_array_equal(load_image(im), ref.load_image(im).numpy())
+    assert not calls
