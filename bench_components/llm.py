@@ -165,7 +165,8 @@ def bench_llm(out: Path, quick: bool) -> dict:
 def _linear_kernels(text) -> dict:
     """Why engine/llm/linear.py packs weights: GB/s of one layer-stack's gate|up matmuls (num_layers
     seeded random [2·I, H] matrices, ~0.7 GB for Qwen3-0.6B: nothing stays in cache) at the row counts
-    of decode steps, F.linear on the plain weights vs the engine's oneDNN-packed Linear."""
+    of decode steps, F.linear on the plain weights vs the engine's oneDNN-packed Linear, and the fp16
+    Linear of llm_weights="float16" (FBGEMM; its GB/s count its own, halved, bytes)."""
     import torch
     import torch.nn.functional as F
 
@@ -175,19 +176,24 @@ def _linear_kernels(text) -> dict:
     shape = (2 * text.intermediate_size, text.hidden_size)
     dense = [torch.randn(shape, generator=gen) for _ in range(text.num_layers)]
     packed = [Linear(w) for w in dense]
+    half = [Linear(w, half=True) for w in dense]
     nbytes = sum(w.numel() * w.element_size() for w in dense)
     out = {"matrices": f"{len(dense)} x {list(shape)} fp32", "bytes": nbytes, "packed": packed[0].packed, "gb_s": {}}
     for rows in (1, 2, 4, 8):
         x = torch.randn(rows, shape[1], generator=gen)
-        kinds = {"F.linear": lambda: [F.linear(x, w) for w in dense], "packed Linear (engine)": lambda: [p(x) for p in packed]}
+        kinds = {
+            "F.linear": (lambda: [F.linear(x, w) for w in dense], nbytes),
+            "packed Linear (engine)": (lambda: [p(x) for p in packed], nbytes),
+            "fp16 Linear (llm_weights=float16)": (lambda: [h(x) for h in half], nbytes // 2),
+        }
         rates = {}
         with torch.inference_mode():
-            for name, run in kinds.items():
+            for name, (run, size) in kinds.items():
                 run()
-                rates[name] = nbytes / min(timeit(run) for _ in range(3)) / 1e9
+                rates[name] = size / min(timeit(run) for _ in range(3)) / 1e9
         out["gb_s"][str(rows)] = rates
         log(f"llm: weight matmuls, {rows} row(s): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in rates.items()))
-    del dense, packed
+    del dense, packed, half
     gc.collect()
     return out
 
