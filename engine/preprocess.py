@@ -36,8 +36,8 @@ _SPLIT_MIN_PIXELS = 1 << 18
 
 
 def _core_to_spare():
-    # The split grid resize pays only with an idle core: its extra copies cost ~10% more CPU, and with
-    # the cores busy (1-minute load average) it measured 3-15% slower (docs/PERFORMANCE.md).
+    # The split grid resize pays only with an idle core: its extra copies cost ~11% more CPU, and with
+    # the cores busy (1-minute load average) it won nothing back (docs/PERFORMANCE.md).
     return _WORKERS > 1 and os.getloadavg()[0] < _WORKERS - 0.5
 
 
@@ -158,20 +158,21 @@ def _write_tiles(out, tiles):
         _normalize(out, pixels)
 
 
-def _write_columns(out, pixels, x0):
-    # pixels: uint8 [rows*S, width, 3], the grid image's columns x0 .. x0 + width
-    # -> out: [rows, cols, 3, S, S], those columns of its tiles written in place (as _write_tiles does)
-    rows, _, _, s, _ = out.shape
-    pixels = pixels.reshape(rows, s, -1, 3)  # [rows, S, width, 3]
-    x1 = x0 + pixels.shape[2]
-    for c in range(x0 // s, -(-x1 // s)):  # the tile columns these pixels reach into
-        lo, hi = max(x0, c * s), min(x1, (c + 1) * s)
-        part = pixels[:, :, lo - x0 : hi - x0].transpose(0, 3, 1, 2)  # [rows, 3, S, hi - lo]
-        dest = out[:, c, :, :, lo - c * s : hi - c * s]
-        if out.dtype == np.uint8:
-            dest[...] = part
-        else:
-            _normalize(dest, part)
+def _write_block(out, pixels, x0, y0):
+    # pixels: uint8 [height, width, 3], the grid image's block at (x0, y0)
+    # -> out: [rows, cols, 3, S, S], the tile parts it covers written in place (as _write_tiles does)
+    s = out.shape[-1]
+    y1, x1 = y0 + pixels.shape[0], x0 + pixels.shape[1]
+    for r in range(y0 // s, -(-y1 // s)):
+        top, bottom = max(y0, r * s), min(y1, (r + 1) * s)
+        for c in range(x0 // s, -(-x1 // s)):
+            left, right = max(x0, c * s), min(x1, (c + 1) * s)
+            part = pixels[top - y0 : bottom - y0, left - x0 : right - x0].transpose(2, 0, 1)  # [3, h, w]
+            dest = out[r, c, :, top - r * s : bottom - r * s, left - c * s : right - c * s]
+            if out.dtype == np.uint8:
+                dest[...] = part
+            else:
+                _normalize(dest, part)
 
 
 def _thumbnail_into(out, im):
@@ -186,12 +187,12 @@ def _fill(out, im, cols, rows, overlap):
     thumbnail = partial(_thumbnail_into, out[-1:, None], im) if len(out) > cols * rows else None
     # Both resizes only read the image and release the GIL, so the pool can do the thumbnail meanwhile;
     # the grid resize itself is split over the pool where that is exact (engine/resize.py) and a core is
-    # idle, each thread then writing its columns' tiles.
+    # idle, each thread then writing the tiles of its block.
     future = _POOL.submit(thumbnail) if overlap and thumbnail else None
     size, grid_out = (cols * s, rows * s), out[: cols * rows].reshape(rows, cols, 3, s, s)
     if overlap and resize.worth_splitting(im, size, _SPLIT_MIN_PIXELS) and _core_to_spare():
-        write = lambda x0, strip: _write_columns(grid_out, np.asarray(strip), x0)
-        resize.resize_strips(im, size, _POOL, resize.splits(size[0], _WORKERS), write)
+        write = lambda x0, y0, block: _write_block(grid_out, np.asarray(block), x0, y0)
+        resize.resize_blocks(im, size, _POOL, _WORKERS, write)
     else:
         _write_tiles(grid_out, im.resize(size))
     if future is None or future.cancel():  # cancelled: still queued behind others' jobs, quicker here

@@ -2,7 +2,7 @@
 
 Why the split below is exact (Pillow's src/libImaging/Resample.c, ImagingResampleInner, and
 src/_imaging.c, _resize; PIL/Image.py, Image.resize):
-- A resize is two separable passes, horizontal first into an 8-bit intermediate, then vertical.
+- A resize is two separable passes through an 8-bit intermediate (their order: last bullet).
   `precompute_coeffs(in_size, box0, box1, out_size)` gives each output pixel its source window
   (bounds) and integer weights; they depend only on the sizes and the box, never on pixel values.
 - Horizontal pass: each intermediate row is made from the same source row alone, rounded and clipped
@@ -17,16 +17,15 @@ src/_imaging.c, _resize; PIL/Image.py, Image.resize):
   coefficients (they depend on H and h only): exactly those output columns.
 - A pass the whole-image call skips (w == W or h == H) is skipped here too, and when both sizes are
   equal Image.resize returns a copy.
-- The order of the passes: Pillow 13 runs the VERTICAL pass first in some resizes that reduce the
-  height (python-pillow/Pillow#9549 "If height is scaled down significantly more than width, resize
-  vertically first", merged after the snapshot read here, commit 4e5f09f of 2026-08-22, whose
-  ImagingResampleInner is always horizontal-then-vertical). Both orders round to 8 bits in between,
-  so their results differ: most likely an earlier probe's 2 failing size cases of 16 (e.g.
-  20x1529 -> 1186x1106: 30% of the pixels off, by up to 21). Its rule is not in the source read and
-  no simple size or cost formula fits what Pillow 13 does, so we split only where it cannot apply:
-  the height is not reduced (h >= H: over 6,000 random size pairs Pillow 13 never went vertical-first
-  there, and 2,700 more up to 2,600 px came out byte-identical split), or one pass only runs
-  (w == W or h == H). Everything else, e.g. 1920x1080 -> 1792x896, is one Pillow call.
+- The order of the passes: Pillow 13 runs the VERTICAL pass first when both run and the height
+  shrinks by more than twice what the width shrinks, H - h > 0 and H - h > 2 * (W - w)
+  (python-pillow/Pillow#9549, merged after the source snapshot read here, commit 4e5f09f of
+  2026-08-22, which is always horizontal-then-vertical; the rule is read off the installed
+  _imaging .so, ImagingResample's disassembly, and agrees with 5,939 random size pairs). Both orders
+  round to 8 bits in between, so their results differ: an earlier probe's 2 failing size cases of 16
+  (e.g. 20x1529 -> 1186x1106: 30% of the pixels off, by up to 21) were most likely this. We follow it:
+  vertical first, the vertical pass runs in column strips of the source into a W x h intermediate,
+  then the horizontal pass in its row bands (the same argument, transposed).
 What is NOT exact, and never done: cutting the *output* into row bands, each resized with
 `box=(0, y0 * H / h, W, y1 * H / h)`: the box (float32) moves every window's centre
 (in0 + (i + 0.5) * scale) and the band's scale (in1 - in0) / out_size, so some weights, after their
@@ -59,64 +58,63 @@ def run_all(pool, jobs):
     return results
 
 
-def can_split(im, size):
-    # Exactly Pillow's own result (see the module docstring); otherwise call im.resize.
-    (src_w, src_h), (w, h) = im.size, tuple(size)
-    return im.mode in EXACT_MODES and (h >= src_h or w == src_w)
+def vertical_first(src_size, size):
+    # Pillow 13's pass order for a resize src_size -> size (see the module docstring)
+    (src_w, src_h), (w, h) = src_size, size
+    return w != src_w and src_h - h > 0 and src_h - h > 2 * (src_w - w)
+
+
+def can_split(im):
+    return im.mode in EXACT_MODES
 
 
 def worth_splitting(im, size, min_pixels=0):
     # Exact, and not a plain copy (quicker in one piece), and an intermediate of min_pixels or more
-    return can_split(im, size) and tuple(size) != im.size and size[0] * im.height >= min_pixels
-
-
-def resize_strips(im, size, pool, column_cuts, consume=None):
-    """im.resize(size, BICUBIC) computed on the pool, as vertical strips of the output.
-
-    column_cuts: [(x0, x1)] covering range(size[0]) in order; each strip is made (and handed to
-    consume(x0, strip), run on the same thread) in parallel. -> [strip or consume's result]
-    """
-    if not can_split(im, size):
-        raise ValueError(f"{im.mode} {im.size} -> {tuple(size)} is not split exactly; use im.resize")
     (src_w, src_h), (w, h) = im.size, tuple(size)
-    consume = consume or (lambda x0, strip: strip)
-    if (w, h) == (src_w, src_h):
-        return run_all(pool, [partial(_copy_strip, im, x0, x1, consume) for x0, x1 in column_cuts])
-    if w != src_w:  # horizontal pass, by row bands, into the intermediate (w x src_h)
-        intermediate = Image.new(im.mode, (w, src_h), None)  # not cleared: every row is written
-        run_all(pool, [partial(_horizontal_band, im, intermediate, y0, y1) for y0, y1 in splits(src_h, len(column_cuts))])
+    return can_split(im) and (w, h) != (src_w, src_h) and max(w * src_h, src_w * h) >= min_pixels
+
+
+def resize_blocks(im, size, pool, parts, consume=None):
+    """im.resize(size, BICUBIC) computed on the pool in `parts` blocks of the output: column strips, or
+    row bands when Pillow goes vertical-first. Each block is handed to consume(x0, y0, block) on the
+    thread that made it. -> [consume's results], by default [(x0, y0, block)]
+    """
+    if not can_split(im):
+        raise ValueError(f"mode {im.mode} is not split exactly; use im.resize")
+    (src_w, src_h), (w, h) = im.size, tuple(size)
+    consume = consume or (lambda x0, y0, block: (x0, y0, block))
+    if vertical_first(im.size, (w, h)):  # vertical pass by source columns, horizontal by rows
+        mid = Image.new(im.mode, (src_w, h), None)  # not cleared: every column is written
+        run_all(pool, [partial(_into, mid, (x0, 0), im, (x0, 0, x1, src_h), (x1 - x0, h)) for x0, x1 in splits(src_w, parts)])
+        return run_all(pool, [partial(_out, consume, (0, y0), mid, (0, y0, src_w, y1), (w, y1 - y0)) for y0, y1 in splits(h, parts)])
+    if w != src_w:  # horizontal pass by source rows, vertical by columns
+        mid = Image.new(im.mode, (w, src_h), None)  # not cleared: every row is written
+        run_all(pool, [partial(_into, mid, (0, y0), im, (0, y0, src_w, y1), (w, y1 - y0)) for y0, y1 in splits(src_h, parts)])
     else:
-        intermediate = im
-    return run_all(pool, [partial(_vertical_strip, intermediate, h, x0, x1, consume) for x0, x1 in column_cuts])
+        mid = im
+    return run_all(pool, [partial(_out, consume, (x0, 0), mid, (x0, 0, x1, src_h), (x1 - x0, h)) for x0, x1 in splits(w, parts)])
 
 
 def resize(im, size, pool, parts=2, min_pixels=0):
-    """im.resize(size, BICUBIC), byte for byte, on `parts` threads; one call where can_split says no
-    or the intermediate has fewer than min_pixels (threads cost more than they save)."""
+    """im.resize(size, BICUBIC), byte for byte, on `parts` threads; one call for other modes, the same
+    size, or an intermediate below min_pixels (threads would cost more than they save)."""
     if not worth_splitting(im, size, min_pixels):
         return im.resize(size, Image.Resampling.BICUBIC)
-    strips = resize_strips(im, size, pool, splits(size[0], parts))
-    if len(strips) == 1:
-        return strips[0]
-    out = Image.new(im.mode, tuple(size), None)  # not cleared: the strips cover it
-    x0 = 0
-    for strip in strips:
-        out.paste(strip, (x0, 0))
-        x0 += strip.width
+    out = Image.new(im.mode, tuple(size), None)  # not cleared: the blocks cover it
+    for x0, y0, block in resize_blocks(im, size, pool, parts):
+        out.paste(block, (x0, y0))
     return out
 
 
-def _copy_strip(im, x0, x1, consume):
-    return consume(x0, im.crop((x0, 0, x1, im.height)))
+def _piece(src, box, size):
+    # One pass of the whole resize on the crop `box` of src (see the module docstring)
+    piece = src.crop(box)
+    return piece if piece.size == size else piece.resize(size, Image.Resampling.BICUBIC)
 
 
-def _horizontal_band(im, intermediate, y0, y1):
-    band = im.crop((0, y0, im.width, y1)).resize((intermediate.width, y1 - y0), Image.Resampling.BICUBIC)
-    intermediate.paste(band, (0, y0))
+def _into(dest, xy, src, box, size):
+    dest.paste(_piece(src, box, size), xy)
 
 
-def _vertical_strip(intermediate, h, x0, x1, consume):
-    strip = intermediate.crop((x0, 0, x1, intermediate.height))
-    if h != intermediate.height:
-        strip = strip.resize((x1 - x0, h), Image.Resampling.BICUBIC)
-    return consume(x0, strip)
+def _out(consume, xy, src, box, size):
+    return consume(*xy, _piece(src, box, size))

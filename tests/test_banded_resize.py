@@ -12,7 +12,7 @@ from tests import reference_preprocess as ref
 
 S = 448
 POOL = ThreadPoolExecutor(max_workers=2)
-RESIZE_STRIPS = resize.resize_strips
+RESIZE_BLOCKS = resize.resize_blocks
 
 
 def noise(width, height, mode="RGB", seed=0):
@@ -37,12 +37,11 @@ def random_size_pairs(count, seed, high):
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_split_resize_equals_pillow_for_random_sizes(mode):
-    split = 0
+    vertical_first = 0
     for src, dst in random_size_pairs(300, seed=1, high=300):
-        im = noise(*src, mode=mode, seed=src[0])
-        split += resize.can_split(im, dst)
-        assert_same_as_pillow(im, dst, parts=2 + src[0] % 3)
-    assert split > 150  # most pairs really went through the split path
+        vertical_first += resize.vertical_first(src, dst)
+        assert_same_as_pillow(noise(*src, mode=mode, seed=src[0]), dst, parts=2 + src[0] % 3)
+    assert 50 < vertical_first < 250  # both orders well covered
 
 
 def test_split_resize_equals_pillow_for_large_sizes():
@@ -66,8 +65,10 @@ def test_split_resize_equals_pillow_for_large_sizes():
         ((17, 5), (896, 448)),
         ((5000, 40), (5376, 448)),
         ((40, 5000), (448, 5376)),
-        ((1920, 1080), (1792, 896)),  # height reduced more than width: one Pillow call
-        ((20, 1529), (1186, 1106)),  # Pillow 13 resizes this vertically first: one call too
+        ((1920, 1080), (1792, 896)),  # H - h = 184 <= 2 (W - w) = 256: horizontal first
+        ((1920, 1080), (1792, 850)),  # H - h = 230: still horizontal first
+        ((1920, 1080), (1792, 823)),  # H - h = 257 > 256: vertical first
+        ((20, 1529), (1186, 1106)),  # width grows, height shrinks: vertical first
     ],
 )
 def test_split_resize_equals_pillow_for_edge_sizes(src, dst):
@@ -86,17 +87,27 @@ def test_split_resize_equals_pillow_for_the_tile_grids_of_many_image_sizes():
 
 def test_modes_pillow_resizes_differently_are_left_to_pillow():
     im = noise(64, 48, mode="RGBA")
-    assert not resize.can_split(im, (128, 96))
+    assert not resize.can_split(im)
     assert_same_as_pillow(im, (128, 96))
     with pytest.raises(ValueError, match="not split exactly"):
-        resize.resize_strips(im, (128, 96), POOL, [(0, 64), (64, 128)])
+        resize.resize_blocks(im, (128, 96), POOL, 2)
 
 
-def test_height_reductions_are_left_to_pillow():
-    # Pillow 13 may run the vertical pass first there (python-pillow/Pillow#9549)
-    assert not resize.can_split(noise(40, 30), (50, 20))
-    assert resize.can_split(noise(40, 30), (40, 20))  # one pass only: its order cannot differ
-    assert resize.can_split(noise(40, 30), (20, 30))
+def test_pass_order_is_pillows():
+    # Which order Pillow took shows in its result: the two orders round differently on noise.
+    def two_calls(im, size, vertical_first):
+        (w, h), (src_w, src_h) = size, im.size
+        mid = im.resize((src_w, h) if vertical_first else (w, src_h), Image.Resampling.BICUBIC)
+        return mid.resize(size, Image.Resampling.BICUBIC).tobytes()
+
+    told = 0
+    for src, dst in random_size_pairs(400, seed=4, high=120):
+        im = noise(*src, mode="L", seed=src[1])
+        pillow = im.resize(dst, Image.Resampling.BICUBIC).tobytes()
+        ours, other = (two_calls(im, dst, v) for v in (resize.vertical_first(src, dst), not resize.vertical_first(src, dst)))
+        assert ours == pillow, (src, dst)
+        told += other != pillow
+    assert told > 200
 
 
 def test_splits_cover_the_range_in_non_empty_pieces():
@@ -105,29 +116,28 @@ def test_splits_cover_the_range_in_non_empty_pieces():
     assert resize.splits(7, 3) == [(0, 2), (2, 4), (4, 7)]
 
 
-@pytest.mark.parametrize("size", [(1280, 720), (720, 1280), (1000, 1000), (1920, 1080)])
+@pytest.mark.parametrize("size", [(1280, 720), (720, 1280), (1000, 1000), (1920, 1080), (1000, 3000)])
 def test_load_image_with_split_grid_resize_matches_reference(size, monkeypatch):
-    # 1280x720 -> 1792x896 and 1000x1000 -> 1344x1344 are split; 1920x1080 -> 1792x896 is one call
+    # grids 1792x896 (upscaled), 896x1792, 1344x1344, 1792x896 (downscaled), 896x2688 (vertical first)
     im = noise(*size, seed=5)
     cols, rows, _ = tile_grid(*size)
-    split = rows * S >= size[1]
-    assert resize.can_split(im, (cols * S, rows * S)) == split
+    assert resize.vertical_first(size, (cols * S, rows * S)) == (size == (1000, 3000))
     calls = []
     monkeypatch.setattr(preprocess, "_core_to_spare", lambda: True)  # whatever the machine's load
-    monkeypatch.setattr(resize, "resize_strips", lambda *a: calls.append(a) or RESIZE_STRIPS(*a))
+    monkeypatch.setattr(resize, "resize_blocks", lambda *a: calls.append(a) or RESIZE_BLOCKS(*a))
     expected = ref.load_image(im).numpy()
     for _ in range(3):  # the pool's hand-offs differ from run to run
         ours = load_image(im)
         assert ours.shape == expected.shape and np.abs(ours - expected).max() <= 1e-6
     tiles, counts = load_images([im], normalize=False)
     np.testing.assert_array_equal(normalize_tiles(tiles), ours)
-    assert len(calls) == (4 if split else 0)
+    assert len(calls) == 4
 
 
 def test_grid_resize_is_one_call_without_a_core_to_spare(monkeypatch):
     calls = []
     monkeypatch.setattr(preprocess, "_core_to_spare", lambda: False)
-    monkeypatch.setattr(resize, "resize_strips", lambda *a: calls.append(a) or RESIZE_STRIPS(*a))
+    monkeypatch.setattr(resize, "resize_blocks", lambda *a: calls.append(a) or RESIZE_BLOCKS(*a))
     im = noise(1280, 720, seed=6)
     np.testing.assert_array_equal(load_image(im), ref.load_image(im).numpy())
     assert not calls
