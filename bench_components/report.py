@@ -93,6 +93,9 @@ def table_rows(results: dict) -> list[dict]:
         for rows_, rates in (m.get("linear_kernels") or {}).get("gb_s", {}).items():
             plain, packed = rates["F.linear"], rates["packed Linear (engine)"]
             row("llm", f"  info: gate|up weight matmuls, {rows_} row(s)", f"packed {packed:.1f} GB/s", f"F.linear {plain:.1f} GB/s", f"{packed / plain:.2f}x")
+            if (half := rates.get("fp16 Linear (llm_weights=float16)")) is not None:
+                # its GB/s count half the bytes: time ratio to the fp32 packed Linear = 2 · half / packed
+                row("llm", f"  info: fp16 Linear (llm_weights=float16), {rows_} row(s)", f"{half:.1f} GB/s of fp16", f"packed fp32 {packed:.1f} GB/s", f"{2 * half / packed:.2f}x faster")
         row(
             "llm",
             "decode batch 1 vs transformers generate",
