@@ -131,10 +131,7 @@ class ModelConfig:
 def read_config(path: Path) -> tuple[dict, bool]:
     """-> (config.json with HF-native field names, whether the checkpoint is in the custom format)."""
     raw = _read_json(Path(path) / "config.json")
-    from engine.custom_format import (  # it imports ConfigError from here
-        hf_view,
-        is_custom,
-    )
+    from engine.custom_format import hf_view, is_custom  # it imports ConfigError from here
 
     if is_custom(raw):
         return hf_view(raw), True
@@ -187,9 +184,7 @@ def _vision_config(raw: dict) -> VisionConfig:
 
 
 def _tokenizer_vocab(path: Path) -> dict[str, int]:
-    from engine.tokenizer import (
-        load_tokenizer,  # it imports ConfigError from engine.text_config
-    )
+    from engine.tokenizer import load_tokenizer  # it imports ConfigError from engine.text_config
 
     return load_tokenizer(path).get_vocab(with_added_tokens=True)
 
