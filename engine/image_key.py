@@ -27,7 +27,7 @@ def image_digest(image) -> str:
     frame (the video's bytes and the frame's number)."""
     digest = hashlib.sha256()
     if isinstance(image, VideoFrame):
-        digest.update(f"video {image.video_digest} frame {image.index}".encode())
+        digest.update(f"video {image.video.digest} frame {image.index}".encode())
     elif isinstance(image, (bytes, bytearray, memoryview)):
         digest.update(image)
     elif isinstance(image, (str, os.PathLike)):

@@ -12,16 +12,27 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 from engine.video import VideoError, VideoInfo, VideoLimits, frame_tiles, probe, read_frames, sample_indices, video_bytes
 
 
+class EncodedVideo:
+    """A video's bytes, shared by its frames. Its digest is computed on first use, once: the content
+    keys need it (preprocess, Pipeline); the vision model, which gets the keys, decodes without it."""
+
+    def __init__(self, data: bytes, limits: VideoLimits):
+        self.data, self.limits = data, limits
+
+    @cached_property
+    def digest(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class VideoFrame:
-    video: bytes  # the encoded video, shared by all its frames
-    video_digest: str  # sha256 of video, computed once per video
+    video: EncodedVideo
     index: int  # decord's frame number
-    limits: VideoLimits
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,14 +45,13 @@ def sample_video(video, num_segments: int = 8, bound=None, limits: VideoLimits =
     """A path or encoded bytes -> the frames the cards' load_video would take, not decoded yet."""
     data = video_bytes(video, limits)
     info = probe(data, limits)
-    digest = hashlib.sha256(data).hexdigest()
-    return SampledVideo(info, [VideoFrame(data, digest, int(i), limits) for i in sample_indices(info, num_segments, bound, limits)])
+    return SampledVideo(info, video_frames(data, sample_indices(info, num_segments, bound, limits), limits))
 
 
 def video_frames(data: bytes, indices, limits: VideoLimits) -> list[VideoFrame]:
-    """Frames named by number (what the serving path passes from preprocess to the vision model)."""
-    digest = hashlib.sha256(data).hexdigest()
-    return [VideoFrame(data, digest, int(i), limits) for i in indices]
+    """Frames named by number (also what the serving path passes from preprocess to the vision model)."""
+    video = EncodedVideo(data, limits)
+    return [VideoFrame(video, int(i)) for i in indices]
 
 
 def frame_tile_counts(sampled: SampledVideo, max_total_tiles: int | None = None, **tiling) -> list[int]:
@@ -66,8 +76,8 @@ def decode_frames(images: list) -> list:
             by_video.setdefault(id(image.video), []).append(position)
     out = list(images)
     for positions in by_video.values():
-        first = images[positions[0]]
-        decoded = read_frames(first.video, [images[p].index for p in positions], first.limits)
+        video = images[positions[0]].video
+        decoded = read_frames(video.data, [images[p].index for p in positions], video.limits)
         for position, frame in zip(positions, decoded):
             out[position] = frame
     return out

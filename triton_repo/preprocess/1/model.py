@@ -93,7 +93,7 @@ class TritonPythonModel:
                 pb.tensor("image_tiles", num_tiles, d["image_tiles"]),
                 pb.tensor("image_data", [] if self.decodes_images or video else images, d["image_data"]),
                 pb.tensor("tile_budget", [max_tiles], d["tile_budget"]),
-                pb.tensor("video_data", [sampled.frames[0].video] if video and not self.decodes_images else [], d["video_data"]),
+                pb.tensor("video_data", [sampled.frames[0].video.data] if video and not self.decodes_images else [], d["video_data"]),
                 pb.tensor("frame_indices", [f.index for f in images] if video else [], d["frame_indices"]),
             ]
         )
