@@ -28,7 +28,7 @@ from engine.llm.model import DecoderLM
 from engine.llm.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from engine.llm.runner import EngineRunner
 from engine.prompt import Prompt, PromptBuilder, video_question
-from engine.protocol import DEFAULT_NUM_FRAMES
+from engine.protocol import DEFAULT_NUM_FRAMES, image_rows
 from engine.reasoning import R1_SYSTEM_PROMPT
 from engine.sampling_params import SamplingParams
 from engine.templates import Turn
@@ -208,8 +208,7 @@ class Pipeline:
         input_ids, table, features, table_keys = request.prompt.input_ids, None, request.features, None
         if features.num_tiles:
             table = features.table
-            rows_per_tile = self.config.vision.tokens_per_tile  # the table's static layout, also on Flash
-            table_keys = [(key, n * rows_per_tile) for key, n in zip(request.image_keys, features.num_tiles)]
+            table_keys = image_rows(request.image_keys, features.num_tiles, self.config.vision.tokens_per_tile)
             input_ids = drop_compressed(input_ids, self.config.text.vocab_size, self.config.vision.tokens_per_tile, features.tile_tokens)
         request_id = str(next(self._request_ids))
         reply = ReplyParts(self.tokenizer, tuple(stop), request.prompt.opens_reasoning)

@@ -95,6 +95,15 @@ def video_from_element(element: bytes) -> bytes:
     return image_from_element(element, 0)
 
 
+def image_rows(image_keys: list[str], image_tiles, tokens_per_tile: int) -> list[tuple[str, int]]:
+    """(content key, prompt-table rows) per image: image i owns tiles_i × tokens_per_tile consecutive
+    rows of the request's prompt table (its static layout, also on InternVL3.5-Flash)."""
+    tiles = [int(n) for n in image_tiles]
+    if len(image_keys) != len(tiles):
+        raise ValueError(f"image_keys has {len(image_keys)} keys but image_tiles {len(tiles)} tile counts")
+    return [(key, n * tokens_per_tile) for key, n in zip(image_keys, tiles)]
+
+
 def parse_history(raw: bytes | str | None) -> list[Turn] | None:
     if raw is None:
         return None

@@ -29,6 +29,7 @@ import hashlib
 
 import numpy as np
 
+from engine.protocol import image_rows
 from engine.sampling_params import SamplingParams, check_context
 
 # our name -> dtype tensorrt_llm declares; sent when the client sent it
@@ -111,12 +112,11 @@ def table_extra_ids(
     if image_keys is None or image_tiles is None:
         return np.full(rows, request_extra_id(request_key), np.uint64)
     tiles = np.asarray(image_tiles, np.int64).reshape(-1)
-    if len(image_keys) != len(tiles):
-        raise ValueError(f"image_keys has {len(image_keys)} keys but image_tiles {len(tiles)} tile counts")
-    if (tiles < 1).any() or int(tiles.sum()) * tokens_per_tile != rows:
+    segments = image_rows(image_keys, tiles, tokens_per_tile)
+    if (tiles < 1).any() or sum(n for _, n in segments) != rows:
         raise ValueError(f"image_tiles {tiles.tolist()} × {tokens_per_tile} tokens do not cover the prompt table's {rows} rows")
-    ids = np.array([image_extra_id(key) for key in image_keys], np.uint64)
-    return np.repeat(ids, tiles * tokens_per_tile)
+    ids = np.array([image_extra_id(key) for key, _ in segments], np.uint64)
+    return np.repeat(ids, [n for _, n in segments])
 
 
 def image_extra_id(key: str) -> int:

@@ -24,7 +24,7 @@ from engine.flash import drop_compressed
 from engine.llm.engine import LLMEngine, TokenEvent
 from engine.llm.model import DecoderLM
 from engine.llm.runner import EngineRunner
-from engine.protocol import stop_sequences
+from engine.protocol import image_rows, stop_sequences
 from engine.sampling_params import SamplingParams, check_context
 from triton_repo import allocator, pb
 from triton_repo.metric_lock import MetricLock
@@ -126,9 +126,7 @@ class TritonPythonModel:
         tiles = pb.item(request, "image_tiles", required=False)
         if keys is None or tiles is None:
             return None
-        if len(keys) != len(tiles):
-            raise ValueError(f"image_keys has {len(keys)} keys but image_tiles {len(tiles)} tile counts")
-        return [(pb.utf8(key, "image_keys"), int(n) * self.tokens_per_tile) for key, n in zip(keys, tiles)]
+        return image_rows([pb.utf8(key, "image_keys") for key in keys], tiles, self.tokens_per_tile)
 
     def finalize(self):
         self.runner.close()
