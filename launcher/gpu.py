@@ -32,7 +32,6 @@ from build.settings import HelpFormatter
 from launcher.openai_process import OpenAIProcess
 from launcher.server import LaunchError, check_ports, server_environment
 from launcher.supervise import serve_with_openai
-from triton_repo import allocator
 
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"  # in the NGC tritonserver containers
 
@@ -113,8 +112,7 @@ def main() -> None:
     if args.print_only:
         print(" ".join(command))
         return
-    python_path = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)
-    env = {**server_environment(), **allocator.server_environment(), "PYTHONPATH": python_path}
+    env = server_environment()
     if args.openai_port:
         openai = OpenAIProcess(f"127.0.0.1:{args.grpc_port}", args.openai_address, args.openai_port)
         sys.exit(serve_with_openai(command, env, args.http_port, openai))

@@ -207,10 +207,8 @@ class TritonServer:
         env = server_environment()
         libdirs = (sysconfig.get_config_var("LIBDIR"), str(wheel().parent.parent / "nvidia_pytriton.libs"))
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (*libdirs, env.get("LD_LIBRARY_PATH")) if p)
-        # The stub imports with this interpreter's path: the venv's packages and this project.
+        # The stub imports with this interpreter's path: the venv's packages (and this project: server_environment).
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p)
-        env.update(allocator.server_environment())
         return env
 
     def start(self, timeout: float = 300.0) -> TritonServer:
@@ -341,9 +339,12 @@ class TritonServer:
 
 
 def server_environment() -> dict[str, str]:
-    """This process's environment without the OpenAI front's API key: tritonserver and its python
-    stubs have no use for it (the OpenAI child inherits it from this process)."""
-    return {name: value for name, value in os.environ.items() if name != API_KEY_ENV}
+    """tritonserver's environment on both targets: this process's, without the OpenAI front's API key
+    (tritonserver and its python stubs have no use for it; the OpenAI child inherits it from this
+    process), with this project on PYTHONPATH for the stubs and the allocator settings."""
+    env = {name: value for name, value in os.environ.items() if name != API_KEY_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p)
+    return {**env, **allocator.server_environment()}
 
 
 def refuse_gpu_build(out: Path) -> None:
