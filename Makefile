@@ -22,7 +22,7 @@ METRICS_PORT ?= 8002
 # the OpenAI-compatible API (openai_api/) next to tritonserver; OPENAI_PORT=0 serves Triton alone
 OPENAI_PORT ?= 9000
 
-.PHONY: setup gpu-container test demo build serve bench bench-components deploy-manifests clean
+.PHONY: setup gpu-container test demo build serve bench bench-components bench-peers deploy-manifests clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,17 @@ bench: build
 # Component speed ratios (preprocess, vision encoder, LLM decode, Triton TTFT overhead) in one run.
 bench-components: setup
 	$(PY) -m bench_components --out artifacts/bench $(BENCH_ARGS)
+
+# Decode tok/s of our LLM engine against llama.cpp per weight precision (fp32/f32, fp16/f16, int8/q8_0),
+# interleaved, on the generated Qwen3-0.6B shape. Optional (not in `make test`): the first run installs
+# the `peers` extra into .venv, compiling llama.cpp for this CPU (several minutes); CPU only, no BLAS.
+PEERS_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF
+.venv/.peers-installed: pyproject.toml | .venv/.installed
+	CMAKE_ARGS="$(PEERS_CMAKE_ARGS)" .venv/bin/python -m pip install -q --no-binary llama-cpp-python -e '.[peers]'
+	touch $@
+
+bench-peers: setup .venv/.peers-installed
+	.venv/bin/python -m bench_components.peers --out artifacts/bench $(BENCH_ARGS)
 
 SERVER := $(if $(filter gpu,$(TARGET)),launcher.gpu --tritonserver $(TRITONSERVER),launcher.server)
 serve: setup
