@@ -1,6 +1,7 @@
 """Images of one or several requests → their prompt tables, through the vision-feature cache: cached
-images skip decoding, tiling and the encoder; the others are decoded and tiled (engine/preprocess.py;
-a video's missing frames are decoded together, engine/video_frames.py) and encoded together in one
+images skip decoding, tiling and the encoder; the others, of all requests, are decoded and tiled in
+one stream (engine/preprocess.py iter_images: an image decodes while the one before it resizes; a
+video's missing frames are decoded together, engine/video_frames.py) and encoded together in one
 run, then cached. A request whose image fails gets its error; the other
 requests go on.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import ModelConfig
-from engine.preprocess import load_images
+from engine.preprocess import iter_images
 from engine.video_frames import decode_frames
 from engine.vision_cache import ImageFeatures, VisionCache
 
@@ -48,6 +49,7 @@ class ImageFeatureSource:
         found = [[self.cache.get(key) for key in r.keys] for r in requests]
         pixels: dict[int, tuple[list[int], np.ndarray, list[int]]] = {}  # request -> (missing images, tiles, counts)
         results: list[RequestFeatures | Exception | None] = [None] * len(requests)
+        wanted = []  # (request, its missing images, those images with video frames decoded)
         for i, (request, hits) in enumerate(zip(requests, found)):
             missing = [j for j, hit in enumerate(hits) if hit is None]
             if not missing:
@@ -55,13 +57,24 @@ class ImageFeatureSource:
             if self.per_request:
                 missing = list(range(len(hits)))
             try:
-                tiles, counts = load_images(
-                    decode_frames([request.images[j] for j in missing]), max_num=request.max_tiles, normalize=False, names=missing, **self.tiling
-                )
-            except ValueError as error:  # ImageError, VideoError: this request's image or video is at fault
+                wanted.append((i, missing, decode_frames([request.images[j] for j in missing])))
+            except ValueError as error:  # VideoError: this request's video is at fault
+                results[i] = error
+        # Every request's images in one stream, in order: one decodes while the one before it resizes
+        stream = iter_images(
+            [image for _, _, images in wanted for image in images],
+            max_num=[requests[i].max_tiles for i, missing, _ in wanted for _ in missing],
+            normalize=False,
+            names=[j for _, missing, _ in wanted for j in missing],
+            **self.tiling,
+        )
+        for i, missing, _ in wanted:
+            loaded = [next(stream) for _ in missing]
+            error = next((x for x in loaded if isinstance(x, Exception)), None)
+            if error is not None:  # ImageError: this request's image is at fault
                 results[i] = error
                 continue
-            pixels[i] = (missing, tiles, counts)
+            pixels[i] = (missing, np.concatenate(loaded), [len(x) for x in loaded])
         if pixels:
             # One run for every request's missing tiles; each request is routed on its own (Flash).
             encoded = self.encoder.encode_requests([tiles for _, tiles, _ in pixels.values()])

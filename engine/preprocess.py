@@ -3,7 +3,10 @@
 Bit-exact with the model card's `load_image` (PIL bicubic resize of the whole grid, crops, a thumbnail,
 torchvision ToTensor + Normalize per tile), but without per-tile tensors: every tile is normalized
 straight from the resized grid image into one preallocated float32 array, and the independent PIL
-work (which releases the GIL) runs on a thread pool.
+work (which releases the GIL) runs on a thread pool sized to the process's CPUs: one image's
+thumbnail beside its grid resize, the grid resize itself split over the pool (engine/resize.py)
+when a core is idle, and for several images (load_images, iter_images) the next image's decode
+beside the previous one's resizes.
 
 `load_images(..., normalize=False)` stops before the normalization and returns the uint8 tiles: the
 serving path hands those to the vision encoder, which normalizes them in its graph with the same
@@ -14,7 +17,8 @@ process/device boundary.
 import io
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from functools import lru_cache, partial
 
@@ -28,7 +32,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)[:, None, None]  # [3, 1, 1]
 _STD = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None]  # [3, 1, 1]
 
-_WORKERS = os.cpu_count() or 1
+_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="preprocess")
 # A grid resize whose intermediate image has fewer pixels than this runs as one call: thread hand-offs
 # would cost more than they save.
@@ -202,8 +206,30 @@ def _fill(out, im, cols, rows, overlap):
         future.result()
 
 
-def _load_into(out, im, cols, rows):
-    _fill(out, _decode(im), cols, rows, overlap=False)
+def _load_into(out, im, cols, rows, overlap):
+    _fill(out, _decode(im), cols, rows, overlap)
+
+
+def _overlapped(jobs, ahead):
+    """Run jobs (callables taking overlap=) on the pool in order, at most `ahead` of them started before
+    the one the caller waits for: with two workers, image i+1 decodes while image i resizes (PIL
+    releases the GIL in both). Yields each job's result, or the ImageError/TypeError it raised, in
+    order. The last job gets overlap=True (its thumbnail and grid split over the pool): nothing is left
+    to keep the other core busy."""
+    pending = deque()
+    try:
+        for k in range(len(jobs)):
+            while len(pending) < ahead and k + len(pending) < len(jobs):
+                started = k + len(pending)
+                pending.append(_POOL.submit(jobs[started], overlap=started == len(jobs) - 1))
+            future = pending.popleft()
+            try:
+                yield future.result()
+            except (ImageError, TypeError) as e:
+                yield e
+    finally:  # the caller stopped early: jobs not started yet are dropped
+        for future in pending:
+            future.cancel()
 
 
 def load_image(image, input_size=448, max_num=12, use_thumbnail=True, min_num=1):
@@ -259,7 +285,8 @@ def _grids(opened, input_size, max_num, min_num, use_thumbnail, max_total_tiles,
 def load_images(
     images, input_size=448, max_num=12, use_thumbnail=True, min_num=1, max_total_tiles=None, normalize=True, max_pixels=None, names=None
 ):
-    """load_image for several images at once, decoded in parallel; errors name the failing image's index
+    """load_image for several images at once, one image per pool thread (the next one decoding while
+    another resizes), the last one started splitting its resizes; errors name the failing image's index
     (or names[i], its index in the request, when these images are some of a request's).
 
     max_total_tiles: refuse (ImageError) before decoding when the images need more tiles in all.
@@ -276,22 +303,48 @@ def load_images(
         grids = _grids(opened, input_size, max_num, min_num, use_thumbnail, max_total_tiles, max_pixels, names)
         counts = [num_tiles for _, _, num_tiles in grids]
         out = np.empty((sum(counts), 3, input_size, input_size), dtype=np.float32 if normalize else np.uint8)
-        if len(opened) == 1:  # here, with its two resizes overlapped on the pool
-            try:
-                _fill(out, _decode(opened[0]), *grids[0][:2], overlap=True)
-            except ImageError as e:
-                raise ImageError(f"image {names[0] if names else 0}: {e}") from e
-            return out, counts
         starts = np.cumsum([0, *counts]).tolist()
-        futures = {}
         # Biggest images first, so that no large one is left running alone at the end.
-        for i in sorted(range(len(opened)), key=lambda i: -opened[i].width * opened[i].height):
-            cols, rows, _ = grids[i]
-            futures[i] = _POOL.submit(_load_into, out[starts[i] : starts[i + 1]], opened[i], cols, rows)
-        wait(futures.values())
+        order = sorted(range(len(opened)), key=lambda i: -opened[i].width * opened[i].height)
+        jobs = [partial(_load_into, out[starts[i] : starts[i + 1]], opened[i], *grids[i][:2]) for i in order]
+        outcomes = dict(zip(order, _overlapped(jobs, ahead=len(jobs))))  # None, or the image's error
     for i in range(len(opened)):
-        try:
-            futures[i].result()
-        except ImageError as e:
-            raise ImageError(f"image {names[i] if names else i}: {e}") from e
+        if isinstance(outcomes[i], Exception):
+            raise type(outcomes[i])(f"image {names[i] if names else i}: {outcomes[i]}") from outcomes[i]
     return out, counts
+
+
+def iter_images(images, input_size=448, max_num=12, use_thumbnail=True, min_num=1, normalize=True, max_pixels=None, names=None):
+    """load_image over a sequence of images, one result per image, in order, each as soon as it is done:
+    image i+1 is read and decoded on the pool while image i is resized and normalized, and a caller can
+    use image i's tiles meanwhile. Yields pixel_values [T_i, 3, S, S] (float32; uint8 if not normalize),
+    or, for an image that fails, its ImageError naming it (names[i], else i), and goes on with the next.
+
+    max_num: one for every image, or a sequence with one per image. max_pixels as in load_images.
+    """
+    images = list(images)
+    max_nums = list(max_num) if isinstance(max_num, (list, tuple)) else [max_num] * len(images)
+    if len(max_nums) != len(images):
+        raise ValueError(f"max_num has {len(max_nums)} entries for {len(images)} images")
+    for m in set(max_nums):
+        _check_params(input_size, m, min_num)
+    names = names or range(len(images))
+    tiling = dict(input_size=input_size, use_thumbnail=use_thumbnail, min_num=min_num, normalize=normalize, max_pixels=max_pixels)
+    jobs = [partial(_load_alone, name, image, max_num=m, **tiling) for name, image, m in zip(names, images, max_nums)]
+    for result in _overlapped(jobs, ahead=_WORKERS + 1):
+        if isinstance(result, TypeError):  # not an image at all: the caller's mistake
+            raise result
+        yield result
+
+
+def _load_alone(name, image, input_size, max_num, use_thumbnail, min_num, normalize, max_pixels, overlap):
+    # one image of iter_images, on the pool -> [T, 3, S, S]; its errors name it
+    with ExitStack() as stack:
+        (im,) = _open_all(stack, [image], [name])
+        ((cols, rows, num_tiles),) = _grids([im], input_size, max_num, min_num, use_thumbnail, None, max_pixels, [name])
+        out = np.empty((num_tiles, 3, input_size, input_size), dtype=np.float32 if normalize else np.uint8)
+        try:
+            _load_into(out, im, cols, rows, overlap)
+        except ImageError as e:
+            raise ImageError(f"image {name}: {e}") from e
+    return out
