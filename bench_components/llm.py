@@ -16,15 +16,19 @@ from bench_components.common import CKPT_1B, HEALTH, THREADS, timeit, log, memor
 def decode_weight_bytes(model) -> dict:
     """Bytes read per decode step: every decoder matrix and norm once, lm_head once (tied: the embedding
     matrix), plus one embedding row for the token's lookup."""
+    from engine.llm.int8 import Int8Rows
     from engine.llm.linear import Linear
 
     def nbytes(t) -> int:
         return t.nbytes if isinstance(t, Linear) else t.numel() * t.element_size()
 
-    per_layer = sum(nbytes(t) for layer in model.layers for t in layer.values() if t is not None)
+    import torch
+
+    per_layer = sum(nbytes(t) for layer in model.layers for t in layer.values() if isinstance(t, (torch.Tensor, Linear)))
     final_norm = nbytes(model.final_norm)
     lm_head = nbytes(model.lm_head)
-    embed_row = model.embed.shape[1] * model.embed.element_size()
+    embed = model.embed  # a tensor, or int8 rows + one fp32 scale each (llm_weights="int8")
+    embed_row = embed.q.shape[1] + 4 if isinstance(embed, Int8Rows) else embed.shape[1] * embed.element_size()
     return {
         "layers": per_layer,
         "final_norm": final_norm,
@@ -165,8 +169,9 @@ def bench_llm(out: Path, quick: bool) -> dict:
 def _linear_kernels(text) -> dict:
     """Why engine/llm/linear.py packs weights: GB/s of one layer-stack's gate|up matmuls (num_layers
     seeded random [2·I, H] matrices, ~0.7 GB for Qwen3-0.6B: nothing stays in cache) at the row counts
-    of decode steps, F.linear on the plain weights vs the engine's oneDNN-packed Linear, and the fp16
-    Linear of llm_weights="float16" (FBGEMM; its GB/s count its own, halved, bytes)."""
+    of decode steps, F.linear on the plain weights vs the engine's oneDNN-packed Linear, the fp16
+    Linear of llm_weights="float16" (FBGEMM) and the int8 Linear of llm_weights="int8" (engine/llm/
+    int8.py's AVX2 kernel; each reduced mode's GB/s count its own bytes: a half, a quarter)."""
     import torch
     import torch.nn.functional as F
 
@@ -176,7 +181,8 @@ def _linear_kernels(text) -> dict:
     shape = (2 * text.intermediate_size, text.hidden_size)
     dense = [torch.randn(shape, generator=gen) for _ in range(text.num_layers)]
     packed = [Linear(w) for w in dense]
-    half = [Linear(w, half=True) for w in dense]
+    half = [Linear(w, precision="float16") for w in dense]
+    int8 = [Linear(w, precision="int8") for w in dense]
     nbytes = sum(w.numel() * w.element_size() for w in dense)
     out = {"matrices": f"{len(dense)} x {list(shape)} fp32", "bytes": nbytes, "packed": packed[0].packed, "gb_s": {}}
     for rows in (1, 2, 4, 8):
@@ -185,6 +191,7 @@ def _linear_kernels(text) -> dict:
             "F.linear": (lambda: [F.linear(x, w) for w in dense], nbytes),
             "packed Linear (engine)": (lambda: [p(x) for p in packed], nbytes),
             "fp16 Linear (llm_weights=float16)": (lambda: [h(x) for h in half], nbytes // 2),
+            "int8 Linear (llm_weights=int8)": (lambda: [q(x) for q in int8], nbytes // 4),
         }
         rates = {}
         with torch.inference_mode():
@@ -193,7 +200,7 @@ def _linear_kernels(text) -> dict:
                 rates[name] = size / min(timeit(run) for _ in range(3)) / 1e9
         out["gb_s"][str(rows)] = rates
         log(f"llm: weight matmuls, {rows} row(s): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in rates.items()))
-    del dense, packed, half
+    del dense, packed, half, int8
     gc.collect()
     return out
 

@@ -152,7 +152,7 @@ def reference_generate_with_table(setup: Setup, ids, table: np.ndarray, n: int) 
 
 
 def random_table(setup: Setup, rng: np.random.Generator, rows: int) -> np.ndarray:
-    scale = float(setup.model.embed.std())
+    scale = float(setup.ref.get_input_embeddings().weight.detach().std())  # the checkpoint's table, whatever ours stores
     return (rng.standard_normal((rows, setup.hidden)) * scale * 2).astype(np.float32)
 
 

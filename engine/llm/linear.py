@@ -16,12 +16,17 @@ activations in and out, each weight converted to fp32 in registers, fp32 accumul
 result is the fp32 product of the fp16-rounded weight; it reads half the bytes of the fp32 path.
 On this project's CPUs (no AVX512-FP16) oneDNN refuses fp16 weights and `F.linear` in fp16 runs a
 slow generic kernel (docs/PERFORMANCE.md, "LLM weights in float16").
+
+int8 weights (`llm_weights="int8"`) are engine/llm/int8.py's Int8Weight: int8 rows, one fp32 scale
+per row, an AVX2 kernel for decode-sized products.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from engine.llm.int8 import Int8Weight
 
 PACK_ROWS_HINT = 8
 # oneDNN builds and caches (up to ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1024) one primitive per input row
@@ -46,25 +51,29 @@ def onednn_packing_available(dtype: torch.dtype) -> bool:
 
 
 class Linear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, half: bool = False):
-        # weight: [out, in]; bias: [out] or None; half: store the weight as float16 (fp32 activations),
-        # its values already checked to fit (engine/llm/precision.py)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, precision: str = "float32"):
+        # weight: [out, in]; bias: [out] or None; precision: "float32" (the weight's own dtype),
+        # "float16" (values already checked to fit: engine/llm/precision.py) or "int8"; activations fp32
         self.bias = bias
         self.out_features = weight.shape[0]
+        self.precision = precision
+        self.int8 = Int8Weight(weight, bias) if precision == "int8" else None
         bias_bytes = 0 if bias is None else bias.numel() * bias.element_size()
-        self.nbytes = weight.numel() * (2 if half else weight.element_size()) + bias_bytes
-        self.half = half
-        self.packed = not half and onednn_packing_available(weight.dtype)
-        if half:
+        weight_bytes = {"float16": 2 * weight.numel(), "int8": weight.numel() + 4 * weight.shape[0]}
+        self.nbytes = weight_bytes.get(precision, weight.numel() * weight.element_size()) + bias_bytes
+        self.packed = precision == "float32" and onednn_packing_available(weight.dtype)
+        if precision == "float16":
             self.weight = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), None if bias is None else bias.float())
         elif self.packed:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS_HINT)
-        else:
+        elif self.int8 is None:
             self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, in] -> [N, out]
-        if self.half:
+        if self.int8 is not None:
+            return self.int8(x)
+        if self.precision == "float16":
             return torch.ops.quantized.linear_dynamic_fp16(x, self.weight)
         if not self.packed:
             return F.linear(x, self.weight, self.bias)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from engine.text_config import TextConfig
 from engine.llm.linear import Linear
 from engine.llm.moe import SparseMoE
-from engine.llm.precision import check_half_range, check_llm_weights
+from engine.llm.int8 import Int8Rows, quantize_rows
+from engine.llm.precision import check_half_range, check_llm_weights, stored_weights
 from engine.llm.rope import rope_tables
 from engine.weights import load_weights
 
@@ -62,19 +63,25 @@ class DecoderLM:
         weights: dict[str, torch.Tensor],  # decoder weights, names without "language_model."
         lm_head: torch.Tensor | None,
         dtype: torch.dtype = torch.float32,
-        llm_weights: str = "float32",  # or "float16": engine/llm/precision.py
+        llm_weights: str = "float32",  # or "float16", "int8": engine/llm/precision.py
     ):
         self.config = config
         self.dtype = dtype
-        self.llm_weights = llm_weights
-        half = check_llm_weights(llm_weights, dtype)
-        if half:
+        # what the matrices are stored in: int8 falls back to float16 (with a warning) without its kernel
+        self.llm_weights = precision = stored_weights(llm_weights, dtype)
+        if precision == "float16":
             check_half_range({**weights, **({} if lm_head is None else {"lm_head.weight": lm_head})})
         c = config
         self.tied_embeddings = lm_head is None
-        self.lm_head = Linear(weights["embed_tokens.weight"] if lm_head is None else lm_head, half=half)
-        # [vocab, H], dense: rows are looked up (and cast to fp32 when stored in fp16)
-        self.embed = weights["embed_tokens.weight"].half() if half else weights["embed_tokens.weight"]
+        self.lm_head = Linear(weights["embed_tokens.weight"] if lm_head is None else lm_head, precision=precision)
+        # [vocab, H]: rows are looked up (and widened to fp32 when stored in fp16 / int8); a tied
+        # int8 table shares the LM head's rows
+        embed = weights["embed_tokens.weight"]
+        if precision == "int8":
+            head = self.lm_head.int8
+            self.embed = Int8Rows(head.q, head.scale) if self.tied_embeddings else Int8Rows(*quantize_rows(embed))
+        else:
+            self.embed = embed.half() if precision == "float16" else embed
         self.final_norm = weights["norm.weight"]
         self.layers = []
         for i in range(c.num_layers):
@@ -86,9 +93,9 @@ class DecoderLM:
                 "in_norm": w("input_layernorm.weight"),
                 "post_norm": w("post_attention_layernorm.weight"),
                 # Fused projections: one matmul for q|k|v and one for gate|up.
-                "qkv": Linear(torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")]), qkv_bias, half),
+                "qkv": Linear(torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")]), qkv_bias, precision),
                 # Llama's attention_bias also puts a bias on o_proj (Qwen2's does not): load what is stored
-                "o": Linear(w("self_attn.o_proj.weight"), weights.get(f"layers.{i}.self_attn.o_proj.bias"), half),
+                "o": Linear(w("self_attn.o_proj.weight"), weights.get(f"layers.{i}.self_attn.o_proj.bias"), precision),
                 "gate_up": None,
                 "down": None,
                 "moe": None,
@@ -98,15 +105,15 @@ class DecoderLM:
                 "window": c.sliding_window if i in c.sliding_layers else 0,
             }
             if i in c.sparse_layers and c.model_type == "gpt_oss":
-                layer["moe"] = SparseMoE.from_gpt_oss_weights(w, c.num_experts_per_tok, c.swiglu_limit, c.swiglu_alpha, half)
+                layer["moe"] = SparseMoE.from_gpt_oss_weights(w, c.num_experts_per_tok, c.swiglu_limit, c.swiglu_alpha, precision)
             elif i in c.sparse_layers:
-                layer["moe"] = SparseMoE.from_weights(w, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, half)
+                layer["moe"] = SparseMoE.from_weights(w, c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, precision)
             else:
                 gate_up_bias = None
                 if f"layers.{i}.mlp.gate_proj.bias" in weights:  # Llama's mlp_bias
                     gate_up_bias = torch.cat([w("mlp.gate_proj.bias"), w("mlp.up_proj.bias")])
-                layer["gate_up"] = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]), gate_up_bias, half)
-                layer["down"] = Linear(w("mlp.down_proj.weight"), weights.get(f"layers.{i}.mlp.down_proj.bias"), half)
+                layer["gate_up"] = Linear(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]), gate_up_bias, precision)
+                layer["down"] = Linear(w("mlp.down_proj.weight"), weights.get(f"layers.{i}.mlp.down_proj.bias"), precision)
             if c.qk_norm:
                 layer["q_norm"], layer["k_norm"] = w("self_attn.q_norm.weight"), w("self_attn.k_norm.weight")
             self.layers.append(layer)

@@ -36,12 +36,12 @@ class SparseMoE:
         gate_up_bias: list[torch.Tensor] | None = None,  # per expert [2I] (gpt_oss)
         down_bias: list[torch.Tensor] | None = None,  # per expert [H] (gpt_oss)
         swiglu: tuple[float, float] | None = None,  # gpt_oss (limit, alpha); None: silu(gate) · up
-        half: bool = False,  # experts' weights in float16 (the router stays fp32: engine/llm/precision.py)
+        precision: str = "float32",  # experts' weights (the router stays fp32: engine/llm/precision.py)
     ):
         self.router = Linear(router, router_bias)
         no_bias = [None] * len(gate_up)
-        self.gate_up = [Linear(w, b, half) for w, b in zip(gate_up, gate_up_bias or no_bias)]
-        self.down = [Linear(w, b, half) for w, b in zip(down, down_bias or no_bias)]
+        self.gate_up = [Linear(w, b, precision) for w, b in zip(gate_up, gate_up_bias or no_bias)]
+        self.down = [Linear(w, b, precision) for w, b in zip(down, down_bias or no_bias)]
         self.num_experts = len(gate_up)
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
@@ -49,15 +49,15 @@ class SparseMoE:
         self.last_tokens_per_expert: torch.Tensor | None = None  # int64 [E] of the last call (observability)
 
     @classmethod
-    def from_weights(cls, w, num_experts: int, top_k: int, norm_topk_prob: bool, half: bool = False) -> SparseMoE:
+    def from_weights(cls, w, num_experts: int, top_k: int, norm_topk_prob: bool, precision: str = "float32") -> SparseMoE:
         """w(name) -> tensor under `layers.{i}.`; names as engine/weights.py canonicalises them."""
         experts = [f"mlp.experts.{e}." for e in range(num_experts)]
         gate_up = [torch.cat([w(e + "gate_proj.weight"), w(e + "up_proj.weight")]) for e in experts]
         down = [w(e + "down_proj.weight") for e in experts]
-        return cls(w("mlp.gate.weight"), gate_up, down, top_k, norm_topk_prob, half=half)
+        return cls(w("mlp.gate.weight"), gate_up, down, top_k, norm_topk_prob, precision=precision)
 
     @classmethod
-    def from_gpt_oss_weights(cls, w, top_k: int, limit: float, alpha: float, half: bool = False) -> SparseMoE:
+    def from_gpt_oss_weights(cls, w, top_k: int, limit: float, alpha: float, precision: str = "float32") -> SparseMoE:
         gate_up = w("mlp.experts.gate_up_proj")  # [E, H, 2I], columns gate0, up0, gate1, up1, …
         gate_up_bias = w("mlp.experts.gate_up_proj_bias")  # [E, 2I], same order
         rows = lambda t: torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)  # noqa: E731  gate block, then up block
@@ -70,7 +70,7 @@ class SparseMoE:
             gate_up_bias=list(rows(gate_up_bias)),
             down_bias=list(w("mlp.experts.down_proj_bias")),
             swiglu=(limit, alpha),
-            half=half,
+            precision=precision,
         )
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
