@@ -1,4 +1,5 @@
-"""Command line: python -m bench_components [--out DIR] [--quick] [--only pre,vision,llm,triton,cache]"""
+"""Command line: python -m bench_components [--out DIR] [--quick] [--only pre,vision,llm,triton,cache]
+[--reference-python PATH]"""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench", help="results + cached artifacts (default artifacts/bench)")
     parser.add_argument("--quick", action="store_true", help="small repetition counts: a smoke run")
     parser.add_argument("--only", default="pre,vision,llm,triton,cache", help="comma-separated sections (default: all)")
+    parser.add_argument(
+        "--reference-python", help="section pre: an interpreter with torch 2.14.1 + torchvision 0.29.1 + Pillow 13 for the cards' load_image (default: OUT/seed-venv, made on first use)"
+    )
     args = parser.parse_args()
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(sections) - {"pre", "vision", "llm", "triton", "cache"}
@@ -56,7 +60,7 @@ def main() -> None:
         key, runner = runners[section]
         section_start = time.perf_counter()
         log(f"== {key}")
-        results[key] = runner(args.quick) if section == "pre" else runner(out, args.quick)
+        results[key] = runner(out, args.quick, args.reference_python) if section == "pre" else runner(out, args.quick)
         results[key]["section_s"] = time.perf_counter() - section_start
         gc.collect()
     results["probe_end"] = probe_machine("end")
@@ -78,7 +82,7 @@ def main() -> None:
     print_table(results["table"])
     steal = results.get("cpu_steal_pct")
     print(
-        f"\nthreads: {THREADS} (torch intra-op, ORT intra-op, preprocess pool); reference preprocessing at torch 1 thread.\n"
+        f"\nthreads: {THREADS} (torch intra-op, ORT intra-op, preprocess pool); reference preprocessing: the cards' load_image in its own interpreter, torch at the same threads.\n"
         f"machine: effective cores {results['probe_start']['effective_cores']} (start) / {results['probe_end']['effective_cores']} (end)"
         + (f", CPU steal {steal:.1f}% of the run" if steal is not None else "")
         + f"\nhealth probes: {results['health']['probes']}, throttled: {len(results['health']['unhealthy_probes'])}"

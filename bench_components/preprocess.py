@@ -1,22 +1,31 @@
-"""Section pre: engine.preprocess vs the seed reference (tests/reference_preprocess.py, torch at 1 thread)."""
+"""Section pre: engine.preprocess against the model cards' load_image in its real stack.
+
+The reference runs in its own interpreter (torch 2.14.1, torchvision 0.29.1, Pillow 13, numpy 1.26.4;
+`--reference-python PATH`, or a venv made on first use in OUT/seed-venv, pip taking the wheels from
+this machine's disk), the card's code (bench_components/seed_card.py) at torch's default thread count.
+Both sides run as processes of bench_components/seed_reference.py on the same files, alternating
+ours/seed (A B, B A, ...), each timing inside itself after warm-ups; a round's number is that
+process's median, and the section reports medians over rounds. Outputs are checked equal first.
+Measured at every core count from all down to 1 (the processes pinned to that many CPUs).
+"""
 
 from __future__ import annotations
 
-import importlib.util
-import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from bench_components.common import ROOT, THREADS, log, race
+from bench_components.common import HEALTH, ROOT, THREADS, log, summary
 from client.synthetic import synthetic_image
 
-
-def _reference_module():
-    spec = importlib.util.spec_from_file_location("reference_preprocess", ROOT / "tests" / "reference_preprocess.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+SEED_STACK = ("torch==2.14.1", "torchvision==0.29.1", "pillow==13.0.0", "numpy==1.26.4")
+WORKER = ROOT / "bench_components" / "seed_reference.py"
+SINGLE = (1920, 1080, "JPEG", "RGB")
 
 # (width, height, format, mode): photos, screenshots, portrait, panorama, small, grayscale, RGBA
 MIXED_SHAPES = [
@@ -31,84 +40,103 @@ MIXED_SHAPES = [
 ]
 
 
-def mixed_images(count: int = 32) -> list[bytes]:
-    return [synthetic_image(100 + i, *MIXED_SHAPES[i % len(MIXED_SHAPES)]) for i in range(count)]
+def reference_python(out: Path, given: str | None) -> tuple[str, str]:
+    """-> (interpreter, its versions line); makes OUT/seed-venv with SEED_STACK when none is given."""
+    python = given
+    if python is None:
+        venv = out / "seed-venv"
+        python, stamp = str(venv / "bin" / "python"), venv / "seed-stack.txt"
+        if not stamp.exists() or stamp.read_text() != " ".join(SEED_STACK):
+            log(f"pre: making the reference interpreter {venv} ({' '.join(SEED_STACK)}; ~5.5 GB, a few minutes)")
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+            subprocess.run([python, "-m", "pip", "install", "-qq", *SEED_STACK], check=True)
+            stamp.write_text(" ".join(SEED_STACK))
+    probe = "import PIL, numpy, torch, torchvision; print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow {PIL.__version__}, numpy {numpy.__version__}')"
+    versions = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    if versions.returncode:
+        raise SystemExit(f"the reference interpreter {python} cannot import torch + torchvision + Pillow: {versions.stderr.strip()[-500:]}")
+    return python, versions.stdout.strip()
 
 
-def bench_preprocess(quick: bool) -> dict:
-    import torch
+def _write_images(folder: Path) -> tuple[Path, list[Path]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    single = folder / "single_1920x1080.jpg"
+    single.write_bytes(synthetic_image(0, *SINGLE))
+    batch = []
+    for i in range(32):
+        w, h, fmt, mode = shape = MIXED_SHAPES[i % len(MIXED_SHAPES)]
+        batch.append(folder / f"mixed_{i:02d}_{w}x{h}_{mode}.{fmt.lower()}")
+        batch[-1].write_bytes(synthetic_image(100 + i, *shape))
+    return single, batch
 
-    from engine.preprocess import load_image, load_images
 
-    ref = _reference_module()
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the reference: torch at 1 thread (its per-tile ops are tiny)
-    try:
-        # (a) one 1920x1080 JPEG, max_num=12
-        single = synthetic_image(0, 1920, 1080, "JPEG")
-        ours = load_image(single, max_num=12)
-        theirs = ref.load_image(io.BytesIO(single), max_num=12).numpy()
-        assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-        diff_single = float(np.abs(ours - theirs).max())
-        assert diff_single <= 1e-6, f"preprocess mismatch vs reference: max |Δ| {diff_single}"
-        reps = 5 if quick else 20
-        log(f"pre (a): 1920x1080 JPEG -> {len(ours)} tiles, outputs equal (max |Δ| {diff_single:g}); {reps} reps each")
-        a = race(
-            {"ours": lambda: load_image(single, max_num=12), "reference": lambda: ref.load_image(io.BytesIO(single), max_num=12)},
-            reps,
-            warmup=2,
-            label="preprocess single",
-        )
-        # (b) throughput over 32 mixed images
-        images = mixed_images(32)
-        ours_all, counts = load_images(images, max_num=12)
-        theirs_all = [ref.load_image(io.BytesIO(b), max_num=12).numpy() for b in images]
-        assert counts == [len(t) for t in theirs_all], "tile counts differ from the reference"
-        diff_batch = float(np.abs(ours_all - np.concatenate(theirs_all)).max())
-        assert diff_batch <= 1e-6, f"preprocess mismatch vs reference over the mixed set: max |Δ| {diff_batch}"
-        reps = 2 if quick else 5
-        # No extra warm-up: the equality check above just ran both on these very images.
-        log(
-            f"pre (b): 32 mixed images ({sum(counts)} tiles, {sum(map(len, images)) / 1e6:.1f} MB encoded), "
-            f"outputs equal (max |Δ| {diff_batch:g}); {reps} reps each"
-        )
-        b = race(
-            {
-                "ours_load_images": lambda: load_images(images, max_num=12),
-                "reference_loop": lambda: [ref.load_image(io.BytesIO(x), max_num=12) for x in images],
-                "ours_load_image_loop": lambda: [load_image(x, max_num=12) for x in images],  # info: 1 image at a time
-            },
-            reps,
-            warmup=0,
-            label="preprocess 32 images",
-        )
-    finally:
-        torch.set_num_threads(torch_threads)
-    speedup_a = a["reference"]["median_s"] / a["ours"]["median_s"]
-    n = len(images)
-    ips = {k: n / v["median_s"] for k, v in b.items()}
-    speedup_b = ips["ours_load_images"] / ips["reference_loop"]
+def _run(python: str, impl: str, cores: int, files: list[Path], reps: int, batch_reps: int, warmup: int = 2, dump: Path | None = None) -> dict:
+    cmd = [python, "-P", str(WORKER), "--impl", impl, "--cores", str(cores), "--reps", str(reps), "--batch-reps", str(batch_reps), "--warmup", str(warmup)]
+    proc = subprocess.run(cmd + (["--dump", str(dump)] if dump else []) + [str(f) for f in files], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    if proc.returncode:
+        raise RuntimeError(f"the {impl} timing process failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _parity(pythons: dict, files: list[Path], folder: Path) -> tuple[dict, list[int]]:
+    # -> ({"single": max |Δ|, "batch": max |Δ|}, tiles per file), both sides' outputs compared
+    for impl, python in pythons.items():
+        _run(python, impl, THREADS, files, reps=0, batch_reps=0, warmup=0, dump=folder / impl)
+    diffs, tiles = {"single": 0.0, "batch": 0.0}, []
+    for name in [str(i) for i in range(len(files))] + ["batch"]:
+        ours, seed = (np.load(folder / impl / f"{name}.npy") for impl in ("ours", "seed"))
+        assert ours.shape == seed.shape, f"file {name}: ours {ours.shape} vs seed {seed.shape}"
+        diff = float(np.abs(ours - seed).max())
+        assert diff <= 1e-6, f"preprocess mismatch vs the real seed stack, file {name}: max |Δ| {diff}"
+        key = "single" if name == "0" else "batch"
+        diffs[key] = max(diffs[key], diff)
+        tiles.append(len(ours))
+    return diffs, tiles[: len(files)]
+
+
+def _rounds(pythons: dict, cores: int, rounds: int, files: list[Path], reps: int, batch_reps: int) -> dict:
+    per = {impl: {"single": [], "batch": []} for impl in pythons}
+    healthy, loads = [], []
+    for r in range(rounds):
+        label = f"pre {cores} core(s)"
+        before = HEALTH.gate(label)
+        loads.append(round(os.getloadavg()[0], 2))
+        for impl in list(pythons)[:: 1 if r % 2 == 0 else -1]:
+            result = _run(pythons[impl], impl, cores, files, reps, batch_reps)
+            per[impl]["single"].append(statistics.median(result["single_s"]))
+            per[impl]["batch"].append(statistics.median(result["batch_s"]))
+        healthy.append(before and HEALTH.probe(label))
+        log(f"pre {cores} core(s) round {r + 1}/{rounds}: single ours {per['ours']['single'][-1] * 1e3:.1f} ms seed {per['seed']['single'][-1] * 1e3:.1f} ms; 32 images ours {per['ours']['batch'][-1]:.2f} s seed {per['seed']['batch'][-1]:.2f} s; load {loads[-1]}")
+    out = {impl: {k: summary(v, healthy) for k, v in d.items()} for impl, d in per.items()}
+    n = len(files) - 1
+    out["single_speedup"] = out["seed"]["single"]["median_s"] / out["ours"]["single"]["median_s"]
+    out["images_per_s"] = {impl: n / out[impl]["batch"]["median_s"] for impl in pythons}
+    out["batch_speedup"] = out["images_per_s"]["ours"] / out["images_per_s"]["seed"]
+    out["loadavg_1min"] = loads
+    return out
+
+
+def bench_preprocess(out: Path, quick: bool, reference: str | None = None) -> dict:
+    python, stack = reference_python(out, reference)
+    pythons = {"ours": sys.executable, "seed": python}
+    single, batch = _write_images(out / "pre_images")
+    files = [single, *batch]
+    diffs, tiles = _parity(pythons, files, out / "pre_outputs")
+    log(f"pre: reference {python} ({stack}); outputs equal to the seed's (max |Δ| single {diffs['single']:g}, 32 images {diffs['batch']:g})")
+    reps, batch_reps = (3, 1) if quick else (5, 2)
+    by_cores = {}
+    for cores in range(THREADS, 0, -1):  # all cores first: the goals are stated there
+        rounds = (2 if quick else 5) if cores == THREADS else (1 if quick else 3)
+        by_cores[str(cores)] = _rounds(pythons, cores, rounds, files, reps, batch_reps)
+    top = by_cores[str(THREADS)]
     log(
-        f"pre: single {a['ours']['median_s'] * 1e3:.1f} ms vs ref {a['reference']['median_s'] * 1e3:.1f} ms "
-        f"({speedup_a:.2f}x); 32 images {ips['ours_load_images']:.1f} vs {ips['reference_loop']:.1f} img/s ({speedup_b:.2f}x)"
+        f"pre: single {top['ours']['single']['median_s'] * 1e3:.1f} ms vs seed {top['seed']['single']['median_s'] * 1e3:.1f} ms "
+        f"({top['single_speedup']:.2f}x); 32 images {top['images_per_s']['ours']:.1f} vs {top['images_per_s']['seed']:.1f} img/s ({top['batch_speedup']:.2f}x)"
     )
     return {
-        "threads": {"ours": f"numpy+PIL, pool of {THREADS} threads", "reference": "torch.set_num_threads(1), one image at a time"},
-        "single": {
-            "image": "1920x1080 JPEG q90, max_num=12",
-            "tiles": len(ours),
-            "max_abs_diff": diff_single,
-            "ours": a["ours"],
-            "reference": a["reference"],
-            "speedup": speedup_a,
-        },
-        "batch": {
-            "images": [f"{w}x{h} {fmt} {mode}" for w, h, fmt, mode in MIXED_SHAPES] * 4,
-            "tiles": sum(counts),
-            "max_abs_diff": diff_batch,
-            "timings": b,
-            "images_per_s": ips,
-            "tiles_per_s": {k: sum(counts) / v["median_s"] for k, v in b.items()},
-            "speedup": speedup_b,
-        },
+        "reference": {"python": python, "stack": stack, "code": "bench_components/seed_card.py (seed 004's load_image), torch at its default threads"},
+        "ours": "engine.preprocess: load_image for the single image, load_images for the 32",
+        "single": {"image": "1920x1080 JPEG q90, max_num=12", "tiles": tiles[0], "max_abs_diff": diffs["single"]},
+        "batch": {"images": [p.name for p in batch], "tiles": sum(tiles[1:]), "max_abs_diff": diffs["batch"]},
+        "by_cores": by_cores,
     }
