@@ -41,8 +41,15 @@ _SPLIT_MIN_PIXELS = 1 << 18
 
 def _core_to_spare():
     # The split grid resize pays only with an idle core: its extra copies cost ~11% more CPU, and with
-    # the cores busy (1-minute load average) it won nothing back (docs/PERFORMANCE.md).
-    return _WORKERS > 1 and os.getloadavg()[0] < _WORKERS - 0.5
+    # the cores busy it won nothing back (docs/PERFORMANCE.md). Idle now: the kernel's count of runnable
+    # threads (/proc/loadavg, 4th field; it counts the caller) leaves a core free. The 1-minute load
+    # average, used before, lags and counts our own last minute of work.
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        running = os.getloadavg()[0] + 1
+    return _WORKERS > 1 and running < _WORKERS
 
 
 # What PIL raises for corrupt, truncated or unrecognised data.
@@ -192,9 +199,10 @@ def _fill(out, im, cols, rows, overlap):
     # Both resizes only read the image and release the GIL, so the pool can do the thumbnail meanwhile;
     # the grid resize itself is split over the pool where that is exact (engine/resize.py) and a core is
     # idle, each thread then writing the tiles of its block.
-    future = _POOL.submit(thumbnail) if overlap and thumbnail else None
     size, grid_out = (cols * s, rows * s), out[: cols * rows].reshape(rows, cols, 3, s, s)
-    if overlap and resize.worth_splitting(im, size, _SPLIT_MIN_PIXELS) and _core_to_spare():
+    split = overlap and resize.worth_splitting(im, size, _SPLIT_MIN_PIXELS) and _core_to_spare()  # before the thumbnail starts
+    future = _POOL.submit(thumbnail) if overlap and thumbnail else None
+    if split:
         write = lambda x0, y0, block: _write_block(grid_out, np.asarray(block), x0, y0)
         resize.resize_blocks(im, size, _POOL, _WORKERS, write)
     else:
