@@ -70,8 +70,20 @@ def table_rows(results: dict) -> list[dict]:
                 ratio >= TARGETS["vision"],
                 (ort, torch_cfg[str(n)]),
             )
+        if "int8" in v:  # vision_precision="int8": raced in the same rounds as the fp32 ORT session
+            q = v["int8"]
+            for n in reversed(batches):
+                int8, fp32 = v["configs"]["ort_int8"][str(n)], v["configs"]["ort_default"][str(n)]
+                row(
+                    "vision",
+                    f"  int8 graph (vision_precision=int8) vs fp32 ORT, {n} tiles",
+                    f"{int8['tiles_per_s']:.3f} tiles/s",
+                    f"fp32 {fp32['tiles_per_s']:.3f}; min cos {q['min_cosine']:.5f}, max|Δ| {q['max_abs_diff']:.1e} ({q['tiles']} tiles)",
+                    f"{q['speedup_vs_fp32'][str(n)]:.2f}x fp32",
+                    timings=(int8, fp32),
+                )
         for name, cfg in v["configs"].items():
-            if name in ("ort_default", "torch_eager"):
+            if name in ("ort_default", "torch_eager", "ort_int8"):
                 continue
             r = cfg["1"]
             row(

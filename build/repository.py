@@ -4,7 +4,8 @@
         gpu only: [--dtype float16] [--tp-size 1] [--pp-size 1] [--quantization none|...]
                   [--vision-gpus 0] [--llm-gpus 1,2] [--kv-cache-free-gpu-mem-fraction 0.85] ...
 
-cpu: the vision ONNX (ONNX Runtime) and the python-backend LLM. gpu (inside the TensorRT-LLM Triton
+cpu: the vision ONNX (ONNX Runtime; --vision-precision int8: its dynamic int8 quantization,
+engine/vision_precision.py) and the python-backend LLM. gpu (inside the TensorRT-LLM Triton
 container, docs/GPU.md): the vision TensorRT plan and the TensorRT-LLM engine. Both targets share
 the ensemble contract (preprocess → vision_encoder → llm → postprocess, same tensor names), so
 clients cannot tell them apart. config.pbtxt files are filled from the templates in triton_repo/
@@ -25,7 +26,7 @@ import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from engine.vision_export import export_stamp, export_vision_onnx
+from engine.vision_export import export_stamp, export_vision_onnx, quantize_vision_onnx, vision_stamp
 from build.gpu_memory import kv_cache_fraction, shared_gpus
 from build.gpu_toolchain import check_version
 from build.settings import BuildSettings, GpuSettings, HelpFormatter, add_arguments, from_arguments
@@ -33,6 +34,7 @@ from build.trt_vision import METADATA, PLAN, PLAN_SETTINGS, build_vision_plan
 from build.trtllm_engine import ENGINE_DIR, ENGINE_GPU_SETTINGS, ENGINE_SETTINGS, build_llm_engine, conversion_plan
 from engine.config import ModelConfig
 from engine.vision import ONNX_INPUT, ONNX_OUTPUT
+from engine.vision_precision import onnx_file_name
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "triton_repo"
 # model name -> its template directory under triton_repo/
@@ -126,16 +128,24 @@ def build(checkpoint: str | Path, out: str | Path, settings: BuildSettings = Bui
     config = ModelConfig.from_pretrained(checkpoint)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    onnx_file = out / "vision_encoder.onnx"
+    precision = settings.vision_precision
+    fp32_file, onnx_file = out / onnx_file_name("float32"), out / onnx_file_name(precision)
     stamp_file = out / "build.json"
-    stamp = export_stamp(config.path)
+    stamp = vision_stamp(config.path, precision)
     previous = json.loads(stamp_file.read_text(encoding="utf-8")) if stamp_file.is_file() else {}
-    if onnx_file.is_file() and previous.get("stamp") == stamp:
+    # the int8 graph is quantized from the float32 one, which stays in OUT: exported again only when stale
+    previous_export = {k: v for k, v in previous.get("stamp", {}).items() if k != "quantization"}
+    exported = fp32_file.is_file() and previous_export == export_stamp(config.path)
+    if exported and onnx_file.is_file() and (precision == "float32" or previous.get("stamp") == stamp):
         print(f"[1/2] vision ONNX up to date: {onnx_file}")
     else:
-        print("[1/2] exporting the vision encoder to ONNX (dynamic tiles axis) ...", flush=True)
         started = time.perf_counter()
-        export_vision_onnx(config.path, onnx_file)
+        if not exported:
+            print("[1/2] exporting the vision encoder to ONNX (dynamic tiles axis) ...", flush=True)
+            export_vision_onnx(config.path, fp32_file)
+        if precision != "float32":
+            print(f"[1/2] quantizing the vision ONNX to {precision} (engine/vision_precision.py) ...", flush=True)
+            quantize_vision_onnx(fp32_file, onnx_file)
         print(f"      {onnx_file} ({time.perf_counter() - started:.1f} s)")
     values = {**common_values(config, settings), "onnx_file": str(onnx_file)}
     repository = out / "model_repository"
@@ -147,6 +157,11 @@ def build(checkpoint: str | Path, out: str | Path, settings: BuildSettings = Bui
 
 def build_gpu(checkpoint: str | Path, out: str | Path, settings: BuildSettings, gpu: GpuSettings) -> Path:
     """The TensorRT vision plan, the TensorRT-LLM engine and the GPU repository (needs the container)."""
+    if settings.vision_precision != "float32":
+        raise ValueError(
+            f"--vision-precision {settings.vision_precision} quantizes the CPU path's ONNX Runtime graph; the GPU path "
+            "builds its TensorRT vision plan in --dtype (float16/bfloat16): leave --vision-precision at float32"
+        )
     config = ModelConfig.from_pretrained(checkpoint)
     check_gpu_build(config, gpu)
     missing = [m for m in ("tensorrt", "tensorrt_llm") if importlib.util.find_spec(m) is None]

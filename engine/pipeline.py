@@ -101,13 +101,15 @@ class Pipeline:
         vision_cache_mib: int = DEFAULT_VISION_CACHE // MIB,
         prefix_cache_mib: int = DEFAULT_PREFIX_CACHE_BYTES // MIB,
         llm_weights: str = "float32",
+        vision_precision: str = "float32",
     ) -> Pipeline:
         """vision_cache_mib: bound of the vision-feature cache (engine/vision_cache.py); prefix_cache_mib:
         of the LLM's prefix KV reuse (engine/llm/prefix_cache.py); 0 turns either off. llm_weights:
-        "float32" or "float16", the LLM's stored weights, activations fp32 (engine/llm/precision.py)."""
+        "float32" or "float16", the LLM's stored weights, activations fp32 (engine/llm/precision.py).
+        vision_precision: "float32" or "int8", the ONNX Runtime vision graph (engine/vision_precision.py)."""
         config = ModelConfig.from_pretrained(path)
         tokenizer = TextTokenizer(path, config.skip_special_tokens)
-        vision = load_vision_encoder(config, vision_backend, vision_onnx)
+        vision = load_vision_encoder(config, vision_backend, vision_onnx, vision_precision)
         llm = LLMEngine(DecoderLM.from_pretrained(path, config.text, dtype, llm_weights), config.stop_token_id, prefix_cache_bytes=prefix_cache_mib * MIB)
         return cls(config, vision, llm, tokenizer, vision_cache_mib * MIB)
 

@@ -24,6 +24,7 @@ from transformers.models.internvl.modeling_internvl import InternVLMultiModalPro
 from engine.config import ModelConfig, VisionConfig, read_config
 from engine.flash import FlashConfig, assemble
 from engine.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from engine.vision_precision import check_vision_precision
 from engine.weights import load_weights
 
 ONNX_INPUT, ONNX_OUTPUT = "pixel_values", "prompt_embedding_table"
@@ -232,13 +233,21 @@ def default_onnx_path(checkpoint: str | Path) -> Path:
     return Path(checkpoint) / "onnx" / "vision_encoder.onnx"
 
 
-def load_vision_encoder(config: ModelConfig, backend: str, onnx_file: str | Path | None = None):
+def load_vision_encoder(config: ModelConfig, backend: str, onnx_file: str | Path | None = None, precision: str = "float32"):
+    """precision (engine/vision_precision.py): of the graph made on first use when no onnx_file is
+    given; int8 is an ONNX Runtime graph."""
+    check_vision_precision(precision)
+    if precision != "float32" and (backend != "onnxruntime" or onnx_file is not None):
+        raise ValueError(
+            f"vision_precision={precision!r} is the ONNX Runtime graph quantized on first use: "
+            "use vision_backend='onnxruntime' without vision_onnx (which loads the graph it names as it is)"
+        )
     if backend == "torch":
         return TorchVisionEncoder(config)
     if backend == "onnxruntime":
         if onnx_file is None:
             from engine.vision_export import ensure_vision_onnx  # it imports this module
 
-            onnx_file = ensure_vision_onnx(config.path)
+            onnx_file = ensure_vision_onnx(config.path, precision=precision)
         return OnnxVisionEncoder(onnx_file, flash=config.flash)
     raise ValueError(f"vision_backend must be 'onnxruntime' or 'torch', got {backend!r}")

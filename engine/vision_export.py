@@ -1,5 +1,6 @@
 """The vision encoder (ViT → pixel shuffle → projector) as ONNX with a dynamic tiles axis, and the
-cached export the ONNX Runtime backend loads (exported on first use, reused while its stamp holds).
+cached graphs the ONNX Runtime backend loads (the float32 export, or its int8 quantization:
+engine/vision_precision.py; made on first use, reused while their stamps hold).
 
 Output `prompt_embedding_table` [T·Q, H] float32 for input `pixel_values` [T, 3, S, S] uint8 (RGB
 tiles; the graph starts with the ImageNet normalization), T dynamic; an InternVL3.5-Flash graph also
@@ -27,6 +28,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.vision import FLASH_OUTPUTS, ONNX_INPUT, ONNX_OUTPUT, default_onnx_path, vision_module
+from engine.vision_precision import check_vision_precision, onnx_file_name, quantization_stamp, quantize_graph
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1.8e9  # weights above this go to <graph>.data beside it: protobuf's 2 GB limit
@@ -90,13 +92,28 @@ def export_vision_onnx(
         )
     _read_shapes_after_the_cast(program.model.graph)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    # written whole beside `out`, then renamed into place: the data file (named in the graph, relative)
-    # before the graph, so whoever sees the graph sees both complete
+    with _staged(out) as staged:
+        program.save(staged, external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    return out
+
+
+def quantize_vision_onnx(fp32_file: str | Path, out: str | Path) -> Path:
+    """The int8 graph (engine/vision_precision.py) of a float32 export, written whole at `out`."""
+    out = Path(out)
+    with _staged(out) as staged:
+        quantize_graph(fp32_file, staged)
+    return out
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[str]:
+    """A path to write `out` to, in a fresh folder beside it; afterwards everything written there is
+    renamed into place, a data file (named in the graph, relative) before the graph, so whoever sees
+    the graph sees both complete."""
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
-        program.save(os.path.join(staging, out.name), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+        yield os.path.join(staging, out.name)
         for name in sorted(os.listdir(staging), key=lambda name: name == out.name):
             os.replace(os.path.join(staging, name), out.parent / name)
-    return out
 
 
 def _read_shapes_after_the_cast(graph) -> None:
@@ -112,16 +129,27 @@ def _read_shapes_after_the_cast(graph) -> None:
             node.replace_input_with(index, casts[0].outputs[0])
 
 
-def ensure_vision_onnx(checkpoint: str | Path, log=lambda message: print(message, file=sys.stderr, flush=True)) -> Path:
-    """The checkpoint's float32 ONNX, exported on first use: <checkpoint>/onnx/vision_encoder.onnx,
-    or, when the checkpoint folder is not writable (a shared model store), a per-user cache folder
-    keyed by the export stamp. Re-exported when the checkpoint or the graph's code changed.
-    Concurrent first uses (threads or processes) export once: the others wait on a file lock beside
-    the graph and reuse it; the graph, its data file and the stamp appear whole or not at all."""
+def vision_stamp(checkpoint: str | Path, precision: str = "float32") -> dict:
+    """The stamp of the graph of `precision`: the float32 export's, plus how int8 quantizes it."""
     stamp = export_stamp(checkpoint)
+    return stamp if check_vision_precision(precision) == "float32" else {**stamp, "quantization": quantization_stamp()}
+
+
+def ensure_vision_onnx(
+    checkpoint: str | Path, log=lambda message: print(message, file=sys.stderr, flush=True), precision: str = "float32"
+) -> Path:
+    """The checkpoint's ONNX of `precision` (engine/vision_precision.py), made on first use:
+    <checkpoint>/onnx/vision_encoder[.int8].onnx, or, when the checkpoint folder is not writable (a
+    shared model store), a per-user cache folder keyed by the graph's stamp. Made again when the
+    checkpoint or the graph's code changed; the int8 graph is quantized from the float32 one, itself
+    ensured first. Concurrent first uses (threads or processes) make it once: the others wait on a
+    file lock beside the graph and reuse it; the graph, its data file and the stamp appear whole or
+    not at all."""
+    stamp = vision_stamp(checkpoint, precision)
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "internvl-serve" / "vision" / key
-    places = (default_onnx_path(checkpoint), cache / "vision_encoder.onnx")
+    name = onnx_file_name(precision)
+    places = (default_onnx_path(checkpoint).with_name(name), cache / name)
     for onnx_file in places:
         if _is_current(onnx_file, stamp):
             return onnx_file
@@ -131,13 +159,19 @@ def ensure_vision_onnx(checkpoint: str | Path, log=lambda message: print(message
             continue
         onnx_file.parent.mkdir(parents=True, exist_ok=True)
         with _exclusive(onnx_file.with_suffix(".lock")):
-            if _is_current(onnx_file, stamp):  # another thread or process exported it meanwhile
+            if _is_current(onnx_file, stamp):  # another thread or process made it meanwhile
                 return onnx_file
-            log(f"exporting the vision encoder to {onnx_file} (first use; reused until the checkpoint changes) ...")
-            started = time.perf_counter()
-            export_vision_onnx(checkpoint, onnx_file)
+            if precision == "float32":
+                log(f"exporting the vision encoder to {onnx_file} (first use; reused until the checkpoint changes) ...")
+                started = time.perf_counter()
+                export_vision_onnx(checkpoint, onnx_file)
+            else:
+                fp32_file = ensure_vision_onnx(checkpoint, log)
+                log(f"quantizing the vision encoder to {precision}: {onnx_file} (first use; reused until the checkpoint changes) ...")
+                started = time.perf_counter()
+                quantize_vision_onnx(fp32_file, onnx_file)
             _write_atomically(onnx_file.with_suffix(".stamp.json"), json.dumps(stamp))
-            log(f"exported in {time.perf_counter() - started:.1f} s")
+            log(f"{'exported' if precision == 'float32' else 'quantized'} in {time.perf_counter() - started:.1f} s")
             return onnx_file
     raise PermissionError(f"cannot write the vision ONNX next to {checkpoint} nor to {cache}")
 
