@@ -67,6 +67,28 @@ def prefix_match(a: list[int], b: list[int]) -> int:
     return n
 
 
+def gguf_summary(path: Path) -> dict:
+    """Tensor types and bytes of a GGUF, its pre-tokenizer and vocabulary size (read with the released gguf)."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    types, nbytes = Counter(), Counter()
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] += 1
+        nbytes[tensor.tensor_type.name] += int(tensor.n_bytes)
+    pre = reader.fields["tokenizer.ggml.pre"]
+    return {
+        "tensor_types": dict(types),
+        "tensor_bytes": dict(nbytes),
+        "weight_bytes": sum(nbytes.values()),
+        "separate_output_tensor": any(t.name == "output.weight" for t in reader.tensors),  # False: tied head
+        "pre_tokenizer": bytes(pre.parts[pre.data[0]]).decode(),
+        "tokens": len(reader.fields["tokenizer.ggml.tokens"].data),
+    }
+
+
 class Ours:
     """Our engine with one llm_weights, loaded once; run() is one greedy request at batch 1."""
 
@@ -83,7 +105,10 @@ class Ours:
             warnings.simplefilter("always")
             model = DecoderLM.from_pretrained(checkpoint, config.text, torch.float32, llm_weights)
         self.warnings = [str(w.message) for w in caught]  # e.g. int8 falling back to float16
-        self.weight_bytes = decode_weight_bytes(model)["total"]
+        try:
+            self.weight_bytes = decode_weight_bytes(model)["total"]
+        except (AttributeError, TypeError):  # a weight kind decode_weight_bytes cannot size
+            self.weight_bytes = None
         # The engine never sees its stop token (-1): every run generates exactly new_tokens.
         self.engine = LLMEngine(model, stop_token_id=-1, max_batch_size=8, max_num_tokens=2048)
 
@@ -108,7 +133,8 @@ def load_runners(active, checkpoint: Path, ggufs: dict, threads: int, n_ctx: int
             log(f"peers: ours {ours}: warning at load: {message}")
         start = time.perf_counter()
         runners["llama.cpp", theirs] = LlamaDecoder(ggufs[theirs], threads, n_ctx)
-        info["llama.cpp", theirs] = {"load_s": time.perf_counter() - start, "weight_bytes": ggufs[theirs].stat().st_size, "gguf": str(ggufs[theirs]), "params": runners["llama.cpp", theirs].params}
+        summary_ = gguf_summary(ggufs[theirs])
+        info["llama.cpp", theirs] = {"load_s": time.perf_counter() - start, "weight_bytes": summary_["weight_bytes"], "gguf": str(ggufs[theirs]), "gguf_summary": summary_, "params": runners["llama.cpp", theirs].params}
         log(f"peers: loaded ours {ours} ({info['ours', ours]['load_s']:.1f} s) and llama.cpp {theirs} ({info['llama.cpp', theirs]['load_s']:.1f} s)")
     return runners, info
 
@@ -154,8 +180,10 @@ def pair_results(active, runs: dict, healthy: list[bool], info: dict) -> list[di
                 "llama_cpp_prefill_ms": [1e3 * x["prefill_s"] for x in b],
                 "llama_cpp_perf_eval_tokens_per_s": [1e3 * x["perf_n_eval"] / x["perf_eval_ms"] for x in b if x["perf_eval_ms"] > 0],
                 "ours_weight_bytes": info["ours", ours]["weight_bytes"],
-                "llama_cpp_gguf_bytes": info["llama.cpp", theirs]["weight_bytes"],
-                "ours_gb_s": info["ours", ours]["weight_bytes"] * sa["median_s"] / 1e9,
+                "llama_cpp_weight_bytes": info["llama.cpp", theirs]["weight_bytes"],
+                "llama_cpp_gguf": info["llama.cpp", theirs]["gguf_summary"],
+                "llama_cpp_params": info["llama.cpp", theirs]["params"],
+                "ours_gb_s": info["ours", ours]["weight_bytes"] * sa["median_s"] / 1e9 if info["ours", ours]["weight_bytes"] else None,
                 "llama_cpp_gb_s": info["llama.cpp", theirs]["weight_bytes"] * sb["median_s"] / 1e9,
                 "greedy_tokens_equal_prefix": prefix_match(a[0]["tokens"], b[0]["tokens"]),
                 "ours_load_warnings": info["ours", ours]["warnings"],

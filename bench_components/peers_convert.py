@@ -1,16 +1,20 @@
 """llama.cpp's own converter, convert_hf_to_gguf.py, taken from the llama-cpp-python sdist of the installed
 version, turning the HF directory of bench_components/peers_checkpoint.py into f32 / f16 / q8_0 GGUFs.
 
-The script and its `conversion/` package (it imports it since llama.cpp split the model classes out)
-are extracted once from `pip download --no-binary :all: --no-deps llama-cpp-python==<version>` into
-artifacts/bench/peers/llama.cpp-<version>/ and run unmodified with the pip-installed gguf package
-(NO_LOCAL_GGUF: the `gguf` of the `peers` extra, the same release as the sdist's gguf-py).
+The script, its `conversion/` package (it imports it since llama.cpp split the model classes out) and
+its `gguf-py/` are extracted once from `pip download --no-binary :all: --no-deps
+llama-cpp-python==<version>` into artifacts/bench/peers/llama.cpp-<version>/ and run unmodified. The
+script puts its own gguf-py first on sys.path, and it needs it: the vendored copy says 0.19.0 like the
+gguf release of the `peers` extra but is newer (the converter's qwen.py refers to MODEL_ARCH.DFLASH,
+which the released 0.19.0 lacks). The released gguf only reads the finished files
+(bench_components/peers.py records their tensor types with it).
 
 The vocabulary: for a GPT-2-style BPE tokenizer the converter names the pre-tokenizer by hashing the
 ids that tokenizer gives a fixed text and looking the hash up among published tokenizers
 (TextModel.get_vocab_base_pre); ours, trained on build/corpus.txt, is in no such list, so the lookup
 raises "BPE pre-tokenizer was not recognized". The converter runs here through a shim (this module's
-`--shim`) that catches exactly that and answers "gpt2", which is what our tokenizer is: byte-level BPE
+`--shim`) that catches exactly that and answers "gpt-2", the name the converter gives GPT-2's own
+tokenizer and llama.cpp's vocabulary loader accepts, which is what our tokenizer is: byte-level BPE
 with the GPT-2 split regex (build/checkpoint.py train_tokenizer: ByteLevel(add_prefix_space=False),
 use_regex on). Everything else — vocabulary, token types, merges, special ids — the converter reads
 from our tokenizer files itself. The race feeds token ids directly, so tokenization never runs on the
@@ -20,7 +24,6 @@ llama.cpp side; the shim is only needed to get a loadable GGUF.
 from __future__ import annotations
 
 import json
-import os
 import runpy
 import shutil
 import subprocess
@@ -34,7 +37,8 @@ OUTTYPES = ("f32", "f16", "q8_0")
 DEFAULT_VERSION = "0.3.36"  # pyproject.toml's `peers` extra
 SCRIPT = "convert_hf_to_gguf.py"
 PACKAGE = "conversion"
-PRE_TOKENIZER = "gpt2"
+GGUF_PY = "gguf-py"
+PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for openai-community/gpt2's pre-tokenizer (llama-vocab.cpp)
 
 
 def llama_cpp_python_version() -> str:
@@ -49,7 +53,7 @@ def llama_cpp_python_version() -> str:
 def fetch_converter(cache: Path, version: str) -> Path:
     """-> the directory holding convert_hf_to_gguf.py and conversion/ of llama-cpp-python `version`."""
     target = cache / f"llama.cpp-{version}"
-    if (target / SCRIPT).is_file() and (target / PACKAGE / "__init__.py").is_file():
+    if all((target / p).is_file() for p in (SCRIPT, f"{PACKAGE}/__init__.py", f"{GGUF_PY}/gguf/__init__.py")):
         return target
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
@@ -69,17 +73,18 @@ def fetch_converter(cache: Path, version: str) -> Path:
         target.mkdir(parents=True)
         shutil.copy2(root / SCRIPT, target / SCRIPT)
         shutil.copytree(root / PACKAGE, target / PACKAGE)
+        shutil.copytree(root / GGUF_PY / "gguf", target / GGUF_PY / "gguf")
     return target
 
 
 def _wanted(name: str) -> bool:
     parts = name.split("/")
-    return parts[1:3] == ["vendor", "llama.cpp"] and (parts[3:] == [SCRIPT] or parts[3:4] == [PACKAGE])
+    return parts[1:3] == ["vendor", "llama.cpp"] and (parts[3:] == [SCRIPT] or parts[3:4] == [PACKAGE] or parts[3:5] == [GGUF_PY, "gguf"])
 
 
 def convert(hf_dir: Path, converter: Path, out_dir: Path, outtypes=OUTTYPES, log=print) -> dict[str, Path]:
     """-> {outtype: gguf path}; a GGUF already made from this exact directory by this converter is kept."""
-    stamp = {"hf_dir": json.loads((hf_dir / "extracted_from.json").read_text(encoding="utf-8")), "converter": converter.name}
+    stamp = {"hf_dir": json.loads((hf_dir / "extracted_from.json").read_text(encoding="utf-8")), "converter": converter.name, "pre_tokenizer": PRE_TOKENIZER}
     paths = {}
     for outtype in outtypes:
         path = out_dir / f"{hf_dir.name}-{outtype}.gguf"
@@ -89,11 +94,13 @@ def convert(hf_dir: Path, converter: Path, out_dir: Path, outtypes=OUTTYPES, log
             continue
         start = time.perf_counter()
         log(f"peers: {converter.name}/{SCRIPT} --outtype {outtype} -> {path}")
-        env = dict(os.environ, NO_LOCAL_GGUF="1")
         cmd = [sys.executable, "-m", "bench_components.peers_convert", "--shim", str(converter), "--outtype", outtype, "--outfile", str(path), str(hf_dir)]
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{SCRIPT} --outtype {outtype} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+        for line in result.stderr.splitlines():
+            if line.startswith("peers shim:"):
+                log(line)
         stamp_file.write_text(json.dumps(stamp), encoding="utf-8")
         log(f"peers: {path.name} {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s")
         paths[outtype] = path
@@ -117,8 +124,9 @@ def unknown_bpe_answer(original):
 
 
 def run_shim(converter: Path, args: list[str]) -> None:
-    """Runs convert_hf_to_gguf.py from `converter` as __main__ with `args`, the pre-tokenizer lookup wrapped."""
-    sys.path.insert(0, str(converter))
+    """Runs convert_hf_to_gguf.py from `converter` as __main__ with `args`, the pre-tokenizer lookup wrapped.
+    Its gguf-py goes first on sys.path before conversion.base imports gguf (as the script itself does)."""
+    sys.path[:0] = [str(converter), str(converter / GGUF_PY)]
     from conversion.base import TextModel  # the converter's own package (fetch_converter)
 
     TextModel.get_vocab_base_pre = unknown_bpe_answer(TextModel.get_vocab_base_pre)

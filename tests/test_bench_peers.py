@@ -52,7 +52,7 @@ def test_llm_directory_is_what_the_converter_reads(tiny, tmp_path):
     assert max(tokenizer.vocab.values()) < config["vocab_size"]
     model = json.loads((out / "tokenizer.json").read_text())["model"]
     assert model["type"] == "BPE" and model["merges"]
-    # PRE_TOKENIZER "gpt2" is what our tokenizer does: byte-level with the GPT-2 split regex
+    # PRE_TOKENIZER "gpt-2" is what our tokenizer does: byte-level with the GPT-2 split regex
     pre = json.loads((out / "tokenizer.json").read_text())["pre_tokenizer"]
     assert pre["type"] == "ByteLevel" and pre["use_regex"] and not pre["add_prefix_space"]
     expected = {f"model.{k}": v for k, v in iter_weights(tiny, "language_model.")}
@@ -87,7 +87,7 @@ def test_shim_names_only_an_unknown_bpe_tokenizer():
     def other(self, tokenizer):
         raise NotImplementedError("something else")
 
-    assert unknown_bpe_answer(unknown)(None, None) == PRE_TOKENIZER == "gpt2"
+    assert unknown_bpe_answer(unknown)(None, None) == PRE_TOKENIZER == "gpt-2"
     assert unknown_bpe_answer(lambda self, tokenizer: "qwen2")(None, None) == "qwen2"
     with pytest.raises(NotImplementedError, match="something else"):
         unknown_bpe_answer(other)(None, None)
