@@ -37,6 +37,12 @@ _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="preprocess"
 # A grid resize whose intermediate image has fewer pixels than this runs as one call: thread hand-offs
 # would cost more than they save.
 _SPLIT_MIN_PIXELS = 1 << 18
+# Pillow frees an image's memory blocks (at most 16 MB each) at once by default, so every decode and
+# resize page-faults fresh memory: half the minor faults of a 1920x1080 load_image, ~6% of its CPU
+# here (docs/PERFORMANCE.md). Keep some for reuse, unless the deployment chose (PILLOW_BLOCKS_MAX).
+_PIL_BLOCKS_KEPT = 16
+if "PILLOW_BLOCKS_MAX" not in os.environ and Image.core.get_blocks_max() == 0:
+    Image.core.set_blocks_max(_PIL_BLOCKS_KEPT)
 
 
 def _core_to_spare():
@@ -201,7 +207,7 @@ def _fill(out, im, cols, rows, overlap):
     # idle, each thread then writing the tiles of its block.
     size, grid_out = (cols * s, rows * s), out[: cols * rows].reshape(rows, cols, 3, s, s)
     split = overlap and resize.worth_splitting(im, size, _SPLIT_MIN_PIXELS) and _core_to_spare()  # before the thumbnail starts
-    future = _POOL.submit(thumbnail) if overlap and thumbnail else None
+    future = _POOL.submit(thumbnail) if overlap and thumbnail and _WORKERS > 1 else None  # one CPU: in turn
     if split:
         write = lambda x0, y0, block: _write_block(grid_out, np.asarray(block), x0, y0)
         resize.resize_blocks(im, size, _POOL, _WORKERS, write)
