@@ -31,8 +31,8 @@ setup: $(STAMP)
 	.venv/bin/python -m pip install -q --upgrade pip
 	# torch==2.13.0 (CPU build) resolves to the file on this machine's disk; see pyproject.toml
 	.venv/bin/python -m pip install -q -e '.[cpu,test]'
-	# the int8 weight kernel (llm_weights=int8), compiled once here rather than at first use
-	.venv/bin/python -m engine.llm.int8
+	# the CPU LLM's kernels (int8 weights, fused norm/rotary: engine/llm/cpu_ops.py), compiled once here, not at first use
+	.venv/bin/python -m engine.llm.cpu_ops
 	touch $@
 
 # TARGET=gpu pip-installs into $(PY): only where that is the container's Python (tensorrt_llm

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.llm import int8
+from engine.llm import cpu_ops
 from engine.llm.int8 import KERNEL_MAX_ROWS, Int8Rows, Int8Weight, quantize_rows
 
 
@@ -17,7 +17,7 @@ def _reference(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
 
 
 def test_the_kernel_builds_on_this_machine():
-    module, reason = int8.kernel()
+    module, reason = cpu_ops.load()
     assert module is not None, reason  # CI machines have gcc and AVX2: int8 must not silently fall back
 
 
@@ -88,7 +88,7 @@ def test_without_the_kernel_int8_serves_float16_with_a_warning(monkeypatch, chec
     from engine.config import ModelConfig
     from engine.llm.model import DecoderLM
 
-    monkeypatch.setattr(int8, "kernel", lambda: (None, "no compiler here"))
+    monkeypatch.setattr(cpu_ops, "load", lambda: (None, "no compiler here"))
     path = checkpoints["qwen3"]
     with pytest.warns(UserWarning, match=r"llm_weights='int8' unavailable \(no compiler here\); serving float16"):
         model = DecoderLM.from_pretrained(path, ModelConfig.from_pretrained(path).text, llm_weights="int8")

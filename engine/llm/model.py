@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from engine.text_config import TextConfig
 from engine.llm.linear import Linear
 from engine.llm.moe import SparseMoE
+from engine.llm import cpu_ops
 from engine.llm.int8 import Int8Rows, quantize_rows
 from engine.llm.precision import check_half_range, check_llm_weights, stored_weights
 from engine.llm.rope import rope_tables
@@ -118,6 +119,9 @@ class DecoderLM:
                 layer["q_norm"], layer["k_norm"] = w("self_attn.q_norm.weight"), w("self_attn.k_norm.weight")
             self.layers.append(layer)
         self._cos, self._sin = rope_tables(c, dtype)  # [max_pos, head_dim]
+        # fused RMSNorm and q/k norm + rotary (engine/llm/csrc/decode_ops.cpp): the same arithmetic
+        # in one call instead of ~20 torch operators; torch's where the kernels are not built
+        self.ops = cpu_ops.load()[0] if dtype == torch.float32 else None
 
     @classmethod
     def from_pretrained(cls, path, config: TextConfig, dtype: torch.dtype = torch.float32, llm_weights: str = "float32") -> DecoderLM:
@@ -153,36 +157,57 @@ class DecoderLM:
         lengths = [len(s.token_ids) for s in seqs]
         x = torch.cat([self._embed(s) for s in seqs])  # [N, H]
         positions = torch.cat([torch.arange(s.start, s.start + n) for s, n in zip(seqs, lengths)])
-        cos, sin = self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)  # [N, 1, d]
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        cos, sin = self._cos[positions], self._sin[positions]  # [N, d]
+        q_size = c.num_heads * c.head_dim
         for li, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer["in_norm"], c.rms_norm_eps)
-            qkv = layer["qkv"](h)
-            q = qkv[:, :q_size].view(-1, c.num_heads, c.head_dim)
-            k = qkv[:, q_size : q_size + kv_size].view(-1, c.num_kv_heads, c.head_dim)
-            v = qkv[:, q_size + kv_size :].view(-1, c.num_kv_heads, c.head_dim)
-            if layer["q_norm"] is not None:
-                q = _rms_norm(q, layer["q_norm"], c.rms_norm_eps)
-                k = _rms_norm(k, layer["k_norm"], c.rms_norm_eps)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            h = self._norm(x, layer["in_norm"])
+            q, k, v = self._rotated_qkv(layer["qkv"](h), layer, cos, sin)
             attn = torch.empty_like(q)
+            fused_decode = self.ops is not None and not layer["window"] and layer["sinks"] is None
             offset = 0
             for s, n in zip(seqs, lengths):
                 end = s.start + n
+                if n == 1 and fused_decode:  # one token: cache write and attention in one call
+                    attn[offset] = self.ops.attend_decode(q[offset], k[offset], v[offset], s.cache.k, s.cache.v, li, s.start)
+                    offset += 1
+                    continue
                 s.cache.k[li, :, s.start : end] = k[offset : offset + n].transpose(0, 1)
                 s.cache.v[li, :, s.start : end] = v[offset : offset + n].transpose(0, 1)
                 attn[offset : offset + n] = self._attend(q[offset : offset + n], s.cache, li, s.start, end, layer["window"], layer["sinks"])
                 offset += n
             x = x + layer["o"](attn.view(-1, q_size))
-            h = _rms_norm(x, layer["post_norm"], c.rms_norm_eps)
+            h = self._norm(x, layer["post_norm"])
             if layer["moe"] is not None:
                 x = x + layer["moe"](h)
             else:
                 gate, up = layer["gate_up"](h).chunk(2, dim=-1)
                 x = x + layer["down"](F.silu(gate) * up)
         last = torch.tensor(lengths).cumsum(0) - 1
-        return self.lm_head(_rms_norm(x[last], self.final_norm, c.rms_norm_eps))
+        return self.lm_head(self._norm(x[last], self.final_norm))
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # x: [N, H] -> [N, H]
+        if self.ops is not None:
+            return self.ops.rms_norm(x, weight, self.config.rms_norm_eps)
+        return _rms_norm(x, weight, self.config.rms_norm_eps)
+
+    def _rotated_qkv(self, qkv: torch.Tensor, layer: dict, cos: torch.Tensor, sin: torch.Tensor):
+        # qkv: [N, (heads + 2 kv_heads) d]; cos, sin: [N, d] -> q [N, heads, d], k and v [N, kv_heads, d]
+        c = self.config
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        if self.ops is not None:  # per-head norm and rotary in place on q and k
+            self.ops.norm_rope_qk_(qkv, cos, sin, layer["q_norm"], layer["k_norm"], c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps)
+        q = qkv[:, :q_size].view(-1, c.num_heads, c.head_dim)
+        k = qkv[:, q_size : q_size + kv_size].view(-1, c.num_kv_heads, c.head_dim)
+        v = qkv[:, q_size + kv_size :].view(-1, c.num_kv_heads, c.head_dim)
+        if self.ops is None:
+            if layer["q_norm"] is not None:
+                q = _rms_norm(q, layer["q_norm"], c.rms_norm_eps)
+                k = _rms_norm(k, layer["k_norm"], c.rms_norm_eps)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [N, 1, d]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        return q, k, v
 
     @staticmethod
     def _attend(

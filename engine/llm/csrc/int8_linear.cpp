@@ -1,11 +1,12 @@
 // y = x @ (q * scale[:, None]).T + bias for int8 weights with one fp32 scale per output row,
-// fp32 activations and fp32 accumulation (engine/llm/int8.py builds and loads this file).
+// fp32 activations and fp32 accumulation (engine/llm/int8.py; built by engine/llm/cpu_ops.py).
 //
 // Decode multiplies a few rows by every weight, so the step is bound by how fast the weights stream
 // from memory: each 16 int8 weights are loaded once, widened to fp32 in registers (AVX2
 // cvtepi8_epi32 + cvtepi32_ps) and multiplied into up to ROWS activation rows. Output rows are split
 // across torch's intra-op threads. The scale is applied once per dot product, after the sum.
-#include <torch/extension.h>
+#include "ops.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -75,21 +76,21 @@ void rows_block(const int8_t* w, const float* scale, const float* bias, const fl
 }  // namespace
 
 // x: [N, K] float32; qweight: [O, K] int8; scale: [O] float32; bias: [O] float32 or empty -> [N, O]
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
-                          const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be a 2-D float32 tensor");
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kInt8 && qweight.is_contiguous(),
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                          const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be a 2-D float32 tensor");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar && qweight.is_contiguous(),
               "qweight must be a contiguous 2-D int8 tensor");
   TORCH_CHECK(x.size(1) == qweight.size(1), "x has ", x.size(1), " columns, qweight ", qweight.size(1));
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == qweight.size(0) && scale.is_contiguous(),
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == qweight.size(0) && scale.is_contiguous(),
               "scale must be a contiguous float32 [O] tensor");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->numel() == qweight.size(0) && bias->is_contiguous(),
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == qweight.size(0) && bias->is_contiguous(),
                 "bias must be a contiguous float32 [O] tensor");
-  const torch::Tensor xc = x.contiguous();
+  const at::Tensor xc = x.contiguous();
   const int64_t n = xc.size(0), k_size = xc.size(1), n_out = qweight.size(0);
-  torch::Tensor y = torch::empty({n, n_out}, xc.options());
+  at::Tensor y = at::empty({n, n_out}, xc.options());
   const int8_t* w = qweight.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
   const float* b = has_bias ? bias->data_ptr<float>() : nullptr;
@@ -109,9 +110,4 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, 
     }
   });
   return y;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear", &int8_linear, "x @ (int8 weight * per-row scale).T + bias, fp32 accumulation",
-        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias") = py::none());
 }
