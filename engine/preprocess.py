@@ -206,9 +206,11 @@ def _fill(out, im, cols, rows, overlap):
     # the grid resize itself is split over the pool where that is exact (engine/resize.py) and a core is
     # idle, each thread then writing the tiles of its block.
     size, grid_out = (cols * s, rows * s), out[: cols * rows].reshape(rows, cols, 3, s, s)
-    split = overlap and resize.worth_splitting(im, size, _SPLIT_MIN_PIXELS) and _core_to_spare()  # before the thumbnail starts
-    future = _POOL.submit(thumbnail) if overlap and thumbnail and _WORKERS > 1 else None  # one CPU: in turn
-    if split:
+    # Only with a core idle now (asked before the thumbnail starts): on a busy machine every hand-off
+    # waits for the scheduler, and one thread doing it all in turn was quicker (docs/PERFORMANCE.md).
+    spare = overlap and _core_to_spare()
+    future = _POOL.submit(thumbnail) if spare and thumbnail else None
+    if spare and resize.worth_splitting(im, size, _SPLIT_MIN_PIXELS):
         write = lambda x0, y0, block: _write_block(grid_out, np.asarray(block), x0, y0)
         resize.resize_blocks(im, size, _POOL, _WORKERS, write)
     else:
