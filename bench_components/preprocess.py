@@ -70,18 +70,27 @@ def _write_images(folder: Path) -> tuple[Path, list[Path]]:
     return single, batch
 
 
-def _run(python: str, impl: str, cores: int, files: list[Path], reps: int, batch_reps: int, warmup: int = 2, dump: Path | None = None) -> dict:
-    cmd = [python, "-P", str(WORKER), "--impl", impl, "--cores", str(cores), "--reps", str(reps), "--batch-reps", str(batch_reps), "--warmup", str(warmup)]
+def _candidates(python: str, cores: int) -> dict[str, tuple[str, str, list[str]]]:
+    # name -> (interpreter, --impl, extra arguments)
+    out = {"ours": (sys.executable, "ours", []), "seed": (python, "seed", [])}
+    if cores > 1:  # info: the cards' stack with torch at one thread, what a busy machine's deployer would set
+        out["seed_torch1"] = (python, "seed", ["--torch-threads", "1"])
+    return out
+
+
+def _run(candidate: tuple, cores: int, files: list[Path], reps: int, batch_reps: int, warmup: int = 2, dump: Path | None = None) -> dict:
+    python, impl, extra = candidate
+    cmd = [python, "-P", str(WORKER), "--impl", impl, "--cores", str(cores), "--reps", str(reps), "--batch-reps", str(batch_reps), "--warmup", str(warmup), *extra]
     proc = subprocess.run(cmd + (["--dump", str(dump)] if dump else []) + [str(f) for f in files], capture_output=True, text=True, cwd=ROOT, timeout=900)
     if proc.returncode:
         raise RuntimeError(f"the {impl} timing process failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _parity(pythons: dict, files: list[Path], folder: Path) -> tuple[dict, list[int]]:
+def _parity(python: str, files: list[Path], folder: Path) -> tuple[dict, list[int]]:
     # -> ({"single": max |Δ|, "batch": max |Δ|}, tiles per file), both sides' outputs compared
-    for impl, python in pythons.items():
-        _run(python, impl, THREADS, files, reps=0, batch_reps=0, warmup=0, dump=folder / impl)
+    for impl in ("ours", "seed"):
+        _run(_candidates(python, THREADS)[impl], THREADS, files, reps=0, batch_reps=0, warmup=0, dump=folder / impl)
     diffs, tiles = {"single": 0.0, "batch": 0.0}, []
     for name in [str(i) for i in range(len(files))] + ["batch"]:
         ours, seed = (np.load(folder / impl / f"{name}.npy") for impl in ("ours", "seed"))
@@ -94,23 +103,25 @@ def _parity(pythons: dict, files: list[Path], folder: Path) -> tuple[dict, list[
     return diffs, tiles[: len(files)]
 
 
-def _rounds(pythons: dict, cores: int, rounds: int, files: list[Path], reps: int, batch_reps: int) -> dict:
-    per = {impl: {"single": [], "batch": []} for impl in pythons}
+def _rounds(python: str, cores: int, rounds: int, files: list[Path], reps: int, batch_reps: int) -> dict:
+    candidates = _candidates(python, cores)
+    per = {name: {"single": [], "batch": []} for name in candidates}
     healthy, loads = [], []
     for r in range(rounds):
         label = f"pre {cores} core(s)"
         before = HEALTH.gate(label)
         loads.append(round(os.getloadavg()[0], 2))
-        for impl in list(pythons)[:: 1 if r % 2 == 0 else -1]:
-            result = _run(pythons[impl], impl, cores, files, reps, batch_reps)
-            per[impl]["single"].append(statistics.median(result["single_s"]))
-            per[impl]["batch"].append(statistics.median(result["batch_s"]))
+        for name in list(candidates)[:: 1 if r % 2 == 0 else -1]:
+            result = _run(candidates[name], cores, files, reps, batch_reps)
+            per[name]["single"].append(statistics.median(result["single_s"]))
+            per[name]["batch"].append(statistics.median(result["batch_s"]))
         healthy.append(before and HEALTH.probe(label))
-        log(f"pre {cores} core(s) round {r + 1}/{rounds}: single ours {per['ours']['single'][-1] * 1e3:.1f} ms seed {per['seed']['single'][-1] * 1e3:.1f} ms; 32 images ours {per['ours']['batch'][-1]:.2f} s seed {per['seed']['batch'][-1]:.2f} s; load {loads[-1]}")
-    out = {impl: {k: summary(v, healthy) for k, v in d.items()} for impl, d in per.items()}
+        times = ", ".join(f"{name} {d['single'][-1] * 1e3:.1f} ms / {d['batch'][-1]:.2f} s" for name, d in per.items())
+        log(f"pre {cores} core(s) round {r + 1}/{rounds} (single / 32 images): {times}; load {loads[-1]}")
+    out = {name: {k: summary(v, healthy) for k, v in d.items()} for name, d in per.items()}
     n = len(files) - 1
+    out["images_per_s"] = {name: n / out[name]["batch"]["median_s"] for name in candidates}
     out["single_speedup"] = out["seed"]["single"]["median_s"] / out["ours"]["single"]["median_s"]
-    out["images_per_s"] = {impl: n / out[impl]["batch"]["median_s"] for impl in pythons}
     out["batch_speedup"] = out["images_per_s"]["ours"] / out["images_per_s"]["seed"]
     out["loadavg_1min"] = loads
     return out
@@ -118,23 +129,26 @@ def _rounds(pythons: dict, cores: int, rounds: int, files: list[Path], reps: int
 
 def bench_preprocess(out: Path, quick: bool, reference: str | None = None) -> dict:
     python, stack = reference_python(out, reference)
-    pythons = {"ours": sys.executable, "seed": python}
     single, batch = _write_images(out / "pre_images")
     files = [single, *batch]
-    diffs, tiles = _parity(pythons, files, out / "pre_outputs")
+    diffs, tiles = _parity(python, files, out / "pre_outputs")
     log(f"pre: reference {python} ({stack}); outputs equal to the seed's (max |Δ| single {diffs['single']:g}, 32 images {diffs['batch']:g})")
     reps, batch_reps = (3, 1) if quick else (5, 2)
     by_cores = {}
     for cores in range(THREADS, 0, -1):  # all cores first: the goals are stated there
         rounds = (2 if quick else 5) if cores == THREADS else (1 if quick else 3)
-        by_cores[str(cores)] = _rounds(pythons, cores, rounds, files, reps, batch_reps)
+        by_cores[str(cores)] = _rounds(python, cores, rounds, files, reps, batch_reps)
     top = by_cores[str(THREADS)]
     log(
         f"pre: single {top['ours']['single']['median_s'] * 1e3:.1f} ms vs seed {top['seed']['single']['median_s'] * 1e3:.1f} ms "
         f"({top['single_speedup']:.2f}x); 32 images {top['images_per_s']['ours']:.1f} vs {top['images_per_s']['seed']:.1f} img/s ({top['batch_speedup']:.2f}x)"
     )
     return {
-        "reference": {"python": python, "stack": stack, "code": "bench_components/seed_card.py (seed 004's load_image), torch at its default threads"},
+        "reference": {
+            "python": python,
+            "stack": stack,
+            "code": "bench_components/seed_card.py (seed 004's load_image); seed: torch at as many threads as cores, seed_torch1: at 1",
+        },
         "ours": "engine.preprocess: load_image for the single image, load_images for the 32",
         "single": {"image": "1920x1080 JPEG q90, max_num=12", "tiles": tiles[0], "max_abs_diff": diffs["single"]},
         "batch": {"images": [p.name for p in batch], "tiles": sum(tiles[1:]), "max_abs_diff": diffs["batch"]},

@@ -5,12 +5,12 @@ files, time inside the process after warm-ups, and print one JSON line:
 {"single_s": [...], "batch_s": [...], "threads": N}.
 
     PYTHON -P bench_components/seed_reference.py --impl seed|ours --cores N [--reps R] [--batch-reps B]
-        [--warmup W] [--dump DIR] SINGLE_FILE BATCH_FILE...
+        [--warmup W] [--torch-threads T] [--dump DIR] SINGLE_FILE BATCH_FILE...
 
 --cores N pins the process to N of its CPUs before torch or numpy start their threads (torch also gets
-set_num_threads(N); our pool sizes itself from the affinity). --dump DIR writes each file's output as
-DIR/<index>.npy (float32 [T, 3, 448, 448]; index 0 is the single file) and the batch's tiles as
-DIR/batch.npy, for the parity check, untimed.
+set_num_threads(N), or --torch-threads T; our pool sizes itself from the affinity). --dump DIR writes
+each file's output as DIR/<index>.npy (float32 [T, 3, 448, 448]; index 0 is the single file) and the
+batch's tiles as DIR/batch.npy, for the parity check, untimed.
 Standard library only at the top: the two interpreters share nothing else.
 """
 
@@ -67,12 +67,13 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch-reps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--torch-threads", type=int, help="the seed's torch.set_num_threads (default: --cores)")
     parser.add_argument("--dump", type=Path)
     parser.add_argument("single", type=Path)
     parser.add_argument("batch", type=Path, nargs="*")
     args = parser.parse_args()
     _pin(args.cores)
-    load_one, load_many = _loaders(args.impl, args.cores)
+    load_one, load_many = _loaders(args.impl, args.torch_threads or args.cores)
     if args.dump:
         import numpy as np
 
