@@ -53,7 +53,7 @@ class BuildSettings:
         "float32", "CPU LLM: stored weight precision, activations fp32 (float16 halves the bytes read per token, int8 quarters them)"
     )
     vision_precision: str = _setting(
-        "float32", "CPU vision encoder: ONNX graph precision (int8: dynamic quantization of its MatMul weights, ≈1.6× faster; docs/PERFORMANCE.md)"
+        "float32", "CPU vision encoder: ONNX graph precision (int8: dynamic quantization of its MatMul weights, faster per tile; docs/PERFORMANCE.md)"
     )
 
     def __post_init__(self):

@@ -1,11 +1,12 @@
 """vision_precision="int8" (engine/vision_precision.py) against the float32 vision graph on the tiny
 checkpoints, and its plumbing: the cached int8 graph, `make build --vision-precision`, the refusals.
 
-Gates. Features: cosine ≥ 0.999 per tile against the float32 graph (measured minimum 0.99985 on
-these tiles; 0.99979 at the InternViT-300M shape, docs/PERFORMANCE.md). Greedy replies: the int8
-features move the tiny LLMs' logits by up to ≈0.1 (of ≈20: these checkpoints are built to be
-input-sensitive), and along some greedy paths the fp32 top-1/top-2 margin is narrower than that,
-so a reply can flip there (8 of 36 image × prompt cases at 24 tokens). Where every step's fp32 margin
+Gates. Features: cosine ≥ 0.999 per tile against the float32 graph (measured minimum 0.999854 on
+these tiles, max |Δ| 2.4e-2 at max |feature| 1.4; at the InternViT-300M shape: docs/PERFORMANCE.md).
+Greedy replies: the int8 features move the tiny LLMs' logits by up to ≈0.1 (of ≈20: these
+checkpoints are built to be input-sensitive), and along some greedy paths the fp32 top-1/top-2
+margin is narrower than that, so a reply can flip there (7 of 36 image × prompt × family cases at
+24 tokens, qwen2/qwen3/llama, in a probe). Where every step's fp32 margin
 exceeds twice that step's measured logit change no flip is possible: there the int8 Pipeline's reply
 must equal the fp32 one, for at least two images and two prompts whose fp32 replies depend on the image.
 """
@@ -24,6 +25,7 @@ import torch
 from build.repository import build, build_gpu
 from build.settings import BuildSettings, GpuSettings
 from client.synthetic import synthetic_image
+from client.triton_client import InternVLClient
 from engine import vision_export
 from engine.config import ModelConfig
 from engine.llm.model import SequenceInput
@@ -31,6 +33,7 @@ from engine.pipeline import Pipeline
 from engine.preprocess import load_images
 from engine.vision import OnnxVisionEncoder, default_onnx_path, load_vision_encoder
 from engine.vision_precision import VISION_PRECISIONS, quantization_stamp
+from launcher.server import TritonServer, free_port
 from tests.pipelines import pipelines  # noqa: F401 (fixture)
 
 MIN_COSINE = 0.999
@@ -59,7 +62,7 @@ def _cosines(a: np.ndarray, b: np.ndarray, tiles: int) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])  # llama's tiny tower is qwen3's (same seed)
 def test_int8_features_keep_cosine_above_the_gate_per_tile(family, checkpoints):
     path = checkpoints[family]
     int8_file = vision_export.ensure_vision_onnx(path, log=lambda message: None, precision="int8")
@@ -110,6 +113,17 @@ def test_greedy_replies_equal_fp32_wherever_the_margins_rule_out_a_flip(family, 
     assert len(prompts) >= 2 and len(images) >= 2, f"too few cases with margins above the bound: {checked}"
     # input sensitivity: for each prompt checked, the fp32 reply depends on the image
     assert all(len(replies[q]) >= 2 for q in prompts), replies
+
+
+def test_the_served_vision_model_runs_the_int8_graph_the_build_chose(checkpoints, pipelines, int8_pipelines, tmp_path):  # noqa: F811
+    """A case whose int8 reply differs from the fp32 one (a narrow margin flips): the server gives the int8 one."""
+    fp32, int8 = pipelines(checkpoints["qwen3"], "onnxruntime"), int8_pipelines("qwen3")
+    cases = [(q, image) for q in PROMPTS for image in IMAGES.values()]
+    replies = ((q, image, int8.chat(q, [image], max_new_tokens=24)) for q, image in cases)
+    question, image, expected = next((q, i, r) for q, i, r in replies if r != fp32.chat(q, [i], max_new_tokens=24))
+    build(checkpoints["qwen3"], tmp_path, BuildSettings(max_images=1, vision_precision="int8"))
+    with TritonServer(tmp_path, free_port(), free_port(), free_port(), log_file=tmp_path / "tritonserver.log") as server:
+        assert InternVLClient(server.grpc_url).chat(question, [image], max_tokens=24) == expected
 
 
 def test_int8_graph_is_cached_under_its_own_stamp_and_reused(tiny, tmp_path, monkeypatch):
