@@ -150,6 +150,19 @@ def table_rows(results: dict) -> list[dict]:
                 c["vs_one_stream"] >= target if target else None,
                 (c["tokens_per_s_summary"], o["ms_per_token_summary"]),
             )
+    if "weights" in results:
+        w = results["weights"]["variants"]
+        base = w["float32"]["decode_s_per_token"]["median_s"]
+        for name, v in w.items():
+            d = v["decode_s_per_token"]
+            row(
+                "weights",
+                f"decode batch 1, llm_weights={name}",
+                f"{v['tokens_per_s']:.1f} tok/s ({1e3 * d['median_s']:.1f} ms)",
+                f"float32 {1e3 * base:.1f} ms, {v['op_calls_per_step']:.0f} op calls/step",
+                f"{base / d['median_s']:.2f}x float32, greedy {v['greedy_equal_fp32']}/{results['weights']['new_tokens']} = fp32",
+                timings=(d,),
+            )
     if "triton" in results:
         for name, t in results["triton"]["configs"].items():
             row(
