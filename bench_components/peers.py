@@ -193,18 +193,25 @@ def pair_results(active, runs: dict, healthy: list[bool], info: dict) -> list[di
 
 
 def print_table(results: dict) -> None:
-    print(f"\ndecode tok/s at batch 1, {results['prompt_tokens']}-token prompt, {results['new_tokens'] - 1} decode steps timed, {results['threads']} threads each, {results['rounds']} interleaved rounds (medians over healthy rounds)")
-    print(f"{'ours':<9} {'tok/s':>7}   {'llama.cpp':<9} {'tok/s':>7}   {'ours/llama (median of rounds; per round)':<48} {'goal':>5}")
+    print(
+        f"\ndecode tok/s at batch 1, {results['prompt_tokens']}-token prompt, {results['new_tokens'] - 1} decode steps timed, "
+        f"{results['threads']} threads each, {results['rounds']} interleaved rounds (medians over healthy rounds)"
+    )
+    print(f"{'ours':<9} {'tok/s':>7}   {'llama.cpp':<9} {'tok/s':>7}   {'ours/llama':>10}   {'goal >= 1':<9}  per-round ratios")
     for p in results["pairs"]:
         per_round = " ".join(f"{x:.2f}" for x in p["ratio_per_round"])
-        flag = " [THROTTLED: all rounds]" if p["ours_tokens_per_s"]["all_runs_throttled"] else ""
+        flag = "  [all rounds THROTTLED]" if p["ours_tokens_per_s"]["all_runs_throttled"] else ""
         print(
             f"{p['ours']:<9} {p['ours_tokens_per_s']['median_s']:7.2f}   {p['llama_cpp']:<9} {p['llama_cpp_tokens_per_s']['median_s']:7.2f}   "
-            f"{p['ratio_median']:.2f}x ({per_round}){flag:<20} {'met' if p['met'] else 'NOT met':>5}"
+            f"{p['ratio_median']:9.2f}x   {'met' if p['met'] else 'NOT met':<9}  {per_round}{flag}"
         )
     for note in results["skipped"]:
         print(note)
-    print(f"loadavg start {results['probe_start']['loadavg'][0]:.2f} / end {results['probe_end']['loadavg'][0]:.2f}; results: {results['results_file']}")
+    healthy = sum(results["healthy_rounds"])
+    print(
+        f"healthy rounds {healthy}/{len(results['healthy_rounds'])}; loadavg start {results['probe_start']['loadavg'][0]:.2f} / "
+        f"end {results['probe_end']['loadavg'][0]:.2f}; results: {results['results_file']}"
+    )
 
 
 def main() -> None:
