@@ -19,32 +19,36 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// OUTS output rows times R activation rows, K inputs: acc[o][r] += w[o] * x[r] in 8-wide lanes.
+// OUTS output rows times R activation rows, K inputs: acc[o][r] += w[o] * x[r] in 8-wide lanes. Each
+// 8 weights are loaded straight into the widening instruction (vpmovsxbd ymm, m64); with few
+// accumulators a second set takes every other 8 inputs, so no FMA waits on the previous one.
 template <int OUTS, int R>
 void dot_block(const int8_t* w, const float* x, int64_t k_size, int64_t x_stride, float* sums /* [OUTS][R] */) {
-  __m256 acc[OUTS][R];
-  for (int o = 0; o < OUTS; ++o)
-    for (int r = 0; r < R; ++r) acc[o][r] = _mm256_setzero_ps();
+  constexpr int SETS = OUTS * R <= 4 ? 2 : 1;
+  __m256 acc[SETS][OUTS][R];
+  for (int a = 0; a < SETS; ++a)
+    for (int o = 0; o < OUTS; ++o)
+      for (int r = 0; r < R; ++r) acc[a][o][r] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= k_size; k += 16) {
-    __m256 xs_lo[R], xs_hi[R];
-    for (int r = 0; r < R; ++r) {
-      xs_lo[r] = _mm256_loadu_ps(x + r * x_stride + k);
-      xs_hi[r] = _mm256_loadu_ps(x + r * x_stride + k + 8);
-    }
-    for (int o = 0; o < OUTS; ++o) {
-      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + o * k_size + k));
-      const __m256 w_lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-      const __m256 w_hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(q, q)));
-      for (int r = 0; r < R; ++r) {
-        acc[o][r] = _mm256_fmadd_ps(w_lo, xs_lo[r], acc[o][r]);
-        acc[o][r] = _mm256_fmadd_ps(w_hi, xs_hi[r], acc[o][r]);
+    if ((k & 63) == 0)  // the next block of rows, same column: the hardware prefetcher alone fell behind
+      for (int o = 0; o < OUTS; ++o) _mm_prefetch(reinterpret_cast<const char*>(w + (o + 4 * OUTS) * k_size + k), _MM_HINT_T0);
+    for (int half = 0; half < 2; ++half) {
+      const int64_t at = k + 8 * half;
+      __m256 xs[R];
+      for (int r = 0; r < R; ++r) xs[r] = _mm256_loadu_ps(x + r * x_stride + at);
+      for (int o = 0; o < OUTS; ++o) {
+        const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + o * k_size + at));
+        const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+        for (int r = 0; r < R; ++r) acc[half % SETS][o][r] = _mm256_fmadd_ps(wv, xs[r], acc[half % SETS][o][r]);
       }
     }
   }
   for (int o = 0; o < OUTS; ++o)
     for (int r = 0; r < R; ++r) {
-      float s = hsum(acc[o][r]);
+      __m256 total = acc[0][o][r];
+      if constexpr (SETS == 2) total = _mm256_add_ps(total, acc[1][o][r]);
+      float s = hsum(total);
       for (int64_t t = k; t < k_size; ++t) s += static_cast<float>(w[o * k_size + t]) * x[r * x_stride + t];
       sums[o * R + r] = s;
     }
