@@ -28,7 +28,7 @@ def decode_weight_bytes(model) -> dict:
     final_norm = nbytes(model.final_norm)
     lm_head = nbytes(model.lm_head)
     embed = model.embed  # a tensor, or int8 rows + one fp32 scale each (llm_weights="int8")
-    embed_row = embed.q.shape[1] + 4 if isinstance(embed, Int8Rows) else embed.shape[1] * embed.element_size()
+    embed_row = embed.in_features + 4 if isinstance(embed, Int8Rows) else embed.shape[1] * embed.element_size()
     return {
         "layers": per_layer,
         "final_norm": final_norm,

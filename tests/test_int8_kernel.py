@@ -12,7 +12,7 @@ from engine.llm.int8 import KERNEL_MAX_ROWS, Int8Rows, Int8Weight, quantize_rows
 
 def _reference(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     # the float64 product of the dequantized weight, written without engine code
-    w = weight.q.double() * weight.scale.double()[:, None]
+    w = weight.rows.block(0, weight.out_features).double() * weight.rows.scale.double()[:, None]
     return F.linear(x.double(), w, None if weight.bias is None else weight.bias.double())
 
 
@@ -67,13 +67,19 @@ def test_quantization_rounds_each_row_to_its_own_grid():
     assert not q[7].any()
 
 
-def test_int8_rows_look_up_dequantized_rows():
+@pytest.mark.parametrize("shape", [(20, 8), (64, 48), (7, 33)])
+def test_packed_rows_are_the_quantized_rows(shape):
     gen = torch.Generator().manual_seed(2)
-    table = torch.randn(20, 8, generator=gen)
-    rows = Int8Rows(*quantize_rows(table))
-    ids = torch.tensor([3, 3, 19, 0])
-    torch.testing.assert_close(rows[ids], rows.q[ids].float() * rows.scale[ids, None])
+    table = torch.randn(*shape, generator=gen)
+    q, scale = quantize_rows(table)
+    rows = Int8Rows.quantize(table)
+    ids = torch.tensor([3, 3, shape[0] - 1, 0])
+    assert torch.equal(rows.int8(ids), q[ids]) and torch.equal(rows.scale, scale)
+    assert torch.equal(rows.block(4, shape[0]), q[4:]) and torch.equal(rows.block(0, 3), q[:3])
+    torch.testing.assert_close(rows[ids], q[ids].float() * scale[ids, None])
     assert float((rows[ids] - table[ids]).abs().max()) <= float(table.abs().max()) / 254 * 1.001
+    line = rows.packed[0, 0]  # one 64-byte line: 16 columns of rows 0-3
+    assert torch.equal(line, F.pad(q, (0, 16 * rows.packed.shape[1] - shape[1]))[:4, :16])
 
 
 def test_bad_inputs_get_a_clear_error():

@@ -199,15 +199,15 @@ def test_weights_are_stored_once_in_fp16_with_fp32_norms_and_routers(models):
 def test_int8_weights_are_stored_once_with_fp32_norms_and_routers(models, checkpoints):
     _, m8 = models("qwen3_moe", "int8")
     dense, sparse = m8.layers[0], m8.layers[1]
-    assert all(dense[name].int8.q.dtype == torch.int8 for name in ("qkv", "o", "gate_up", "down"))
+    assert all(dense[name].int8.rows.packed.dtype == torch.int8 for name in ("qkv", "o", "gate_up", "down"))
     assert all(e.precision == "int8" for e in sparse["moe"].gate_up + sparse["moe"].down)
     assert sparse["moe"].router.precision == "float32" and dense["in_norm"].dtype == torch.float32
     head = m8.lm_head.int8
-    assert not m8.tied_embeddings and m8.embed.q.dtype == torch.int8 and m8.embed.q is not head.q
-    assert m8.lm_head.nbytes == head.q.numel() + 4 * head.q.shape[0]
+    assert not m8.tied_embeddings and m8.embed.packed.dtype == torch.int8 and m8.embed is not head.rows
+    assert m8.lm_head.nbytes == head.out_features * head.in_features + 4 * head.out_features
     path = checkpoints["qwen3"]  # tied: the embedding table is the LM head's rows, stored once
     tied = DecoderLM(ModelConfig.from_pretrained(path).text, load_weights(path, "language_model."), None, llm_weights="int8")
-    assert tied.tied_embeddings and tied.embed.q is tied.lm_head.int8.q and tied.embed.scale is tied.lm_head.int8.scale
+    assert tied.tied_embeddings and tied.embed is tied.lm_head.int8.rows
 
 
 @pytest.mark.parametrize("value", [FP16_MAX * 1.01, float("inf"), float("nan")])

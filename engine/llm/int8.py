@@ -20,6 +20,7 @@ from engine.llm import cpu_ops
 
 KERNEL_MAX_ROWS = 16  # above this many activation rows, dequantize blocks and use sgemm
 DEQUANT_BLOCK_BYTES = 8 << 20  # fp32 bytes of one dequantized block of weight rows
+ROW_BLOCK, COL_CHUNK = 4, 16  # the kernel's packed layout (pack_rows)
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,37 +50,68 @@ def int8_available() -> bool:
     return module is not None
 
 
-class Int8Rows:
-    """A [V, H] table as int8 rows + scales, looked up like a tensor (the int8 embedding table)."""
+def pack_rows(q: torch.Tensor) -> torch.Tensor:
+    # q: [O, K] int8 -> [ceil(O/4), ceil(K/16), 4, 16], zero-padded: the kernel's layout, in which each
+    # 64-byte line holds 16 columns of 4 rows, so a block of 4 rows streams as one sequential run
+    rows, cols = q.shape
+    padded_rows, padded_cols = -(-rows // ROW_BLOCK) * ROW_BLOCK, -(-cols // COL_CHUNK) * COL_CHUNK
+    if (padded_rows, padded_cols) != (rows, cols):
+        q = F.pad(q, (0, padded_cols - cols, 0, padded_rows - rows))
+    return q.view(padded_rows // ROW_BLOCK, ROW_BLOCK, padded_cols // COL_CHUNK, COL_CHUNK).permute(0, 2, 1, 3).contiguous()
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
-        self.q, self.scale = q, scale  # [V, H] int8, [V] float32
+
+class Int8Rows:
+    """int8 rows in the kernel's packed layout + one fp32 scale per row; looked up like a tensor (the int8
+    embedding table, and the rows of an Int8Weight)."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, in_features: int):
+        self.packed, self.scale, self.in_features = packed, scale, in_features  # pack_rows(q), [O], K
+
+    @classmethod
+    def quantize(cls, table: torch.Tensor) -> Int8Rows:
+        q, scale = quantize_rows(table)
+        return cls(pack_rows(q), scale, table.shape[1])
+
+    def int8(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: int64 [n] -> [n, K] int8
+        rows = self.packed[ids // ROW_BLOCK, :, ids % ROW_BLOCK, :]  # [n, K/16, 16]
+        return rows.reshape(len(ids), -1)[:, : self.in_features]
+
+    def block(self, start: int, end: int) -> torch.Tensor:
+        # rows start..end-1 (start a multiple of 4) -> [end - start, K] int8
+        packed = self.packed[start // ROW_BLOCK : -(-end // ROW_BLOCK)]
+        return packed.permute(0, 2, 1, 3).reshape(-1, packed.shape[1] * COL_CHUNK)[: end - start, : self.in_features]
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
-        # ids: int64 [n] -> [n, H] float32
-        return dequantize_rows(self.q[ids], self.scale[ids])
+        # ids: int64 [n] -> [n, K] float32
+        return dequantize_rows(self.int8(ids), self.scale[ids])
 
 
 class Int8Weight:
     """One [O, K] matrix as int8 rows + fp32 scales; called like engine.llm.linear.Linear."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.q, self.scale = quantize_rows(weight)
-        self.bias = None if bias is None else bias.float().contiguous()
-        self.out_features, self.in_features = self.q.shape
         module, reason = cpu_ops.load()
         if module is None:
             raise RuntimeError(f"int8 weights need the int8 kernel: {reason}")
         self._linear = module.int8_linear
-        rows = max(1, DEQUANT_BLOCK_BYTES // (4 * self.in_features))
+        self.out_features, self.in_features = weight.shape
+        self.rows = Int8Rows.quantize(weight)
+        self.bias = None if bias is None else bias.float().contiguous()
+        pad = self.rows.packed.shape[0] * ROW_BLOCK - self.out_features  # the kernel computes padded rows too
+        self._scale = F.pad(self.rows.scale, (0, pad))
+        self._bias = None if bias is None else F.pad(self.bias, (0, pad))
+        self._pad_cols = self.rows.packed.shape[1] * COL_CHUNK - self.in_features
+        rows = max(ROW_BLOCK, DEQUANT_BLOCK_BYTES // (4 * self.in_features) // ROW_BLOCK * ROW_BLOCK)
         self._blocks = [(start, min(start + rows, self.out_features)) for start in range(0, self.out_features, rows)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, K] float32 -> [N, O]
         if x.shape[0] <= KERNEL_MAX_ROWS:
-            return self._linear(x, self.q, self.scale, self.bias)
+            y = self._linear(F.pad(x, (0, self._pad_cols)) if self._pad_cols else x, self.rows.packed, self._scale, self._bias)
+            return y if y.shape[1] == self.out_features else y[:, : self.out_features].contiguous()
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
         for start, end in self._blocks:
             bias = None if self.bias is None else self.bias[start:end]
-            out[:, start:end] = F.linear(x, dequantize_rows(self.q[start:end], self.scale[start:end]), bias)
+            out[:, start:end] = F.linear(x, dequantize_rows(self.rows.block(start, end), self.rows.scale[start:end]), bias)
         return out

@@ -23,7 +23,7 @@ from engine.text_config import TextConfig
 from engine.llm.linear import Linear
 from engine.llm.moe import SparseMoE
 from engine.llm import cpu_ops
-from engine.llm.int8 import Int8Rows, quantize_rows
+from engine.llm.int8 import Int8Rows
 from engine.llm.precision import check_half_range, check_llm_weights, stored_weights
 from engine.llm.rope import rope_tables
 from engine.weights import load_weights
@@ -80,7 +80,7 @@ class DecoderLM:
         embed = weights["embed_tokens.weight"]
         if precision == "int8":
             head = self.lm_head.int8
-            self.embed = Int8Rows(head.q, head.scale) if self.tied_embeddings else Int8Rows(*quantize_rows(embed))
+            self.embed = head.rows if self.tied_embeddings else Int8Rows.quantize(embed)
         else:
             self.embed = embed.half() if precision == "float16" else embed
         self.final_norm = weights["norm.weight"]
