@@ -34,6 +34,16 @@ _STD = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None]  # [3, 1, 1]
 
 _WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="preprocess")
+
+
+def _new_pool_after_fork() -> None:
+    # A forked child (a DataLoader worker, a server's worker process) inherits the pool object but not
+    # its threads: work submitted there would never run. The child gets a pool of its own.
+    global _POOL
+    _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="preprocess")
+
+
+os.register_at_fork(after_in_child=_new_pool_after_fork)
 # A grid resize whose intermediate image has fewer pixels than this runs as one call: thread hand-offs
 # would cost more than they save.
 _SPLIT_MIN_PIXELS = 1 << 18

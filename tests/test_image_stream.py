@@ -3,6 +3,8 @@ image decodes while the one before it resizes; results equal one-at-a-time loadi
 image's error is that image's alone."""
 
 import io
+import os
+import select
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -129,3 +131,23 @@ def test_feature_source_streams_every_requests_images_and_keeps_errors_per_reque
         tiles, counts = load_images(request.images, max_num=request.max_tiles, normalize=False)
         assert result.num_tiles == counts
         np.testing.assert_array_equal(result.table, tiles.reshape(len(tiles), -1)[:, :4])
+
+
+def test_a_forked_child_loads_images_with_a_pool_of_its_own():
+    # a DataLoader worker (build/train_demo.py) forks after the pool's threads started: the child must
+    # not wait on threads it does not have
+    image = encoded(640, 480, "JPEG", 0)
+    expected = load_images([image])[0]  # the parent's pool threads are running now
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        ok = np.array_equal(load_images([image])[0], expected)
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    ready = select.select([read], [], [], 60)[0]
+    result = os.read(read, 1) if ready else b"timeout"
+    if not ready:
+        os.kill(child, 9)
+    os.waitpid(child, 0)
+    assert result == b"1"
