@@ -95,8 +95,8 @@ def test_concurrent_first_uses_export_once_and_readers_never_see_a_partial_file(
     data_file = Path(f"{onnx_file}.data")
     seen, done = [], threading.Event()
 
-    def watch():
-        while not done.is_set():
+    def watch():  # until the exports are done and it has looked at the final file at least once
+        while not done.is_set() or (not seen and onnx_file.exists()):
             if onnx_file.exists():
                 seen.append((onnx_file.read_bytes(), data_file.read_bytes() if data_file.exists() else None))
             time.sleep(0.001)
