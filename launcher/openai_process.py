@@ -1,8 +1,10 @@
 """The OpenAI-compatible server as a child process next to tritonserver (`make serve`): started once
-Triton is ready, stopped (SIGTERM, then SIGKILL) before Triton is."""
+Triton is ready, stopped (SIGTERM, then SIGKILL) before Triton is, and sent SIGTERM by the kernel when
+its launcher dies without stopping it (SIGKILL)."""
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import subprocess
 import sys
@@ -10,7 +12,15 @@ import time
 import urllib.error
 import urllib.request
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_TIMEOUT = 10.0  # seconds after SIGTERM (the server gives open requests 5 s: openai_api/server.py)
+
+
+def die_with_parent() -> None:
+    """In a child before exec: SIGTERM when the launcher dies, also by SIGKILL (which it cannot
+    handle), so no server is left running without its supervisor (Linux prctl PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class OpenAIProcess:
@@ -20,7 +30,7 @@ class OpenAIProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> OpenAIProcess:
-        self.process = subprocess.Popen(self.command)
+        self.process = subprocess.Popen(self.command, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -6,7 +6,6 @@ SIGTERM on to its ranks)."""
 
 from __future__ import annotations
 
-import ctypes
 import signal
 import subprocess
 import threading
@@ -14,11 +13,10 @@ import time
 import urllib.error
 import urllib.request
 
-from launcher.openai_process import OpenAIProcess
+from launcher.openai_process import OpenAIProcess, die_with_parent
 
 READY_TIMEOUT = 3600.0  # s: large engines take minutes to load
 STOP_TIMEOUT = 60.0  # s after SIGTERM before the server's process group is killed
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _ready(http_port: int) -> bool:
@@ -34,7 +32,7 @@ def serve_with_openai(command: list[str], env: dict[str, str], http_port: int, o
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
-    server = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    server = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)
     try:
         deadline = time.monotonic() + READY_TIMEOUT
         while not _ready(http_port):
@@ -55,13 +53,6 @@ def serve_with_openai(command: list[str], env: dict[str, str], http_port: int, o
     finally:
         openai.stop()
         _stop(server)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when this launcher dies, also by SIGKILL (which it cannot
-    handle), so no server is left running without its supervisor (Linux prctl PR_SET_PDEATHSIG)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _stop(server: subprocess.Popen) -> None:

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from launcher.server import free_port
+from launcher.server import free_port, port_in_use
 
 ROOT = Path(__file__).resolve().parents[1]
 def _stand_in(tmp_path: Path) -> tuple[Path, list[str], dict[str, str]]:
@@ -39,7 +39,8 @@ def _wait_gone(pid_file: Path, seconds: float = 5) -> bool:
 
 
 def test_a_killed_launcher_takes_its_server_with_it(tmp_path):
-    """SIGKILL cannot be handled: the server learns of its launcher's death from the kernel (PDEATHSIG)."""
+    """SIGKILL cannot be handled: the servers (Triton's and the OpenAI one) learn of their launcher's death
+    from the kernel (PDEATHSIG)."""
     _, flags, env = _stand_in(tmp_path)
     ports = [str(free_port()) for _ in range(4)]
     command = [sys.executable, "-m", "launcher.gpu", *flags, "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--openai-port", ports[3]]
@@ -48,6 +49,10 @@ def test_a_killed_launcher_takes_its_server_with_it(tmp_path):
     launcher.kill()
     launcher.wait()
     assert _wait_gone(tmp_path / "stand_in.pid"), "the server outlived its killed launcher"
+    deadline = time.monotonic() + 10
+    while port_in_use("127.0.0.1", int(ports[3])) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not port_in_use("127.0.0.1", int(ports[3])), "the OpenAI API server outlived its killed launcher"
 
 
 def test_gpu_launcher_serves_the_openai_api_beside_triton_and_stops_both(tmp_path):
