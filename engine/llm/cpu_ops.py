@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "bindings.cpp", CSRC / "int8_linear.cpp", CSRC / "decode_ops.cpp"]
+SOURCES = [CSRC / "bindings.cpp", CSRC / "int8_linear.cpp", CSRC / "dense_linear.cpp", CSRC / "decode_ops.cpp"]
 # -ffp-contract=off: a*b + c*d stays two roundings, as torch's separate operators compute it.
 # -fopenmp: at::parallel_for is inline OpenMP in torch's headers (serial without it), linked to the
 # libgomp torch itself loads, so one OpenMP runtime and thread pool serve both.

@@ -1,14 +1,16 @@
-"""y = x @ W.T + b with the weight prepacked once into oneDNN's blocked layout.
+"""y = x @ W.T + b for the CPU LLM's matrices, with the fastest kernel measured per precision and row count.
 
 Decode multiplies a few rows by every weight matrix, so a step is bound by how fast the weights
-stream from memory. On this project's CPUs (2-core EPYC, AVX2) `F.linear` (MKL sgemm on a
-row-major weight) reads weights at ~16-17 GB/s for one row and ~6-8 GB/s for 2-8 rows; the same
-matmul on a weight reordered by oneDNN reads at ~22-30 GB/s for 1 row and ~16-26 GB/s for 2-8
-rows (`python -m bench_components --only llm`, the "gate|up weight matmuls" rows; see
-docs/PERFORMANCE.md), and is as fast as sgemm for prefill-sized batches. The packing hint is the
-row count oneDNN tiles for; 8 (the default in-flight batch) cost ~5-10% at 1 row against a hint
-of 1 and won at 4-8 rows in a one-off sweep of hints 1/2/4/8/16.
-Other dtypes and builds without oneDNN keep the plain weight and `F.linear`.
+stream from memory; prefill multiplies hundreds of rows and is bound by arithmetic.
+
+float32 weights stay in their plain row-major layout, on 2 MiB pages (engine/llm/huge_pages.py).
+Up to DENSE_MAX_ROWS rows go to the compiled kernel of engine/llm/csrc/dense_linear.cpp, which
+streams them at the memory's limit (one lm_head product, 151936 × 1024, 1 row: 18.6 ms against
+25.0 ms for oneDNN on its own prepacked layout and 36 ms for MKL's sgemm; equal to oneDNN at 4
+rows; docs/PERFORMANCE.md). More rows go to oneDNN's matmul on the same plain
+weight, which costs 2-5% against a prepacked one at 32-512 rows (and 1.3-2× less than sgemm), so one
+copy of the weights serves both. Without the compiled kernels (or oneDNN) the weight is prepacked
+for oneDNN (or left to `F.linear`).
 
 float16 weights (`llm_weights="float16"`, engine/llm/precision.py) go to FBGEMM's packed fp16 GEMM
 (`quantized.linear_prepack_fp16` once at load, `quantized.linear_dynamic_fp16` per call): fp32
@@ -26,9 +28,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.llm import cpu_ops
+from engine.llm.huge_pages import huge_page_copy
 from engine.llm.int8 import Int8Weight
 
 PACK_ROWS_HINT = 8
+DENSE_MAX_ROWS = 4  # rows up to which the dense kernel beats oneDNN (equal at 4 and 8, behind at 16)
 # oneDNN builds and caches (up to ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1024) one primitive per input row
 # count, each owning a scratchpad: prefill chunks and MoE expert batches of ever new lengths grew a
 # served llm by ~1 MiB per new length (a 300-request soak: +150 MiB, no plateau; docs/API.md). So rows
@@ -61,9 +66,17 @@ class Linear:
         bias_bytes = 0 if bias is None else bias.numel() * bias.element_size()
         weight_bytes = {"float16": 2 * weight.numel(), "int8": weight.numel() + 4 * weight.shape[0]}
         self.nbytes = weight_bytes.get(precision, weight.numel() * weight.element_size()) + bias_bytes
-        self.packed = precision == "float32" and onednn_packing_available(weight.dtype)
+        onednn = onednn_packing_available(weight.dtype)
+        kernels = cpu_ops.load()[0] if precision == "float32" and weight.dtype == torch.float32 and weight.shape[1] % 8 == 0 else None
+        self._dense = None if kernels is None else kernels.dense_linear
+        self.packed = precision == "float32" and onednn and self._dense is None  # weight in oneDNN's blocked layout
+        self.onednn = precision == "float32" and onednn  # oneDNN's matmul for more than DENSE_MAX_ROWS rows
+        self.plain = self._dense is not None
         if precision == "float16":
             self.weight = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), None if bias is None else bias.float())
+        elif self._dense is not None:
+            self.weight = huge_page_copy(weight)  # [out, in], plain: an embedding table can share it
+            self.bias = None if bias is None else bias.contiguous()
         elif self.packed:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS_HINT)
         elif self.int8 is None:
@@ -75,16 +88,18 @@ class Linear:
             return self.int8(x)
         if self.precision == "float16":
             return torch.ops.quantized.linear_dynamic_fp16(x, self.weight)
-        if not self.packed:
+        if self._dense is not None and x.shape[0] <= DENSE_MAX_ROWS:
+            return self._dense(x, self.weight, self.bias)
+        if not self.onednn:
             return F.linear(x, self.weight, self.bias)
         if x.shape[0] <= BLOCK_ROWS:
-            return self._packed(x)
+            return self._onednn(x)
         out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
         for start in range(0, x.shape[0], BLOCK_ROWS):
-            out[start : start + BLOCK_ROWS] = self._packed(x[start : start + BLOCK_ROWS])
+            out[start : start + BLOCK_ROWS] = self._onednn(x[start : start + BLOCK_ROWS])
         return out
 
-    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         # x: [n ≤ BLOCK_ROWS, in] -> [n, out]
         n, rows = x.shape[0], padded_rows(x.shape[0])
         padded = x if rows == n else F.pad(x, (0, 0, 0, rows - n))

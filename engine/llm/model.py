@@ -76,11 +76,13 @@ class DecoderLM:
         self.tied_embeddings = lm_head is None
         self.lm_head = Linear(weights["embed_tokens.weight"] if lm_head is None else lm_head, precision=precision)
         # [vocab, H]: rows are looked up (and widened to fp32 when stored in fp16 / int8); a tied
-        # int8 table shares the LM head's rows
+        # int8 table, or a tied fp32 one the LM head keeps in its plain layout, shares the head's rows
         embed = weights["embed_tokens.weight"]
         if precision == "int8":
             head = self.lm_head.int8
             self.embed = head.rows if self.tied_embeddings else Int8Rows.quantize(embed)
+        elif self.tied_embeddings and self.lm_head.plain:
+            self.embed = self.lm_head.weight
         else:
             self.embed = embed.half() if precision == "float16" else embed
         self.final_norm = weights["norm.weight"]
