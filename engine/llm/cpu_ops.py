@@ -1,5 +1,5 @@
 """The CPU LLM's compiled kernels (engine/llm/csrc/): the int8 weight product (engine/llm/int8.py),
-and the fused RMSNorm and q/k norm + rotary embedding of a decoder layer (engine/llm/model.py).
+the fp32 weight product for decode rows (engine/llm/linear.py), and the fused RMSNorm and q/k norm + rotary embedding of a decoder layer (engine/llm/model.py).
 
 One torch C++ extension, compiled once: `make setup` runs `python -m engine.llm.cpu_ops`, which
 builds it with torch.utils.cpp_extension under TORCH_EXTENSIONS_DIR (by default
