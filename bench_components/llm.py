@@ -167,9 +167,10 @@ def bench_llm(out: Path, quick: bool) -> dict:
 
 
 def _linear_kernels(text) -> dict:
-    """Why engine/llm/linear.py packs weights: GB/s of one layer-stack's gate|up matmuls (num_layers
+    """Why engine/llm/linear.py does not call F.linear: GB/s of one layer-stack's gate|up matmuls (num_layers
     seeded random [2·I, H] matrices, ~0.7 GB for Qwen3-0.6B: nothing stays in cache) at the row counts
-    of decode steps, F.linear on the plain weights vs the engine's oneDNN-packed Linear, the fp16
+    of decode steps, F.linear on the plain weights vs the engine's fp32 Linear (the compiled kernel up
+    to 4 rows, oneDNN above), the fp16
     Linear of llm_weights="float16" (FBGEMM) and the int8 Linear of llm_weights="int8" (engine/llm/
     int8.py's AVX2 kernel; each reduced mode's GB/s count its own bytes: a half, a quarter)."""
     import torch
@@ -180,16 +181,16 @@ def _linear_kernels(text) -> dict:
     gen = torch.Generator().manual_seed(0)
     shape = (2 * text.intermediate_size, text.hidden_size)
     dense = [torch.randn(shape, generator=gen) for _ in range(text.num_layers)]
-    packed = [Linear(w) for w in dense]
+    engine = [Linear(w) for w in dense]
     half = [Linear(w, precision="float16") for w in dense]
     int8 = [Linear(w, precision="int8") for w in dense]
     nbytes = sum(w.numel() * w.element_size() for w in dense)
-    out = {"matrices": f"{len(dense)} x {list(shape)} fp32", "bytes": nbytes, "packed": packed[0].packed, "gb_s": {}}
+    out = {"matrices": f"{len(dense)} x {list(shape)} fp32", "bytes": nbytes, "gb_s": {}}
     for rows in (1, 2, 4, 8):
         x = torch.randn(rows, shape[1], generator=gen)
         kinds = {
             "F.linear": (lambda: [F.linear(x, w) for w in dense], nbytes),
-            "packed Linear (engine)": (lambda: [p(x) for p in packed], nbytes),
+            "Linear (engine, float32)": (lambda: [e(x) for e in engine], nbytes),
             "fp16 Linear (llm_weights=float16)": (lambda: [h(x) for h in half], nbytes // 2),
             "int8 Linear (llm_weights=int8)": (lambda: [q(x) for q in int8], nbytes // 4),
         }
@@ -200,13 +201,15 @@ def _linear_kernels(text) -> dict:
                 rates[name] = size / min(timeit(run) for _ in range(3)) / 1e9
         out["gb_s"][str(rows)] = rates
         log(f"llm: weight matmuls, {rows} row(s): " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in rates.items()))
-    del dense, packed, half, int8
+    del dense, engine, half, int8
     gc.collect()
     return out
 
 
 def _profile_decode(engine, prompt: np.ndarray) -> dict:
-    """torch.profiler over a few decode steps: operator time vs Python time per step."""
+    """torch.profiler over a few decode steps: torch operator time and calls per step. The compiled
+    kernels (engine/llm/cpu_ops.py: the fp32 and int8 weight products at decode, norms, attention) are
+    not torch operators, so the profiler does not see them: wall minus operator time is them plus Python."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -228,12 +231,11 @@ def _profile_decode(engine, prompt: np.ndarray) -> dict:
     table = {e.key: {"self_ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps} for e in top}
     ops_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
     calls = sum(e.count for e in events) / steps
-    linear_ms = sum(e.self_cpu_time_total for e in events if e.key in ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")) / 1e3 / steps
     log(
         f"llm: profile, {steps} decode steps: wall {1e3 * wall / steps:.1f} ms/step (profiler on), "
-        f"ops self time {ops_ms:.1f} ms/step over {calls:.0f} op calls, matmul kernels {linear_ms:.1f} ms/step"
+        f"torch operators' self time {ops_ms:.1f} ms/step over {calls:.0f} calls (the compiled kernels are not among them)"
     )
-    return {"wall_ms_per_step": 1e3 * wall / steps, "ops_self_ms_per_step": ops_ms, "op_calls_per_step": calls, "matmul_ms_per_step": linear_ms, "top_ops": table}
+    return {"wall_ms_per_step": 1e3 * wall / steps, "ops_self_ms_per_step": ops_ms, "op_calls_per_step": calls, "top_ops": table}
 
 
 def _bench_transformers(prompt: np.ndarray, new_tokens: int, reps: int, our_tokens: list[int] | None) -> dict:
