@@ -31,6 +31,8 @@ setup: $(STAMP)
 	.venv/bin/python -m pip install -q --upgrade pip
 	# torch==2.13.0 (CPU build) resolves to the file on this machine's disk; see pyproject.toml
 	.venv/bin/python -m pip install -q -e '.[cpu,test]'
+	# guided decoding's xgrammar without the GPU compiler it declares (pyproject.toml, `cpu`)
+	.venv/bin/python -m pip install -q --no-deps xgrammar==0.2.9
 	# the CPU LLM's kernels (int8 weights, fused norm/rotary: engine/llm/cpu_ops.py), compiled once here, not at first use
 	.venv/bin/python -m engine.llm.cpu_ops
 	touch $@

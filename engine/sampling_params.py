@@ -18,7 +18,10 @@ MIN_TEMPERATURE = 1e-2
 REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 
 # SamplingParams field -> the name a Triton / OpenAI-style request uses for it (the ensemble's inputs)
-REQUEST_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+REQUEST_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "guide_type": "guided_decoding_guide_type", "guide": "guided_decoding_guide"}
+# TensorRT-LLM's guided decoding types (triton_backend/inflight_batcher_llm/src/utils.cc): "json" takes
+# no guide text, the others need one (executor/guidedDecodingParams.cpp); engine/llm/guided.py
+GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar")
 
 
 class SamplingParamError(ValueError):
@@ -63,6 +66,8 @@ class SamplingParams:
     # Token sequences that end generation once the output ends with one (TensorRT-LLM stop_words);
     # unlike stop token ids they stay in the output.
     stop_sequences: tuple[tuple[int, ...], ...] = ()
+    guide_type: str | None = None  # structured output: one of GUIDE_TYPES, or None
+    guide: str | None = None  # the schema / regex / grammar text; None for guide_type "json"
 
     def __post_init__(self):
         low, high = REPETITION_PENALTY_RANGE
@@ -77,6 +82,9 @@ class SamplingParams:
             ("seed", self.seed is None or 0 <= self.seed < 2**64, "must be in [0, 2^64)"),
             ("stop_sequences", all(self.stop_sequences), "must not contain an empty sequence"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be ≥ 0"),
+            ("guide_type", self.guide_type is None or self.guide_type in GUIDE_TYPES, f"must be one of {', '.join(GUIDE_TYPES)}"),
+            ("guide", self.guide_type in (None, "json") or bool(self.guide), f"is required with guide_type {self.guide_type!r}"),
+            ("guide", self.guide is None or self.guide_type is not None, "needs a guide_type"),
         )
         for field, ok, rule in checks:
             if not ok:

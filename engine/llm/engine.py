@@ -21,12 +21,16 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.llm.model import DecoderLM, KVCache, SequenceInput
 from engine.llm.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache, block_hashes
+
+if TYPE_CHECKING:
+    from engine.llm.guided import GuideCompiler, GuideMatcher
 from engine.llm.sampling import Sampler
 from engine.sampling_params import SamplingParams, check_context
 
@@ -53,6 +57,7 @@ class _Sequence:
     num_cached: int = 0  # prompt tokens already run through the model
     generated: list[int] = field(default_factory=list)
     aborted: bool = False
+    guide: GuideMatcher | None = None  # structured output (engine/llm/guided.py)
 
 
 class LLMEngine:
@@ -64,6 +69,7 @@ class LLMEngine:
         max_num_tokens: int = 2048,
         max_seq_len: int | None = None,  # prompt + reply; default and upper bound: the model's positions
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,  # K/V kept for prefix reuse; 0: off
+        guides: GuideCompiler | None = None,  # for requests with a guide_type; None: such requests are refused
     ):
         self.model = model
         self.vocab_size = model.config.vocab_size
@@ -78,6 +84,7 @@ class LLMEngine:
         self.last_batch_size = 0  # sequences in the most recent step (observability)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.prefix_hit_tokens = 0  # prompt tokens taken from the prefix cache instead of computed, since start
+        self.guides = guides
 
     def add_request(
         self,
@@ -112,15 +119,22 @@ class LLMEngine:
                 f"input_ids reference prompt-table row {int(fake_rows.max())} but the prompt table has {rows} rows"
             )
         hashes = block_hashes(ids, self.vocab_size, table_keys, 0 if table is None else len(table))
+        stop_ids = frozenset((self.stop_token_id, *params.stop_token_ids))
+        guide = None
+        if params.guide_type is not None:  # compiled here, on the caller's thread: the batch does not wait
+            if self.guides is None:
+                raise ValueError("guided decoding needs the tokenizer's vocabulary; this engine was made without it")
+            guide = self.guides.matcher(params.guide_type, params.guide, sorted(stop_ids))
         seq = _Sequence(
             request_id=request_id,
             token_ids=ids,
             prompt_table=table,
             params=params,
             sampler=Sampler(params, ids, self.vocab_size),
-            stop_ids=frozenset((self.stop_token_id, *params.stop_token_ids)),
+            stop_ids=stop_ids,
             max_new_tokens=max_new_tokens,
             block_hashes=hashes,
+            guide=guide,
         )
         with self._lock:
             if any(s.request_id == request_id for s in self._live()):
@@ -213,7 +227,11 @@ class LLMEngine:
         if len(seq.generated) < seq.params.min_new_tokens:
             # as transformers' MinNewTokensLengthLogitsProcessor: stop ids cannot win
             logits = logits.index_fill(0, torch.tensor(sorted(seq.stop_ids)), float("-inf"))
+        if seq.guide is not None:
+            logits = seq.guide.mask_(logits.clone())
         token = seq.sampler(logits)
+        if seq.guide is not None:
+            seq.guide.accept(token)
         if token in seq.stop_ids:
             self._finish(seq)
             return TokenEvent(seq.request_id, None, "stop")
