@@ -24,6 +24,7 @@ from engine.flash import drop_compressed
 from engine.image_features import ImageFeatureSource, RequestFeatures, RequestImages
 from engine.image_key import ImageKeys
 from engine.llm.engine import LLMEngine
+from engine.llm.guided import GuideCompiler, tokenizer_info
 from engine.llm.model import DecoderLM
 from engine.llm.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES
 from engine.llm.runner import EngineRunner
@@ -32,7 +33,7 @@ from engine.protocol import DEFAULT_NUM_FRAMES, image_rows
 from engine.reasoning import R1_SYSTEM_PROMPT
 from engine.sampling_params import SamplingParams
 from engine.templates import Turn
-from engine.tokenizer import TextTokenizer
+from engine.tokenizer import TextTokenizer, load_tokenizer
 from engine.video import VideoLimits
 from engine.video_frames import sample_video
 from engine.vision import load_vision_encoder
@@ -110,7 +111,9 @@ class Pipeline:
         config = ModelConfig.from_pretrained(path)
         tokenizer = TextTokenizer(path, config.skip_special_tokens)
         vision = load_vision_encoder(config, vision_backend, vision_onnx, vision_precision)
-        llm = LLMEngine(DecoderLM.from_pretrained(path, config.text, dtype, llm_weights), config.stop_token_id, prefix_cache_bytes=prefix_cache_mib * MIB)
+        guides = GuideCompiler(tokenizer_info(load_tokenizer(path), [config.stop_token_id]), config.text.vocab_size)
+        model = DecoderLM.from_pretrained(path, config.text, dtype, llm_weights)
+        llm = LLMEngine(model, config.stop_token_id, prefix_cache_bytes=prefix_cache_mib * MIB, guides=guides)
         return cls(config, vision, llm, tokenizer, vision_cache_mib * MIB)
 
     def prepare(
@@ -191,6 +194,8 @@ class Pipeline:
         num_segments: int = DEFAULT_NUM_FRAMES,
         bound: tuple[float, float] | None = None,
         max_tiles_per_frame: int = 1,
+        guide_type: str | None = None,
+        guide: str | None = None,
     ) -> Generator[str, None, GenerationResult]:
         if enable_thinking and system_message is None:  # the InternVL3.5 card's switch (seed card 004)
             system_message = R1_SYSTEM_PROMPT
@@ -203,6 +208,8 @@ class Pipeline:
             repetition_penalty=repetition_penalty,
             seed=seed,
             min_new_tokens=min_new_tokens,
+            guide_type=guide_type,
+            guide=guide,
         )
         request = self.prepare(
             question, images, history, max_tiles, system_message, max_total_tiles, video, num_segments, bound, max_tiles_per_frame

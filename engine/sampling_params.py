@@ -22,6 +22,7 @@ REQUEST_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
 # TensorRT-LLM's guided decoding types (triton_backend/inflight_batcher_llm/src/utils.cc): "json" takes
 # no guide text, the others need one (executor/guidedDecodingParams.cpp); engine/llm/guided.py
 GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar")
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
 
 class SamplingParamError(ValueError):
@@ -68,6 +69,10 @@ class SamplingParams:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     guide_type: str | None = None  # structured output: one of GUIDE_TYPES, or None
     guide: str | None = None  # the schema / regex / grammar text; None for guide_type "json"
+    # log probabilities of each generated token (log_softmax of the model's logits, before any
+    # sampling transform or guide), and of the top_logprobs most likely tokens at that step
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self):
         low, high = REPETITION_PENALTY_RANGE
@@ -85,6 +90,8 @@ class SamplingParams:
             ("guide_type", self.guide_type is None or self.guide_type in GUIDE_TYPES, f"must be one of {', '.join(GUIDE_TYPES)}"),
             ("guide", self.guide_type in (None, "json") or bool(self.guide), f"is required with guide_type {self.guide_type!r}"),
             ("guide", self.guide is None or self.guide_type is not None, "needs a guide_type"),
+            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+            ("top_logprobs", self.top_logprobs == 0 or self.logprobs, "needs logprobs"),
         )
         for field, ok, rule in checks:
             if not ok:

@@ -41,6 +41,8 @@ class TokenEvent:
     token_id: int | None  # None when the step produced no visible token (stop token, abort)
     finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     error: str | None = None  # what went wrong, when finish_reason == "error"
+    logprob: float | None = None  # the token's log probability, when the request asked (logprobs)
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (id, log probability), most likely first
 
 
 @dataclass(slots=True, eq=False)
@@ -224,6 +226,8 @@ class LLMEngine:
             return self._fail(seq, error)
 
     def _next_token(self, seq: _Sequence, logits: torch.Tensor) -> TokenEvent:
+        # logprobs are the model's own distribution: taken before min_new_tokens, the guide and sampling
+        logprobs = torch.log_softmax(logits.float(), -1) if seq.params.logprobs else None
         if len(seq.generated) < seq.params.min_new_tokens:
             # as transformers' MinNewTokensLengthLogitsProcessor: stop ids cannot win
             logits = logits.index_fill(0, torch.tensor(sorted(seq.stop_ids)), float("-inf"))
@@ -236,16 +240,17 @@ class LLMEngine:
             self._finish(seq)
             return TokenEvent(seq.request_id, None, "stop")
         seq.generated.append(token)
+        scores = {} if logprobs is None else _scores(logprobs, token, seq.params.top_logprobs)
         # checked after appending: a stop sequence completed by token number min_new_tokens ends it
         if len(seq.generated) >= seq.params.min_new_tokens and any(
             seq.generated[-len(stop) :] == list(stop) for stop in seq.params.stop_sequences
         ):
             self._finish(seq)
-            return TokenEvent(seq.request_id, token, "stop")
+            return TokenEvent(seq.request_id, token, "stop", **scores)
         if len(seq.generated) >= seq.max_new_tokens:
             self._finish(seq)
-            return TokenEvent(seq.request_id, token, "length")
-        return TokenEvent(seq.request_id, token, None)
+            return TokenEvent(seq.request_id, token, "length", **scores)
+        return TokenEvent(seq.request_id, token, None, **scores)
 
     def _fail(self, seq: _Sequence, error: Exception) -> TokenEvent:
         self._finish(seq)
@@ -305,6 +310,13 @@ class LLMEngine:
 def describe(error: Exception) -> str:
     """An error as one line for the request it ended: its type and message."""
     return f"{type(error).__name__}: {error}"
+
+
+def _scores(logprobs: torch.Tensor, token: int, top: int) -> dict:
+    # logprobs: [V] log_softmax of the step's logits -> TokenEvent's logprob / top_logprobs fields
+    best = torch.topk(logprobs, top) if top else None
+    pairs = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist()))
+    return {"logprob": float(logprobs[token]), "top_logprobs": pairs}
 
 
 def _flat(sequences: tuple[tuple[int, ...], ...]) -> list[int]:

@@ -21,15 +21,22 @@ without a guide never touch any of this.
 
 from __future__ import annotations
 
-import json
+import functools
+import threading
 
 import torch
-import xgrammar as xgr
 from tokenizers import Tokenizer
 
-from engine.sampling_params import GUIDE_TYPES
 
 COMPILED_CACHE_BYTES = 256 << 20  # xgrammar's cache of compiled grammars, keyed by the guide's text
+
+
+@functools.cache
+def _xgr():
+    """xgrammar, imported on the first guided request (the import takes ~2 s: it loads transformers)."""
+    import xgrammar
+
+    return xgrammar
 
 
 # xgrammar 0.2.9 writes a string with maxLength / minLength as a run of `[^\"\\\r\n]` characters,
@@ -41,7 +48,7 @@ JSON_STRING_CHARS = r"[^\0-\x1f\"\\]"
 
 def json_schema_grammar(schema: str) -> str:
     """xgrammar's EBNF for a JSON schema: compact (no free whitespace), strings valid JSON."""
-    return str(xgr.Grammar.from_json_schema(schema, any_whitespace=False)).replace(LOOSE_STRING_CHARS, JSON_STRING_CHARS)
+    return str(_xgr().Grammar.from_json_schema(schema, any_whitespace=False)).replace(LOOSE_STRING_CHARS, JSON_STRING_CHARS)
 
 
 class GuideError(ValueError):
@@ -59,27 +66,37 @@ def tokenizer_info(tokenizer: Tokenizer, stop_token_ids: list[int]) -> dict:
 
 
 class GuideCompiler:
-    """Compiles guides for one tokenizer and model vocabulary; compiled grammars are cached."""
+    """Compiles guides for one tokenizer and model vocabulary; compiled grammars are cached. Cheap to
+    make: xgrammar's tokenizer tables are built at the first guided request."""
 
     def __init__(self, info: dict, vocab_size: int):
-        # vocab_size: the model's logits width (the embedding may have rows past the tokenizer's ids)
-        metadata = xgr.TokenizerInfo._detect_metadata_from_hf(info["tokenizer_str"])  # {vocab_type, add_prefix_space}
-        self.vocab_size = vocab_size
-        self.tokenizer = xgr.TokenizerInfo(
-            info["encoded_vocab"][:vocab_size],
-            xgr.VocabType(metadata["vocab_type"]),
-            vocab_size=vocab_size,
-            stop_token_ids=info["stop_token_ids"],
-            add_prefix_space=metadata["add_prefix_space"],
-        )
-        self._compiler = xgr.GrammarCompiler(self.tokenizer, max_threads=2, cache_limit_bytes=COMPILED_CACHE_BYTES)
+        # info: tokenizer_info(); vocab_size: the model's logits width (may exceed the tokenizer's ids)
+        self.info, self.vocab_size = info, vocab_size
+        self._lock = threading.Lock()
+        self._built = None
 
-    def compile(self, guide_type: str, guide: str | None) -> xgr.CompiledGrammar:
+    def _compiler(self):
+        with self._lock:
+            if self._built is None:
+                xgr = _xgr()
+                metadata = xgr.TokenizerInfo._detect_metadata_from_hf(self.info["tokenizer_str"])  # {vocab_type, add_prefix_space}
+                tokenizer = xgr.TokenizerInfo(
+                    self.info["encoded_vocab"][: self.vocab_size],
+                    xgr.VocabType(metadata["vocab_type"]),
+                    vocab_size=self.vocab_size,
+                    stop_token_ids=self.info["stop_token_ids"],
+                    add_prefix_space=metadata["add_prefix_space"],
+                )
+                self._built = xgr.GrammarCompiler(tokenizer, max_threads=2, cache_limit_bytes=COMPILED_CACHE_BYTES)
+            return self._built
+
+    def compile(self, guide_type: str, guide: str | None):
+        compiler = self._compiler()
         compile_one = {
-            "json": lambda _: self._compiler.compile_builtin_json_grammar(),
-            "json_schema": lambda schema: self._compiler.compile_grammar(json_schema_grammar(schema)),
-            "regex": self._compiler.compile_regex,
-            "ebnf_grammar": self._compiler.compile_grammar,
+            "json": lambda _: compiler.compile_builtin_json_grammar(),
+            "json_schema": lambda schema: compiler.compile_grammar(json_schema_grammar(schema)),
+            "regex": compiler.compile_regex,
+            "ebnf_grammar": compiler.compile_grammar,
         }[guide_type]
         try:
             return compile_one(guide)
@@ -94,15 +111,16 @@ class GuideCompiler:
 class GuideMatcher:
     """One sequence's position in its grammar."""
 
-    def __init__(self, compiled: xgr.CompiledGrammar, stop_token_ids: list[int], vocab_size: int):
-        # stop_token_ids: the ids that end this sequence; the grammar allows them once it is complete
-        self._matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_token_ids))
-        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    def __init__(self, compiled, stop_token_ids: list[int], vocab_size: int):
+        # compiled: an xgrammar CompiledGrammar; stop_token_ids: the ids that end this sequence, which
+        # the grammar allows once it is complete
+        self._matcher = _xgr().GrammarMatcher(compiled, override_stop_tokens=sorted(stop_token_ids))
+        self._bitmask = _xgr().allocate_token_bitmask(1, vocab_size)
 
     def mask_(self, logits: torch.Tensor) -> torch.Tensor:
         # logits: [V] float32, in place: tokens the grammar cannot take next -> -inf
         self._matcher.fill_next_token_bitmask(self._bitmask)
-        xgr.apply_token_bitmask_inplace(logits.view(1, -1), self._bitmask)
+        _xgr().apply_token_bitmask_inplace(logits.view(1, -1), self._bitmask)
         return logits
 
     def accept(self, token: int) -> None:
