@@ -1,4 +1,4 @@
-"""Command line: python -m bench_components [--out DIR] [--quick] [--only pre,vision,llm,weights,triton,cache]
+"""Command line: python -m bench_components [--out DIR] [--quick] [--only pre,vision,llm,weights,guided,triton,cache]
 [--reference-python PATH]"""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import bench_components
 from bench_components.cache import bench_cache
 from bench_components.common import HEALTH, PROBE, ROOT, TARGETS, THREADS, cpu_times, log, machine_info, probe_machine
+from bench_components.guided import bench_guided
 from bench_components.llm import bench_llm
 from bench_components.llm_weights import bench_llm_weights
 from bench_components.preprocess import bench_preprocess
@@ -26,13 +27,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench_components", description=bench_components.__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench", help="results + cached artifacts (default artifacts/bench)")
     parser.add_argument("--quick", action="store_true", help="small repetition counts: a smoke run")
-    parser.add_argument("--only", default="pre,vision,llm,weights,triton,cache", help="comma-separated sections (default: all)")
+    parser.add_argument("--only", default="pre,vision,llm,weights,guided,triton,cache", help="comma-separated sections (default: all)")
     parser.add_argument(
         "--reference-python", help="section pre: an interpreter with torch 2.14.1 + torchvision 0.29.1 + Pillow 13 for the cards' load_image (default: OUT/seed-venv, made on first use)"
     )
     args = parser.parse_args()
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(sections) - {"pre", "vision", "llm", "weights", "triton", "cache"}
+    unknown = set(sections) - {"pre", "vision", "llm", "weights", "guided", "triton", "cache"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     out = args.out.resolve()
@@ -55,6 +56,7 @@ def main() -> None:
         "vision": ("vision", bench_vision),
         "llm": ("llm", bench_llm),
         "weights": ("weights", bench_llm_weights),
+        "guided": ("guided", bench_guided),
         "triton": ("triton", bench_triton),
         "cache": ("cache", bench_cache),
     }

@@ -163,6 +163,19 @@ def table_rows(results: dict) -> list[dict]:
                 f"{base / d['median_s']:.2f}x float32, greedy {v['greedy_equal_fp32']}/{results['weights']['new_tokens']} = fp32",
                 timings=(d,),
             )
+    if "guided" in results:
+        for batch, g in results["guided"]["batches"].items():
+            tps, steps = g["tokens_per_s"], g["step_s"]
+            row(
+                "guided",
+                f"decode with a JSON-schema guide, batch {batch}",
+                f"{tps['json_schema']:.2f} tok/s",
+                f"unguided {tps['unguided']:.2f} tok/s",
+                f"{100 * g['slower']:+.1f}% step time (median of rounds)",
+                f"<= +{100 * TARGETS['guided']:.0f}%",
+                g["slower"] <= TARGETS["guided"],
+                (steps["json_schema"], steps["unguided"]),
+            )
     if "triton" in results:
         for name, t in results["triton"]["configs"].items():
             row(
