@@ -33,8 +33,12 @@ from build.settings import BuildSettings, GpuSettings, HelpFormatter, add_argume
 from build.trt_vision import METADATA, PLAN, PLAN_SETTINGS, build_vision_plan
 from build.trtllm_engine import ENGINE_DIR, ENGINE_GPU_SETTINGS, ENGINE_SETTINGS, build_llm_engine, conversion_plan
 from engine.config import ModelConfig
+from engine.llm.guided import tokenizer_info
+from engine.tokenizer import load_tokenizer
 from engine.vision import ONNX_INPUT, ONNX_OUTPUT
 from engine.vision_precision import onnx_file_name
+
+TOKENIZER_INFO = "xgrammar_tokenizer_info.json"  # the name TensorRT-LLM's generator script writes
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "triton_repo"
 # model name -> its template directory under triton_repo/
@@ -79,8 +83,18 @@ def common_values(config: ModelConfig, settings: BuildSettings) -> dict:
     }
 
 
-def gpu_values(config: ModelConfig, settings: BuildSettings, gpu: GpuSettings, vision_metadata: dict, engine_dir: Path) -> dict:
-    """Template values of the GPU models; tensor names and dtype come from the vision engine's metadata."""
+def write_tokenizer_info(config: ModelConfig, directory: Path) -> Path:
+    """The xgrammar tokenizer info tensorrt_llm's guided decoding loads (engine/llm/guided.py
+    tokenizer_info: TensorRT-LLM's examples/generate_xgrammar_tokenizer_info.py writes the same keys)."""
+    path = Path(directory).resolve() / TOKENIZER_INFO
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(tokenizer_info(load_tokenizer(config.path), [config.stop_token_id])), encoding="utf-8")
+    return path
+
+
+def gpu_values(config: ModelConfig, settings: BuildSettings, gpu: GpuSettings, vision_metadata: dict, engine_dir: Path, tokenizer_info_path: Path) -> dict:
+    """Template values of the GPU models; tensor names and dtype come from the vision engine's metadata.
+    tokenizer_info_path: write_tokenizer_info's file, which turns on tensorrt_llm's guided decoding."""
     if vision_metadata["dtype"] != gpu.dtype:
         raise ValueError(f"the vision plan is {vision_metadata['dtype']} but the LLM engine is {gpu.dtype}: the prompt table needs one dtype")
     expected = (config.vision.tokens_per_tile, config.text.hidden_size)
@@ -108,6 +122,10 @@ def gpu_values(config: ModelConfig, settings: BuildSettings, gpu: GpuSettings, v
         "engine_dir": str(Path(engine_dir).resolve()),
         "enable_kv_cache_reuse": str(gpu.enable_kv_cache_reuse).lower(),
         "llm_placement": placement,
+        # model_instance_state.cc getGuidedDecodingConfigFromParams: "xgrammar" (the only backend it
+        # accepts) + an existing info file set up the GuidedDecoder; either empty turns it off
+        "guided_decoding_backend": "xgrammar",
+        "xgrammar_tokenizer_info_path": str(Path(tokenizer_info_path).resolve()),
     }
 
 
@@ -187,7 +205,7 @@ def build_gpu(checkpoint: str | Path, out: str | Path, settings: BuildSettings, 
         engine_dir = build_llm_engine(config.path, out / "llm", settings, gpu)
     metadata = json.loads((vision_dir / METADATA).read_text(encoding="utf-8"))
     gpu = replace(gpu, kv_cache_free_gpu_mem_fraction=_kv_cache_fraction(gpu, metadata, engine_dir))
-    values = gpu_values(config, settings, gpu, metadata, engine_dir)
+    values = gpu_values(config, settings, gpu, metadata, engine_dir, write_tokenizer_info(config, out / "llm"))
     repository = out / "model_repository"
     write_repository(repository, "gpu", values)
     shutil.copy2(plan, repository / "vision_encoder" / "1" / "model.plan")  # Triton's default plan file name

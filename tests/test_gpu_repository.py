@@ -7,12 +7,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from build.repository import TARGET_MODELS, gpu_values, write_repository
+from build.repository import TARGET_MODELS, TOKENIZER_INFO, gpu_values, write_repository, write_tokenizer_info
 from build.settings import BuildSettings, GpuSettings
 from build.trt_vision import default_profile, engine_metadata
 from engine.config import ModelConfig
@@ -38,7 +39,7 @@ TYPE = {"float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 def write_gpu_repository(tiny, tmp_path, settings=BuildSettings(), gpu=GpuSettings()):
     config = ModelConfig.from_pretrained(tiny)
     metadata = engine_metadata(config, gpu.dtype, default_profile(config, settings), "10.14.1.48")
-    values = gpu_values(config, settings, gpu, metadata, tmp_path / "llm" / "engine")
+    values = gpu_values(config, settings, gpu, metadata, tmp_path / "llm" / "engine", write_tokenizer_info(config, tmp_path / "llm"))
     write_repository(tmp_path / "model_repository", "gpu", values)
     (tmp_path / "build.json").write_text(json.dumps({"target": "gpu", "values": values}))
     return config, parse_configs(tmp_path / "model_repository", MODELS)
@@ -134,8 +135,7 @@ def test_defect_tensorrt_llm_model_fails_to_load_without_the_parameters_the_back
     assert not missing, f"the tensorrtllm backend would fail to load: no {missing}"
     assert params["gpt_model_type"] in ("V1", "v1", "inflight_batching", "inflight_fused_batching")
     assert params["gpt_model_path"]
-    # empty (or an unfilled ${...}) disables guided decoding in getGuidedDecodingConfigFromParams
-    assert params["guided_decoding_backend"] == params["xgrammar_tokenizer_info_path"] == params["tokenizer_dir"] == ""
+    assert params["tokenizer_dir"] == ""  # the C++ backend does not read it (model_instance_state.cc)
     # numbers and bools the backend parses: an unparsable one is silently replaced by its default
     for key in ("kv_cache_free_gpu_mem_fraction", "max_beam_width"):
         float(params[key])
@@ -260,12 +260,12 @@ def test_vision_plan_and_llm_engine_must_agree(tiny, tmp_path):
     settings = BuildSettings()
     metadata = engine_metadata(config, "float16", default_profile(config, settings), "10.14.1.48")
     with pytest.raises(ValueError, match="the prompt table needs one dtype"):
-        gpu_values(config, settings, GpuSettings(dtype="bfloat16"), metadata, tmp_path)
+        gpu_values(config, settings, GpuSettings(dtype="bfloat16"), metadata, tmp_path, tmp_path / TOKENIZER_INFO)
     with pytest.raises(ValueError, match="rebuild it"):
-        gpu_values(config, BuildSettings(max_batch_size=16), GpuSettings(), metadata, tmp_path)
+        gpu_values(config, BuildSettings(max_batch_size=16), GpuSettings(), metadata, tmp_path, tmp_path / TOKENIZER_INFO)
     wrong = {**metadata, "output": {**metadata["output"], "shape": [-1, 64, config.text.hidden_size]}}
     with pytest.raises(ValueError, match="this checkpoint needs"):
-        gpu_values(config, settings, GpuSettings(), wrong, tmp_path)
+        gpu_values(config, settings, GpuSettings(), wrong, tmp_path, tmp_path / TOKENIZER_INFO)
 
 
 @pytest.mark.parametrize(
@@ -554,3 +554,25 @@ def test_a_restarted_gpu_container_reuses_engines_built_for_the_same_checkpoint_
     monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "10.14.2.1")  # a container with another TensorRT patch
     repository.build_gpu(tiny, tmp_path, BuildSettings(max_images=1), gpu)
     assert builds == ["plan", "engine"] * 3
+
+
+def test_guided_decoding_is_set_up_with_the_tokenizer_info_the_backend_reads(tiny, tmp_path):
+    """getGuidedDecodingConfigFromParams (model_instance_state.cc): backend "xgrammar" (anything else
+    throws), the info path must exist, and its JSON must hold encoded_vocab (strings), tokenizer_str and
+    stop_token_ids (nlohmann get<> of those three keys); the GuidedDecoder detects the vocabulary type
+    from tokenizer_str. Checked here the way xgrammar itself builds its tables from them."""
+    from engine.llm.guided import GuideCompiler
+
+    config, configs = write_gpu_repository(tiny, tmp_path)
+    params = {k: v.string_value for k, v in configs["tensorrt_llm"].parameters.items()}
+    assert params["guided_decoding_backend"] == "xgrammar"
+    info_path = Path(params["xgrammar_tokenizer_info_path"])
+    assert info_path.is_absolute() and info_path.is_file() and info_path.name == TOKENIZER_INFO
+    info = json.loads(info_path.read_text())
+    assert set(info) == {"encoded_vocab", "tokenizer_str", "stop_token_ids"}
+    assert all(isinstance(token, str) for token in info["encoded_vocab"]) and info["stop_token_ids"] == [config.stop_token_id]
+    assert len(info["encoded_vocab"]) <= config.text.vocab_size
+    vocab = json.loads(info["tokenizer_str"])["model"]["vocab"]
+    assert all(info["encoded_vocab"][index] == token for token, index in vocab.items())
+    compiled = GuideCompiler(info, config.text.vocab_size).compile("regex", "[a-z]{3}")  # the tables build
+    assert compiled is not None
