@@ -122,6 +122,9 @@ def test_a_guide_that_does_not_compile_fails_its_request_alone(setup):
     for guide_type, guide, says in [("json_schema", "{not json", "json_schema guide does not compile"), ("regex", "([a-z", "regex guide does not compile"), ("ebnf_grammar", "root ::= undefined_rule", "ebnf_grammar guide does not compile")]:
         with pytest.raises(GuideError, match=says):
             engine.add_request("bad", ids, None, SamplingParams(guide_type=guide_type, guide=guide))
+    with pytest.raises(GuideError) as raised:
+        engine.add_request("bad", ids, None, SamplingParams(guide_type="regex", guide="([a"))
+    assert str(raised.value) == "the regex guide does not compile: Regex parsing error at position 4: Unclosed '['"
     engine.add_request("good", ids, None, SamplingParams(max_new_tokens=4))
     events = [e for _ in range(8) for e in engine.step()]
     assert [e.finish_reason for e in events if e.finish_reason] == ["length"]

@@ -22,6 +22,7 @@ without a guide never touch any of this.
 from __future__ import annotations
 
 import functools
+import re
 import threading
 
 import torch
@@ -101,8 +102,10 @@ class GuideCompiler:
         try:
             return compile_one(guide)
         except (RuntimeError, ValueError, TypeError) as error:  # xgrammar's parse errors
-            message = str(error).strip().splitlines()
-            raise GuideError(f"the {guide_type} guide does not compile: {message[-1] if message else type(error).__name__}") from None
+            lines = str(error).strip().splitlines()
+            # xgrammar's C++ errors start "[13:01:42] /project/cpp/regex_converter.cc:94: ": not the user's business
+            reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[-1]) if lines else type(error).__name__
+            raise GuideError(f"the {guide_type} guide does not compile: {reason}") from None
 
     def matcher(self, guide_type: str, guide: str | None, stop_token_ids: list[int]) -> GuideMatcher:
         return GuideMatcher(self.compile(guide_type, guide), stop_token_ids, self.vocab_size)
