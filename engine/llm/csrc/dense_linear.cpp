@@ -6,7 +6,9 @@
 // into up to 4 activation rows. A row is short (a few KiB), too
 // short a stream for the hardware prefetcher, so each step prefetches the same line of the next OUTS
 // rows into L2: on the 2-core EPYC this took one lm_head product (151936 x 1024, 1 row) from 16 to
-// 25 GB/s on one thread, 30 to 35 GB/s on two, the memory's limit (a plain sum reads 33-36 GB/s). The row-major layout is the one sgemm reads for prefill, so one copy serves both.
+// 25 GB/s on one thread, 30 to 35 GB/s on two, the memory's limit (a plain sum reads 33-36 GB/s).
+// Prefill runs oneDNN's matmul on the same row-major weight, so one copy serves both.
+#include "avx2.h"
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -15,14 +17,6 @@
 #include <algorithm>
 
 namespace {
-
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Weight rows w[0..OUTS-1] (stride k_size) times R activation rows: sums[o * R + r]. Every dot
 // product sums in the same order (8 lanes over the columns, then across lanes) whatever OUTS and R,

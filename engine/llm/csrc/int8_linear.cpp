@@ -7,6 +7,7 @@
 // weights are loaded straight into the widening instruction (AVX2 vpmovsxbd + cvtdq2ps) and
 // multiplied into up to 4 activation rows; the scale is applied once per dot product, after the sum.
 // Blocks are split across torch's intra-op threads.
+#include "avx2.h"
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -18,13 +19,6 @@ namespace {
 
 constexpr int64_t ROWS = 4, CHUNK = 16, LINE = ROWS * CHUNK;  // one block's 16 columns: one cache line
 constexpr int64_t PREFETCH_LINES = 32;  // 2 KiB ahead of the stream
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Rows first..first+OUTS-1 of one packed block times R activation rows: sums[o][r]. With few
 // accumulators a second set takes every other 8 columns, so no FMA waits on the previous one.
