@@ -55,6 +55,9 @@ class GenerationResult:
     question: str  # as it enters the history (model.chat may prepend "<image>\n")
     content: str  # text without the reasoning: after </think>, or all of it when there is none
     reasoning_content: str | None  # inside <think>…</think> (engine/reasoning.py); None without it
+    # with logprobs=True: per generated token, its log probability and the top_logprobs most likely
+    # (id, log probability) pairs of that step (engine.llm.engine.TokenEvent); None otherwise
+    logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +199,8 @@ class Pipeline:
         max_tiles_per_frame: int = 1,
         guide_type: str | None = None,
         guide: str | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> Generator[str, None, GenerationResult]:
         if enable_thinking and system_message is None:  # the InternVL3.5 card's switch (seed card 004)
             system_message = R1_SYSTEM_PROMPT
@@ -210,6 +215,8 @@ class Pipeline:
             min_new_tokens=min_new_tokens,
             guide_type=guide_type,
             guide=guide,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
         request = self.prepare(
             question, images, history, max_tiles, system_message, max_total_tiles, video, num_segments, bound, max_tiles_per_frame
@@ -222,6 +229,7 @@ class Pipeline:
         request_id = str(next(self._request_ids))
         reply = ReplyParts(self.tokenizer, tuple(stop), request.prompt.opens_reasoning)
         token_ids: list[int] = []
+        scores: list[tuple[float, tuple[tuple[int, float], ...]]] = []
         finish_reason = None
         events: queue.SimpleQueue = queue.SimpleQueue()
         self.runner.submit(request_id, input_ids, table, params, events.put, table_keys=table_keys)
@@ -233,6 +241,8 @@ class Pipeline:
                     raise GenerationError(event.error)
                 if event.token_id is not None:
                     token_ids.append(event.token_id)
+                    if logprobs:
+                        scores.append((event.logprob, event.top_logprobs))
                     delta = reply.add([event.token_id], final=False)[0]
                     if delta:
                         yield delta
@@ -251,4 +261,5 @@ class Pipeline:
             question=request.prompt.question,
             content=reply.content,
             reasoning_content=reply.reasoning_content,
+            logprobs=scores if logprobs else None,
         )

@@ -83,3 +83,18 @@ def test_top_logprobs_limits():
         SamplingParams(logprobs=True, top_logprobs=MAX_TOP_LOGPROBS + 1)
     with pytest.raises(SamplingParamError, match="top_logprobs needs logprobs"):
         SamplingParams(top_logprobs=3)
+
+
+def test_the_pipeline_returns_each_tokens_logprobs_aligned_with_its_ids(setup, checkpoints):
+    from engine.pipeline import Pipeline
+
+    with Pipeline.from_pretrained(checkpoints["qwen3"], vision_backend="torch") as pipe:
+        result = pipe.generate("Say something.", max_new_tokens=8, do_sample=True, seed=3, logprobs=True, top_logprobs=3)
+        prompt_ids = np.asarray(pipe.prepare("Say something.").prompt.input_ids)
+        assert pipe.generate("Say something.", max_new_tokens=2).logprobs is None
+    assert len(result.logprobs) == len(result.token_ids) > 0
+    ref = reference_logprobs(setup, prompt_ids, result.token_ids)
+    for step, (token, (logprob, top)) in enumerate(zip(result.token_ids, result.logprobs)):
+        assert abs(logprob - float(ref[step, token])) <= TOLERANCE
+        values = torch.tensor([v for _, v in top], dtype=torch.float64)
+        assert torch.allclose(values, torch.topk(ref[step], 3).values, atol=TOLERANCE)
