@@ -1,6 +1,7 @@
 """Guided decoding (structured outputs) for the CPU LLM engine, with xgrammar: the library behind
-TensorRT-LLM's GuidedDecoder, at the version TensorRT-LLM 1.2 pins, so a guide means the same on both
-paths.
+TensorRT-LLM's GuidedDecoder. Version 0.2.9 here; TensorRT-LLM 1.2 pins 0.1.25, whose JSON strings let
+invalid UTF-8 through (1 of 20 random-weight replies). The guide types and the tokenizer information
+are TensorRT-LLM's, so both paths take the same requests.
 
 Guide types are TensorRT-LLM's names (triton_backend/inflight_batcher_llm/src/utils.cc,
 getGuidedDecodingParamsFromTensors): "json" (any JSON value, no guide text), "json_schema", "regex",
