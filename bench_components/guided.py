@@ -47,7 +47,7 @@ def bench_guided(out: Path, quick: bool) -> dict:
     torch.set_num_threads(THREADS)
     config = ModelConfig.from_pretrained(CKPT_1B)
     model = DecoderLM.from_pretrained(CKPT_1B, config.text)
-    guides = GuideCompiler(tokenizer_info(load_tokenizer(CKPT_1B), [config.stop_token_id]), config.text.vocab_size)
+    guides = GuideCompiler(lambda: tokenizer_info(load_tokenizer(CKPT_1B), [config.stop_token_id]), config.text.vocab_size)
     start = time.perf_counter()
     guides.compile("json_schema", json.dumps(SCHEMA))  # compiled once; every request then hits the cache
     compile_s = time.perf_counter() - start

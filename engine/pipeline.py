@@ -33,7 +33,7 @@ from engine.protocol import DEFAULT_NUM_FRAMES, image_rows
 from engine.reasoning import R1_SYSTEM_PROMPT
 from engine.sampling_params import SamplingParams
 from engine.templates import Turn
-from engine.tokenizer import TextTokenizer, load_tokenizer
+from engine.tokenizer import TextTokenizer
 from engine.video import VideoLimits
 from engine.video_frames import sample_video
 from engine.vision import load_vision_encoder
@@ -114,7 +114,7 @@ class Pipeline:
         config = ModelConfig.from_pretrained(path)
         tokenizer = TextTokenizer(path, config.skip_special_tokens)
         vision = load_vision_encoder(config, vision_backend, vision_onnx, vision_precision)
-        guides = GuideCompiler(tokenizer_info(load_tokenizer(path), [config.stop_token_id]), config.text.vocab_size)
+        guides = GuideCompiler(lambda: tokenizer_info(tokenizer.fast, [config.stop_token_id]), config.text.vocab_size)
         model = DecoderLM.from_pretrained(path, config.text, dtype, llm_weights)
         llm = LLMEngine(model, config.stop_token_id, prefix_cache_bytes=prefix_cache_mib * MIB, guides=guides)
         return cls(config, vision, llm, tokenizer, vision_cache_mib * MIB)

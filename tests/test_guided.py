@@ -68,7 +68,7 @@ def satisfies(guide_type: str, guide: str, text: str) -> bool:
 def setup(checkpoints):
     path = checkpoints["qwen3"]
     cfg = ModelConfig.from_pretrained(path)
-    guides = GuideCompiler(tokenizer_info(load_tokenizer(path), [cfg.stop_token_id]), cfg.text.vocab_size)
+    guides = GuideCompiler(lambda: tokenizer_info(load_tokenizer(path), [cfg.stop_token_id]), cfg.text.vocab_size)
     return cfg, DecoderLM.from_pretrained(path, cfg.text), guides, TextTokenizer(path)
 
 

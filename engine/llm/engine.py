@@ -28,11 +28,11 @@ import torch
 
 from engine.llm.model import DecoderLM, KVCache, SequenceInput
 from engine.llm.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache, block_hashes
+from engine.llm.sampling import Sampler
+from engine.sampling_params import SamplingParams, check_context
 
 if TYPE_CHECKING:
     from engine.llm.guided import GuideCompiler, GuideMatcher
-from engine.llm.sampling import Sampler
-from engine.sampling_params import SamplingParams, check_context
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
+from collections.abc import Callable
 
 import torch
 from tokenizers import Tokenizer
@@ -69,24 +70,24 @@ def tokenizer_info(tokenizer: Tokenizer, stop_token_ids: list[int]) -> dict:
 
 class GuideCompiler:
     """Compiles guides for one tokenizer and model vocabulary; compiled grammars are cached. Cheap to
-    make: xgrammar's tokenizer tables are built at the first guided request."""
+    make: the tokenizer info and xgrammar's tables are built at the first guided request."""
 
-    def __init__(self, info: dict, vocab_size: int):
-        # info: tokenizer_info(); vocab_size: the model's logits width (may exceed the tokenizer's ids)
-        self.info, self.vocab_size = info, vocab_size
+    def __init__(self, info: Callable[[], dict], vocab_size: int):
+        # info: -> tokenizer_info(); vocab_size: the model's logits width (may exceed the tokenizer's ids)
+        self._info, self.vocab_size = info, vocab_size
         self._lock = threading.Lock()
         self._built = None
 
     def _compiler(self):
         with self._lock:
             if self._built is None:
-                xgr = _xgr()
-                metadata = xgr.TokenizerInfo._detect_metadata_from_hf(self.info["tokenizer_str"])  # {vocab_type, add_prefix_space}
+                xgr, info = _xgr(), self._info()
+                metadata = xgr.TokenizerInfo._detect_metadata_from_hf(info["tokenizer_str"])  # {vocab_type, add_prefix_space}
                 tokenizer = xgr.TokenizerInfo(
-                    self.info["encoded_vocab"][: self.vocab_size],
+                    info["encoded_vocab"][: self.vocab_size],
                     xgr.VocabType(metadata["vocab_type"]),
                     vocab_size=self.vocab_size,
-                    stop_token_ids=self.info["stop_token_ids"],
+                    stop_token_ids=info["stop_token_ids"],
                     add_prefix_space=metadata["add_prefix_space"],
                 )
                 self._built = xgr.GrammarCompiler(tokenizer, max_threads=2, cache_limit_bytes=COMPILED_CACHE_BYTES)

@@ -71,7 +71,6 @@ class Linear:
         self._dense = None if kernels is None else kernels.dense_linear
         self.packed = precision == "float32" and onednn and self._dense is None  # weight in oneDNN's blocked layout
         self.onednn = precision == "float32" and onednn  # oneDNN's matmul for more than DENSE_MAX_ROWS rows
-        self.plain = self._dense is not None
         if precision == "float16":
             self.weight = torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), None if bias is None else bias.float())
         elif self._dense is not None:
@@ -98,6 +97,11 @@ class Linear:
         for start in range(0, x.shape[0], BLOCK_ROWS):
             out[start : start + BLOCK_ROWS] = self._onednn(x[start : start + BLOCK_ROWS])
         return out
+
+    @property
+    def plain(self) -> bool:
+        """The fp32 weight is kept as it is ([out, in], row-major) for the compiled kernel and oneDNN."""
+        return self._dense is not None
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         # x: [n ≤ BLOCK_ROWS, in] -> [n, out]
