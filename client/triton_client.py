@@ -28,7 +28,7 @@ from engine.sampling_params import SamplingParamError, SamplingParams
 
 Turn = tuple[str, str]
 
-__all__ = ["InternVLClient", "Reply", "Request", "SamplingParamError", "ServerError", "ServerUnavailable"]
+__all__ = ["InternVLClient", "Reply", "Request", "SamplingParamError", "ServerError", "ServerUnavailable", "TokenLogprob"]
 
 
 class ServerError(RuntimeError):
@@ -58,14 +58,19 @@ class Request:
     max_tiles: int | None = None
     history: Sequence[Turn] | None = None
     system_prompt: str | None = None
+    guide_type: str | None = None  # structured output: json | json_schema | regex | ebnf_grammar
+    guide: str | None = None  # the schema (JSON text) / regex / grammar
+    logprobs: bool = False  # each reply token's log probability (Reply.logprobs)
+    top_logprobs: int | None = None  # and the most likely tokens at each step (0-20, CPU only)
     extra: dict = field(default_factory=dict)
 
     def check(self) -> SamplingParams:
         """The sampling values by the server's rules (TensorRT-LLM request semantics); raises
         SamplingParamError with the message the server would give."""
         return SamplingParams.from_request(
-            1 if self.max_tokens is None else self.max_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed, self.min_tokens
-        )
+            1 if self.max_tokens is None else self.max_tokens, self.temperature, self.top_p, self.top_k, self.repetition_penalty,
+            self.seed, self.min_tokens, guide_type=self.guide_type, guide=self.guide, logprobs=self.logprobs, top_logprobs=self.top_logprobs,
+        )  # fmt: skip
 
     def image_bytes(self) -> list[bytes]:
         return [Path(i).read_bytes() if isinstance(i, (str, Path)) else bytes(i) for i in self.images]
@@ -86,6 +91,10 @@ class Request:
             "max_tiles": ("INT32", self.max_tiles),
             "history": ("BYTES", None if self.history is None else json.dumps([list(t) for t in self.history])),
             "system_prompt": ("BYTES", self.system_prompt),
+            "guided_decoding_guide_type": ("BYTES", self.guide_type),
+            "guided_decoding_guide": ("BYTES", self.guide),
+            "return_log_probs": ("BOOL", self.logprobs or None),
+            "top_logprobs": ("INT32", self.top_logprobs),
         }
         for name, (dtype, value) in {**optional, **self.extra}.items():
             if value is not None:
@@ -186,7 +195,7 @@ class InternVLClient:
                     raise self._error(error)
                 response = result.get_response()
                 if response.outputs:
-                    yield {o.name: _value(result.as_numpy(o.name)) for o in response.outputs}
+                    yield {o.name: _value(o.name, result.as_numpy(o.name)[0]) for o in response.outputs}
                 if response.parameters["triton_final_response"].bool_param:
                     finished = True
                     return
@@ -257,11 +266,27 @@ def _send_stop(client, request_id: str, grpcclient, responses: queue.Queue, time
         pass
 
 
-def _value(array: np.ndarray):
-    """One output of one response: text (its elements joined) or a number."""
+# outputs with one value per token (gRPC: arrays; HTTP generate: JSON lists, flattened)
+PER_TOKEN = ("output_log_probs", "output_tokens", "cum_log_probs", "top_log_probs", "top_tokens")
+
+
+def _value(name: str, array: np.ndarray):
+    """One output of one response (without the batch dim): text (its elements joined), a number, or
+    for PER_TOKEN outputs the flat list of values."""
+    if name in PER_TOKEN:
+        return [v.decode("utf-8") if isinstance(v, bytes) else v.item() for v in array.reshape(-1)]
     if array.dtype == object:
         return b"".join(array.reshape(-1)).decode("utf-8")
     return array.reshape(-1)[0].item()
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A reply token's text (decoded alone), its log probability, and the most likely tokens at its step."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -274,6 +299,8 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with logprobs=True: one per generated token
+    cum_logprob: float | None = None
 
     def add(self, response: dict) -> None:
         self.text += response.get("text_output", "")
@@ -282,6 +309,22 @@ class Reply:
         self.prompt_tokens = response.get("prompt_tokens", self.prompt_tokens)
         self.completion_tokens = response.get("completion_tokens", self.completion_tokens)
         self.finish_reason = response.get("finish_reason") or self.finish_reason
+        self.logprobs += token_logprobs(response)
+        self.cum_logprob = next(iter(_listed(response.get("cum_log_probs"))), self.cum_logprob)
+
+
+def token_logprobs(response: dict) -> list[TokenLogprob]:
+    """The per-token log probabilities of one response (empty when it carries none)."""
+    tokens, logprobs = _listed(response.get("output_tokens")), _listed(response.get("output_log_probs"))
+    top_tokens, top_logprobs = _listed(response.get("top_tokens")), _listed(response.get("top_log_probs"))
+    k = len(top_tokens) // len(tokens) if tokens else 0
+    tops = [tuple(zip(top_tokens[i * k : (i + 1) * k], top_logprobs[i * k : (i + 1) * k])) for i in range(len(tokens))]
+    return [TokenLogprob(token, logprob, top) for token, logprob, top in zip(tokens, logprobs, tops)]
+
+
+def _listed(value) -> list:
+    """HTTP generate gives a one-value output as the value itself."""
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
 def _message(error) -> str:

@@ -28,9 +28,9 @@ class RequestError(ValueError):
 
 # Errors caused by the request itself: every one is a ValueError subclass (engine/preprocess.py
 # ImageError, engine/video.py VideoError, engine/prompt.py PromptError, engine/sampling_params.py
-# SamplingParamError, ...), and the Triton models report them as "<class>: <message>"
+# SamplingParamError, engine/llm/guided.py GuideError, ...), and the Triton models report them as "<class>: <message>"
 # (triton_repo/pb.py error_response). Triton core's own input checks ("[request id: …] expected …", "unexpected …") are the request's too.
-REQUEST_ERRORS = ("ValueError", "RequestError", "PromptError", "SamplingParamError", "ImageError", "VideoError")
+REQUEST_ERRORS = ("ValueError", "RequestError", "PromptError", "SamplingParamError", "ImageError", "VideoError", "GuideError")
 _TRITON_INPUT_ERRORS = re.compile(
     r"^(\[request id: [^\]]*\] )?(expected|unexpected|inference input|out of bounds index 0: request has 0 inputs)\b"
 )

@@ -18,7 +18,13 @@ MIN_TEMPERATURE = 1e-2
 REPETITION_PENALTY_RANGE = (1e-3, 1e3)
 
 # SamplingParams field -> the name a Triton / OpenAI-style request uses for it (the ensemble's inputs)
-REQUEST_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "guide_type": "guided_decoding_guide_type", "guide": "guided_decoding_guide"}
+REQUEST_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "guide_type": "guided_decoding_guide_type",
+    "guide": "guided_decoding_guide",
+    "logprobs": "return_log_probs",
+}
 # TensorRT-LLM's guided decoding types (triton_backend/inflight_batcher_llm/src/utils.cc): "json" takes
 # no guide text, the others need one (executor/guidedDecodingParams.cpp); engine/llm/guided.py
 GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar")
@@ -113,10 +119,15 @@ class SamplingParams:
         min_tokens: int | None = None,
         stop_token_ids: tuple[int, ...] = (),
         stop_sequences: tuple[tuple[int, ...], ...] = (),
+        guide_type: str | None = None,
+        guide: str | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
     ) -> SamplingParams:
         """A request's fields with TensorRT-LLM's semantics (absent = default): temperature absent or 0
-        is greedy, top_p absent or 0 and top_k absent or 0 switch those filters off. Errors name the
-        request's fields (max_tokens, min_tokens, ...)."""
+        is greedy, top_p absent or 0 and top_k absent or 0 switch those filters off; an empty
+        guide_type is no guide (TensorRT-LLM's utils.cc reads the tensors only when present). Errors name
+        the request's fields (max_tokens, min_tokens, guided_decoding_guide_type, ...)."""
         if temperature is not None and not temperature >= 0:
             raise SamplingParamError("temperature", "must be ≥ 0 (0 = greedy)", temperature)
         if top_p is not None and not 0 <= top_p <= 1:
@@ -134,6 +145,10 @@ class SamplingParams:
                 min_new_tokens=0 if min_tokens is None else int(min_tokens),
                 stop_token_ids=tuple(stop_token_ids),
                 stop_sequences=tuple(stop_sequences),
+                guide_type=guide_type or None,
+                guide=guide or None,
+                logprobs=bool(logprobs),
+                top_logprobs=0 if top_logprobs is None else int(top_logprobs),
             )
         except SamplingParamError as e:
             raise SamplingParamError(REQUEST_NAMES.get(e.field, e.field), e.rule, e.value) from None

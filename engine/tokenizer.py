@@ -38,3 +38,8 @@ class TextTokenizer:
 
     def decode(self, ids) -> str:
         return self.fast.decode(list(ids), skip_special_tokens=self.skip_special_tokens)
+
+    def token_texts(self, ids) -> list[str]:
+        """Each token decoded alone, special tokens included (the `token` of a log probability, as
+        vLLM shows it: a token that ends inside a character decodes to U+FFFD)."""
+        return self.fast.decode_batch([[int(i)] for i in ids], skip_special_tokens=False)

@@ -21,6 +21,18 @@ its generation. With reuse on and a prompt table, the ids must be sent, one per 
 ids uses usesExtraIds = false in its block keys, so text-only requests share no blocks with image ones.
 Read at NVIDIA/TensorRT-LLM commits of the search index (kvCacheManager.cpp at 002ba6a), not at the
 v1.2.1 tag, which could not be fetched (over the fetch limit).
+
+Structured output and log probabilities (triton_backend/inflight_batcher_llm/src/utils.cc at c8c6df0):
+getGuidedDecodingParamsFromTensors reads guided_decoding_guide_type / guided_decoding_guide as the raw
+Triton BYTES buffer minus its first 4 bytes (the element's length prefix), so each holds exactly one
+string; a type outside json | json_schema | regex | ebnf_grammar is silently ignored, guide and all
+(SamplingParams refuses it first). getOutputConfigFromTensors reads return_log_probs (absent = false).
+The answers (src/model_instance_state.cc fillTritonResponse, at c8c6df0): output_log_probs
+[1, beams, N] (beams padded with -1) and cum_log_probs [1, beams], only when requested and the request
+set return_log_probs. Unlike output_ids, which in streaming hold only the new tokens,
+batch_manager/llmRequest.cpp createResult (at 119c6e6) copies the whole per-beam list so far
+(result.logProbs = getLogProbs(), mLogProbs grows by setLogProbs) into every response:
+response_log_probs slices off what was already sent.
 """
 
 from __future__ import annotations
@@ -30,8 +42,9 @@ import hashlib
 import numpy as np
 
 from engine.protocol import image_rows
-from engine.sampling_params import SamplingParams, check_context
+from engine.sampling_params import SamplingParamError, SamplingParams, check_context
 
+NO_TOP_LOGPROBS = "TensorRT-LLM's tensorrt_llm model returns only the chosen tokens' log probabilities (return_log_probs)"
 # our name -> dtype tensorrt_llm declares; sent when the client sent it
 _SAMPLING = {"runtime_top_k": np.int32, "repetition_penalty": np.float32, "seed": np.uint64, "min_tokens": np.int32}
 
@@ -41,7 +54,8 @@ def tensorrt_llm_inputs(
 ) -> dict[str, np.ndarray]:
     """item: this request's inputs without the batch dimension (input_ids [L], input_lengths [1],
     request_output_len [1], optional end_id, stop_words_list [2, N], streaming, temperature,
-    runtime_top_p, runtime_top_k, repetition_penalty, seed, min_tokens).
+    runtime_top_p, runtime_top_k, repetition_penalty, seed, min_tokens, guided_decoding_guide_type and
+    guided_decoding_guide (BYTES [1]), return_log_probs, top_logprobs).
     row_ids: uint64 [T·Q], the extra id of each prompt-table row (table_extra_ids; empty without images).
     -> tensorrt_llm inputs, each with the batch dimension [1, ...]. The prompt table itself is not
     here: the adapter passes it on as [1, T·Q, H] without copying it through numpy."""
@@ -66,7 +80,13 @@ def tensorrt_llm_inputs(
         repetition_penalty=_value(item, "repetition_penalty"),
         seed=_value(item, "seed"),
         min_tokens=_value(item, "min_tokens"),
+        guide_type=_text(item, "guided_decoding_guide_type"),
+        guide=_text(item, "guided_decoding_guide"),
+        logprobs=_value(item, "return_log_probs"),
+        top_logprobs=_value(item, "top_logprobs"),
     )
+    if params.top_logprobs:
+        raise SamplingParamError("top_logprobs", f"is not available on the GPU path: {NO_TOP_LOGPROBS}", params.top_logprobs)
     end_id = _value(item, "end_id")
     if end_id is not None and not 0 <= end_id < vocab_size:
         raise ValueError(f"stop token id {end_id} is not in the vocabulary [0, {vocab_size})")
@@ -94,12 +114,26 @@ def tensorrt_llm_inputs(
     for name, dtype in _SAMPLING.items():
         if name in item and not (name == "runtime_top_k" and not params.do_sample):
             out[name] = scalar(_value(item, name), dtype)
+    out.update(_guide_and_log_probs(params))
     if table_rows:
         # filled in uint64 (np.where with a Python int ≥ 2**63 went through float64); tensorrt_llm
         # reads the input as uint64 exactly
         extra = np.zeros(len(ids), np.uint64)
         extra[image_slots] = row_ids[ids[image_slots] - vocab_size]
         out["prompt_table_extra_ids"] = extra[None]
+    return out
+
+
+def _guide_and_log_probs(params: SamplingParams) -> dict[str, np.ndarray]:
+    """-> the guide tensors (BYTES as object [1, 1], one string each: utils.cc reads the raw buffer)
+    when the request has a guide, and return_log_probs [1, 1] when it asks; absent otherwise."""
+    out = {}
+    if params.guide_type is not None:
+        out["guided_decoding_guide_type"] = np.array([[params.guide_type.encode()]], dtype=object)
+    if params.guide is not None:
+        out["guided_decoding_guide"] = np.array([[params.guide.encode()]], dtype=object)
+    if params.logprobs:
+        out["return_log_probs"] = np.ones((1, 1), np.bool_)
     return out
 
 
@@ -135,10 +169,68 @@ def response_tokens(output_ids: np.ndarray, sequence_length: np.ndarray) -> np.n
     return np.asarray(output_ids)[0, 0, : int(np.asarray(sequence_length)[0, 0])].astype(np.int32)
 
 
+def response_log_probs(tensors: dict[str, np.ndarray], new_tokens: int, sent: int) -> tuple[np.ndarray, float]:
+    """tensors: one tensorrt_llm response's output_log_probs [1, beams, N] and cum_log_probs [1, beams];
+    new_tokens: its beam-0 token count; sent: log probs of this reply already taken.
+    -> (beam 0's log probs of this response's tokens [new_tokens] float32, the reply's sum so far).
+    The list is the whole reply so far (llmRequest.cpp createResult), so [sent:]; a list of exactly
+    the new tokens is taken as it is, should a TensorRT-LLM send only those (its PyTorch backend does
+    since NVIDIA/TensorRT-LLM#8785)."""
+    if "output_log_probs" not in tensors or "cum_log_probs" not in tensors:
+        raise ValueError("tensorrt_llm sent no output_log_probs / cum_log_probs for a request with return_log_probs")
+    listed = np.asarray(tensors["output_log_probs"], np.float32)[0, 0]
+    if len(listed) >= sent + new_tokens:
+        own = listed[sent : sent + new_tokens]
+    elif len(listed) == new_tokens:
+        own = listed
+    else:
+        raise ValueError(f"tensorrt_llm sent {len(listed)} log probs for {new_tokens} new tokens after {sent}")
+    return own, float(np.asarray(tensors["cum_log_probs"]).reshape(-1)[0])
+
+
+class ReplyScores:
+    """One reply's log probabilities as tensorrt_llm's responses bring them; take() -> the llm's score
+    outputs for the tokens added since the last take, as the CPU llm sends them (pb.llm_response)."""
+
+    def __init__(self):
+        self.sent, self.cum = 0, 0.0
+        self.pending: list[np.ndarray] = []
+
+    def add(self, tensors: dict[str, np.ndarray], new_tokens: int) -> None:
+        own, self.cum = response_log_probs(tensors, new_tokens, self.sent)
+        self.sent += len(own)
+        self.pending.append(own)
+
+    def take(self) -> dict[str, np.ndarray]:
+        # -> output_log_probs [n], cum_log_probs [1], top_log_probs / top_token_ids [n, 0]
+        # (tensorrt_llm has no top-k log probs; top_logprobs > 0 is refused)
+        own = np.concatenate([np.zeros(0, np.float32), *self.pending])
+        self.pending = []
+        return {
+            "output_log_probs": own,
+            "cum_log_probs": np.array([self.cum], np.float32),
+            "top_log_probs": np.zeros((len(own), 0), np.float32),
+            "top_token_ids": np.zeros((len(own), 0), np.int32),
+        }
+
+
 def _value(item: dict[str, np.ndarray], name: str, default=None):
     if name not in item:
         return default
     return np.asarray(item[name]).reshape(-1)[0].item()
+
+
+def _text(item: dict[str, np.ndarray], name: str) -> str | None:
+    """A BYTES input's one element as text (numpy object arrays of bytes); None when absent."""
+    if name not in item:
+        return None
+    value = np.asarray(item[name], dtype=object).reshape(-1)[0]
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:  # the CPU llm's message (triton_repo/pb.py utf8)
+        raise ValueError(f"input {name!r} is not valid UTF-8 (byte {e.start}: {e.reason})") from None
 
 
 def finish_reason(generated: int, requested: int) -> str:

@@ -148,11 +148,11 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
         replies = backend.stream(fields, completion_id)
         head = Completion(completion_id, name, int(time.time()))
         if not body.stream:
-            return head.whole(await unless_disconnected(request, _collect(replies)))
+            return head.whole(await unless_disconnected(request, _collect(replies)), bool(body.logprobs))
         # The first response decides the HTTP status: request errors come before any token.
         first = await unless_disconnected(request, _first(replies))
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(head.events(first, replies, usage), replies)
+        return EventStream(head.events(first, replies, usage, bool(body.logprobs)), replies)
 
     return app
 
@@ -161,25 +161,28 @@ class Completion:
     def __init__(self, completion_id: str, model: str, created: int):
         self.id, self.model, self.created = completion_id, model, created
 
-    def whole(self, replies: list[Reply]) -> dict:
+    def whole(self, replies: list[Reply], logprobs: bool) -> dict:
         content = "".join(r.content for r in replies)
         reasoning = "".join(r.reasoning for r in replies)
         message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(replies)}
+        scores = {"content": [entry for r in replies for entry in r.logprobs]} if logprobs else None
+        choice = {"index": 0, "message": message, "logprobs": scores, "finish_reason": _finish(replies)}
         return {**self._head("chat.completion"), "choices": [choice], "usage": _usage(replies)}
 
-    async def events(self, first: Reply | None, rest: AsyncIterator[Reply], include_usage: bool) -> AsyncIterator[str]:
+    async def events(self, first: Reply | None, rest: AsyncIterator[Reply], include_usage: bool, logprobs: bool) -> AsyncIterator[str]:
+        """Server-sent chunks; with logprobs each chunk carries the entries of the tokens it brings
+        (a token whose text is still held back comes in a chunk with an empty delta)."""
         replies = [first] if first else []
         async with contextlib.aclosing(rest):
             yield self._chunk({"role": "assistant", "content": ""})
             try:
                 if first:
-                    if delta := _delta(first):
-                        yield self._chunk(delta)
+                    if (delta := _delta(first)) or first.logprobs:
+                        yield self._chunk(delta, logprobs=first.logprobs if logprobs else None)
                 async for reply in rest:
                     replies.append(reply)
-                    if delta := _delta(reply):
-                        yield self._chunk(delta)
+                    if (delta := _delta(reply)) or reply.logprobs:
+                        yield self._chunk(delta, logprobs=reply.logprobs if logprobs else None)
             except Exception as error:
                 yield _event(as_api_error(error).body())
                 yield "data: [DONE]\n\n"
@@ -192,8 +195,9 @@ class Completion:
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def _chunk(self, delta: dict, finish_reason: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def _chunk(self, delta: dict, finish_reason: str | None = None, logprobs: tuple[dict, ...] | None = None) -> str:
+        scores = None if logprobs is None else {"content": list(logprobs)}
+        choice = {"index": 0, "delta": delta, "logprobs": scores, "finish_reason": finish_reason}
         return _event({**self._head("chat.completion.chunk"), "choices": [choice]})
 
 

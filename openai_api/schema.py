@@ -55,6 +55,28 @@ class ChatTemplateKwargs(_Lenient):
     enable_thinking: bool | None = None
 
 
+class JSONSchemaFormat(_Lenient):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")  # `schema` would shadow pydantic's own attribute
+    strict: bool | None = None  # the schema is always enforced, strict or not (as vLLM does)
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Lenient):
+    """vLLM's extension (vllm/sampling_params.py StructuredOutputsParams): one of these per request."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # xgrammar's EBNF, root rule `root`
+    json_object: bool | None = None
+
+
 class ChatCompletionRequest(_Lenient):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -65,8 +87,13 @@ class ChatCompletionRequest(_Lenient):
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    min_tokens: int | None = None  # vLLM's extension: the stop token and stop strings wait this many tokens
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None

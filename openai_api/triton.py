@@ -34,6 +34,7 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "" until the last response
+    logprobs: tuple[dict, ...] = ()  # with logprobs: OpenAI's entry for each token this response brings
 
 
 def triton_error(message: str) -> APIError:
@@ -166,8 +167,30 @@ def _reply(result: InferResult) -> Reply:
         return 0 if array is None else int(array.reshape(-1)[0])
 
     return Reply(
-        text("content_output"), text("reasoning_output"), count("prompt_tokens"), count("completion_tokens"), text("finish_reason")
+        text("content_output"),
+        text("reasoning_output"),
+        count("prompt_tokens"),
+        count("completion_tokens"),
+        text("finish_reason"),
+        _logprobs(result),
     )
+
+
+def _logprobs(result: InferResult) -> tuple[dict, ...]:
+    """The ensemble's per-token log probabilities as OpenAI's chat logprobs `content` entries."""
+    logprobs = result.as_numpy("output_log_probs")
+    if logprobs is None or not logprobs.size:
+        return ()
+    tokens = result.as_numpy("output_tokens")[0]  # [n] bytes
+    top_tokens, top_logprobs = result.as_numpy("top_tokens")[0], result.as_numpy("top_log_probs")[0]  # [n, k]
+    return tuple(
+        {**_entry(token, logprob), "top_logprobs": [_entry(t, v) for t, v in zip(top_tokens[i], top_logprobs[i])]}
+        for i, (token, logprob) in enumerate(zip(tokens, logprobs[0]))
+    )
+
+
+def _entry(token: bytes, logprob) -> dict:
+    return {"token": token.decode("utf-8"), "logprob": float(logprob), "bytes": list(token)}
 
 
 def _rpc_error(error: grpc.aio.AioRpcError) -> APIError:

@@ -311,9 +311,11 @@ def test_launcher_refuses_a_cpu_build(tiny, tmp_path):
 
 
 def _numpy_dtype(data_type: int) -> np.dtype:
+    """TYPE_STRING (Triton's BYTES): numpy object arrays of bytes, as tritonclient and pb_utils send them."""
     from tritonclient.utils import triton_to_np_dtype
 
-    return np.dtype(triton_to_np_dtype(model_config_pb2.DataType.Name(data_type).removeprefix("TYPE_")))
+    name = model_config_pb2.DataType.Name(data_type).removeprefix("TYPE_")
+    return np.dtype(triton_to_np_dtype("BYTES" if name == "STRING" else name))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

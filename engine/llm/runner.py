@@ -28,6 +28,7 @@ class _Request:
     on_event: Callable[[TokenEvent], None]
     is_cancelled: Callable[[], bool] | None
     client_id: str | None
+    queued: bool = False  # in the engine (until then, add_request is still checking / compiling it)
 
 
 class EngineRunner:
@@ -36,7 +37,7 @@ class EngineRunner:
         self._on_step = on_step  # called with the number of sequences of each step that ran
         self._idle_wait = idle_wait
         self._requests: dict[str, _Request] = {}
-        self._lock = threading.Lock()  # submit vs recovery: a request is registered and queued at once
+        self._lock = threading.Lock()  # guards _requests: submit, delivery, recovery
         self._wakeup = threading.Event()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
@@ -56,11 +57,18 @@ class EngineRunner:
         """Raises ValueError for a bad request; nothing is queued then and on_event is never called."""
         if self._closing:
             raise RuntimeError("the engine loop is closed")
-        with self._lock:
+        request = _Request(on_event, is_cancelled, client_id)
+        with self._lock:  # registered before it is queued: its first event must find its receiver
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in flight")
+            self._requests[request_id] = request
+        try:  # outside the lock: compiling a guide takes up to seconds, and delivery waits for the lock
             self.engine.add_request(request_id, input_ids, prompt_table, params, table_keys)
-            self._requests[request_id] = _Request(on_event, is_cancelled, client_id)
+        except BaseException:
+            with self._lock:
+                del self._requests[request_id]
+            raise
+        request.queued = True
         self._wakeup.set()
 
     def cancel(self, request_id: str) -> None:
@@ -111,7 +119,7 @@ class EngineRunner:
         with self._lock:
             events = self.engine.fail_running(error)
             answered = {e.request_id for e in events} | set(self.engine.live_ids())
-            lost = [rid for rid in self._requests if rid not in answered]
+            lost = [rid for rid, r in self._requests.items() if r.queued and rid not in answered]
         return events + [TokenEvent(rid, None, "error", error) for rid in lost]
 
     def _poll_cancellations(self) -> None:

@@ -10,6 +10,10 @@ the client cancelled (core src/ensemble_scheduler/ensemble_scheduler.cc), never 
 already running, so a client that goes away sends `stop` (TensorRT-LLM's tensorrt_llm input of that
 name) with its request id straight to this model (engine/protocol.py stop_request).
 
+Structured output and log probabilities: guided_decoding_guide_type / guided_decoding_guide are
+compiled by the engine when the request is submitted (a guide that does not compile is this request's
+error); return_log_probs / top_logprobs add each token's scores to the response that carries it.
+
 Prefix reuse: image_keys and image_tiles (one content key and tile count per image, from preprocess)
 become the engine's table_keys, tiles × tokens_per_tile rows per image; the prompt tokens it reused
 are counted in internvl_prefix_cache_hit_tokens_total.
@@ -17,15 +21,18 @@ are counted in internvl_prefix_cache_hit_tokens_total.
 
 import uuid
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from engine.config import ModelConfig
 from engine.flash import drop_compressed
 from engine.llm.engine import LLMEngine, TokenEvent
+from engine.llm.guided import GuideCompiler, tokenizer_info
 from engine.llm.model import DecoderLM
 from engine.llm.runner import EngineRunner
 from engine.protocol import image_rows, stop_sequences
 from engine.sampling_params import SamplingParams, check_context
+from engine.tokenizer import TextTokenizer
 from triton_repo import allocator, pb
 from triton_repo.metric_lock import MetricLock
 from triton_repo.request_metrics import RequestMetrics
@@ -40,6 +47,9 @@ class TritonPythonModel:
         self.dtypes = pb.decoupled_output_dtypes(config, "llm")
         model_config = ModelConfig.from_pretrained(params["checkpoint"])
         self.vocab_size, self.tokens_per_tile = model_config.text.vocab_size, model_config.vision.tokens_per_tile
+        checkpoint, stop = params["checkpoint"], model_config.stop_token_id
+        # the tokenizer is loaded and its vocabulary tables built at the first guided request only
+        guides = GuideCompiler(lambda: tokenizer_info(TextTokenizer(checkpoint).fast, [stop]), self.vocab_size)
         engine = LLMEngine(
             DecoderLM.from_pretrained(params["checkpoint"], model_config.text, llm_weights=params["llm_weights"]),
             model_config.stop_token_id,
@@ -47,6 +57,7 @@ class TritonPythonModel:
             max_num_tokens=int(params["max_num_tokens"]),
             max_seq_len=int(params["max_seq_len"]),
             prefix_cache_bytes=int(params["prefix_cache_mib"]) << 20,
+            guides=guides,
         )
         self.max_seq_len = engine.max_seq_len
         self.metrics = MetricLock()  # updated from execute and from the engine loop's thread
@@ -84,7 +95,7 @@ class TritonPythonModel:
                     continue
                 ids, table, table_keys, params, streaming = self._parse(request)
                 echo = pb.stream_echo(request, request_id, len(ids))
-                stream = _Stream(sender, streaming, echo, self.dtypes, self._finished)
+                stream = _Stream(sender, streaming, echo, self.dtypes, self._finished, params)
                 self.requests.started()  # before submit: the final event may come first
                 try:
                     self.runner.submit(
@@ -116,6 +127,10 @@ class TritonPythonModel:
             min_tokens=pb.scalar(request, "min_tokens", None),
             stop_token_ids=() if end_id is None else (int(end_id),),
             stop_sequences=stop_sequences(pb.item(request, "stop_words_list", required=False)),
+            guide_type=pb.scalar(request, "guided_decoding_guide_type", None),
+            guide=pb.scalar(request, "guided_decoding_guide", None),
+            logprobs=pb.scalar(request, "return_log_probs", None),
+            top_logprobs=pb.scalar(request, "top_logprobs", None),
         )
         table = pb.item(request, "prompt_embedding_table", required=False)
         return ids, table, self._table_keys(request), params, bool(pb.scalar(request, "streaming", False))
@@ -135,9 +150,10 @@ class TritonPythonModel:
 class _Stream:
     """One request's responses, built from its engine events (called on the engine loop's thread)."""
 
-    def __init__(self, sender, streaming: bool, echo: dict, dtypes: dict, on_finish):
+    def __init__(self, sender, streaming: bool, echo: dict, dtypes: dict, on_finish, params: SamplingParams):
         self.sender, self.streaming, self.echo, self.dtypes, self.on_finish = sender, streaming, echo, dtypes, on_finish
         self.tokens: list[int] = []  # without streaming, the reply's tokens until the end
+        self.scores = _Scores(params.top_logprobs) if params.logprobs else None
 
     def on_event(self, event: TokenEvent) -> None:
         if event.finish_reason is not None:
@@ -149,10 +165,40 @@ class _Stream:
             self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(event.error)), flags=FINAL)
             return
         new = [] if event.token_id is None else [event.token_id]
+        if self.scores is not None and new:
+            self.scores.add(event)
         if not self.streaming:
             self.tokens += new
             if event.finish_reason is None:
                 return
             new = self.tokens
         final = event.finish_reason is not None
-        self.sender.send(pb.llm_response(self.dtypes, new, event.finish_reason, self.echo), flags=FINAL if final else 0)
+        scores = None if self.scores is None else self.scores.take()
+        self.sender.send(pb.llm_response(self.dtypes, new, event.finish_reason, self.echo, scores), flags=FINAL if final else 0)
+
+
+class _Scores:
+    """The log probabilities of the tokens not yet sent, and the reply's running sum."""
+
+    def __init__(self, top: int):
+        self.top, self.total = top, 0.0
+        self.logprobs: list[float] = []
+        self.top_pairs: list[tuple[tuple[int, float], ...]] = []
+
+    def add(self, event: TokenEvent) -> None:
+        self.logprobs.append(event.logprob)
+        self.top_pairs.append(event.top_logprobs)
+        self.total += event.logprob
+
+    def take(self) -> dict[str, np.ndarray]:
+        # -> the llm's score outputs for the tokens added since the last take (output_log_probs [n],
+        # cum_log_probs [1], top_log_probs / top_token_ids [n, top])
+        pairs = np.array(self.top_pairs, np.float64).reshape(len(self.top_pairs), self.top, 2)
+        scores = {
+            "output_log_probs": np.array(self.logprobs, np.float32),
+            "cum_log_probs": np.array([self.total], np.float32),
+            "top_log_probs": pairs[..., 1].astype(np.float32),
+            "top_token_ids": pairs[..., 0].astype(np.int32),
+        }
+        self.logprobs, self.top_pairs = [], []
+        return scores

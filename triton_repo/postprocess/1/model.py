@@ -2,11 +2,14 @@
 same deltas split into reasoning and content, and the counts clients need (OpenAI `usage`).
 
 Each response of the llm brings new tokens; the stream's ReplyParts (keyed by the request_key that
-preprocess minted) turns them into the next deltas and is dropped at the final response.
+preprocess minted) turns them into the next deltas and is dropped at the final response. Log
+probabilities (when asked) pass through per token, with each token's text: they cover every generated
+token, also those whose text the reply holds back or cuts (a stop word).
 """
 
 import time
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from engine.config import ModelConfig
@@ -56,8 +59,23 @@ class TritonPythonModel:
                 pb.tensor("prompt_tokens", [pb.scalar(request, "prompt_tokens")], d["prompt_tokens"]),
                 pb.tensor("completion_tokens", [parts.tokens], d["completion_tokens"]),
                 pb.tensor("finish_reason", [finish_reason.encode()], d["finish_reason"]),
+                *self._scores(request),
             ]
         )
+
+    def _scores(self, request) -> list:
+        """The llm's log probabilities with the tokens' texts in place of their ids."""
+        logprobs, top_ids = pb.item(request, "output_log_probs"), pb.item(request, "top_token_ids")
+        tokens = self.tokenizer.token_texts(pb.item(request, "output_ids")) if len(logprobs) else []
+        top = [t.encode() for t in self.tokenizer.token_texts(top_ids.reshape(-1))]
+        d = self.dtypes
+        return [
+            pb.tensor("output_log_probs", logprobs, d["output_log_probs"]),
+            pb.tensor("output_tokens", [t.encode() for t in tokens], d["output_tokens"]),
+            pb.tensor("cum_log_probs", pb.item(request, "cum_log_probs"), d["cum_log_probs"]),
+            pb.tensor("top_log_probs", pb.item(request, "top_log_probs"), d["top_log_probs"]),
+            pb.tensor("top_tokens", np.array(top, object).reshape(top_ids.shape), d["top_tokens"]),
+        ]
 
     def _forget_abandoned(self):
         """Streams whose client went away never see a final response."""

@@ -8,7 +8,10 @@ not say whether it was the last one); without streaming it sends one response wi
 GPU memory and be bf16, which numpy cannot hold): [1, T, Q, H] → [1, T·Q, H], no copy. Each image's
 rows get a prompt_table_extra_ids id from its content key (image_keys, image_tiles from preprocess;
 engine/trtllm_request.py table_extra_ids), so TensorRT-LLM's KV-cache reuse shares a repeated image's
-blocks across requests and never one image's blocks with another.
+blocks across requests and never one image's blocks with another. Guided decoding and return_log_probs
+go to tensorrt_llm as its own inputs; with return_log_probs the wrapper also asks for output_log_probs /
+cum_log_probs, and every response carries the scores of its own tokens (engine/trtllm_request.py
+ReplyScores; empty arrays without return_log_probs, as on the CPU llm).
 """
 
 import threading
@@ -19,7 +22,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from engine.config import ModelConfig
-from engine.trtllm_request import finish_reason, response_tokens, table_extra_ids, tensorrt_llm_inputs
+from engine.trtllm_request import ReplyScores, finish_reason, response_tokens, table_extra_ids, tensorrt_llm_inputs
 from triton_repo import pb
 from triton_repo.metric_lock import MetricLock
 from triton_repo.request_metrics import RequestMetrics
@@ -28,7 +31,10 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 INPUTS = (
     "input_ids", "input_lengths", "request_output_len", "end_id", "stop_words_list", "streaming",
     "temperature", "runtime_top_p", "runtime_top_k", "repetition_penalty", "seed", "min_tokens",
+    "guided_decoding_guide_type", "guided_decoding_guide", "return_log_probs", "top_logprobs",
 )  # fmt: skip
+OUTPUTS = ["output_ids", "sequence_length"]
+LOG_PROB_OUTPUTS = ["output_log_probs", "cum_log_probs"]  # requested only with return_log_probs
 
 
 class TritonPythonModel:
@@ -102,8 +108,10 @@ class TritonPythonModel:
                 flat = table.reshape(1, rows, table.shape[-1])
                 inputs.append(pb_utils.Tensor.from_dlpack("prompt_embedding_table", to_dlpack(flat)))
             streaming = bool(pb.scalar(request, "streaming", False))
+            scores = ReplyScores() if "return_log_probs" in sent else None
+            outputs = OUTPUTS + ([] if scores is None else LOG_PROB_OUTPUTS)
             responses = pb_utils.InferenceRequest(
-                model_name=self.target, inputs=inputs, requested_output_names=["output_ids", "sequence_length"]
+                model_name=self.target, inputs=inputs, requested_output_names=outputs
             ).exec(decoupled=True)
             collected = []  # without streaming the client gets one response holding every token
             generated = 0
@@ -118,8 +126,10 @@ class TritonPythonModel:
                     continue
                 tokens = response_tokens(tensors["output_ids"], tensors["sequence_length"])
                 generated += len(tokens)
+                if scores is not None:
+                    scores.add(tensors, len(tokens))  # without streaming they accumulate until the end
                 if streaming:
-                    sender.send(pb.llm_response(self.dtypes, tokens, None, echo))
+                    sender.send(pb.llm_response(self.dtypes, tokens, None, echo, _take(scores)))
                 else:
                     collected.append(tokens)
             if cancelled():
@@ -127,9 +137,14 @@ class TritonPythonModel:
                 return True
             tokens = np.concatenate([np.zeros(0, np.int32), *collected])
             reason = finish_reason(generated, requested)
-            sender.send(pb.llm_response(self.dtypes, tokens, reason, echo), flags=FINAL)
+            sender.send(pb.llm_response(self.dtypes, tokens, reason, echo, _take(scores)), flags=FINAL)
             return False
         except Exception as error:  # noqa: BLE001 — this request fails alone
             aborted = cancelled()
             sender.send(pb.error_response(error), flags=FINAL)
             return aborted
+
+
+def _take(scores: ReplyScores | None) -> dict[str, np.ndarray] | None:
+    """The scores of the tokens since the last response; None (pb.no_scores) without return_log_probs."""
+    return None if scores is None else scores.take()
