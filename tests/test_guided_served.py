@@ -6,8 +6,14 @@ log probabilities equal log_softmax of transformers' logits at the served tokens
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jsonschema
 
 import numpy as np
 import openai
@@ -32,10 +38,15 @@ TOLERANCE = 1e-4  # fp32 engine vs fp32 transformers (as tests/test_logprobs.py)
 
 
 @pytest.fixture(scope="module")
-def openai_client(server):
+def openai_url(server):
     with running_server(Settings(triton_url=server.grpc_url, port=0)) as url:
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-        yield client, client.models.list().data[0].id
+        yield url
+
+
+@pytest.fixture(scope="module")
+def openai_client(openai_url):
+    client = OpenAI(base_url=f"{openai_url}/v1", api_key="unused")
+    return client, client.models.list().data[0].id
 
 
 def _triton(server, i: int) -> InternVLClient:
@@ -211,3 +222,17 @@ def test_openai_log_probabilities_equal_transformers_streamed_and_not(openai_cli
         client.chat.completions.create(**{**ask, "top_logprobs": 21})
     plain = client.chat.completions.create(**{**ask, "logprobs": False, "top_logprobs": None})
     assert plain.choices[0].logprobs is None
+
+
+def test_the_api_docs_extraction_example_runs_as_written(openai_url, tmp_path, monkeypatch):
+    """docs/API.md's openai SDK example (JSON-schema extraction from an image, with log probabilities),
+    as written but for the server's port, in a directory holding photo.jpg."""
+    section = Path(__file__).parents[1].joinpath("docs", "API.md").read_text(encoding="utf-8").split("### Structured outputs")[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)[1].replace("http://127.0.0.1:9000", openai_url)
+    (tmp_path / "photo.jpg").write_bytes(synthetic_image(31, 640, 480, "JPEG"))
+    monkeypatch.chdir(tmp_path)
+    scope, printed = {}, io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "docs/API.md", "exec"), scope)
+    jsonschema.validate(json.loads(scope["reply"].choices[0].message.content), scope["schema"])
+    assert len(printed.getvalue().splitlines()) == 4  # the object, then three tokens with their top 2
