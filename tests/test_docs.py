@@ -177,6 +177,18 @@ def test_readme_multi_image_example_sends_real_newlines(workdir):
         assert question == "Image-1: <image>\nImage-2: <image>\nCompare them."
 
 
+def test_commands_are_in_fenced_blocks():
+    """An indented command (a Markdown indented code block) would escape every check above."""
+    indented = []
+    for path in DOCS:
+        fenced = False
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            fenced ^= line.startswith("```")
+            if not fenced and re.match(r" {4,}(curl|make|python3?|\.venv/bin/python|docker|kubectl|tritonserver) ", line):
+                indented.append(f"{path.name}:{number}")
+    assert not indented, f"put these commands in ```sh blocks: {indented}"
+
+
 def test_no_stale_later_issue_text():
     stale = [f"{p.name}:{n}" for p in DOCS for n, line in enumerate(p.read_text().splitlines(), 1) if "later issue" in line]
     assert not stale, f"'later issue' left in {stale}"
