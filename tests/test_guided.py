@@ -98,6 +98,25 @@ def test_length_cut_stop_sequences_and_a_reused_prefix_keep_guided_replies_right
     assert all(satisfies("regex", DATE_TIME, reply) for reply, _ in twice.values())
 
 
+def test_aborting_a_guided_request_ends_it_alone(setup):
+    cfg, model, guides, text = setup
+    engine = LLMEngine(model, cfg.stop_token_id, guides=guides)
+    ids = np.array(text.encode("Describe it."), dtype=np.int32)
+    engine.add_request("aborted", ids, None, sampled(1, "json_schema", json.dumps(PERSON)))
+    engine.add_request("kept", ids, None, sampled(2, "regex", DATE_TIME))
+    tokens, finish = {"aborted": [], "kept": []}, {}
+    while engine.has_work():
+        for event in engine.step():
+            if event.token_id is not None:
+                tokens[event.request_id].append(event.token_id)
+            if event.finish_reason:
+                finish[event.request_id] = event.finish_reason
+        if len(tokens["aborted"]) == 3:
+            engine.abort("aborted")
+    assert finish == {"aborted": "abort", "kept": "stop"} and len(tokens["aborted"]) == 3
+    assert satisfies("regex", DATE_TIME, text.decode(tokens["kept"]))
+
+
 def test_guide_fields_are_checked_like_the_other_sampling_values():
     with pytest.raises(SamplingParamError, match="guide_type must be one of json, json_schema, regex, ebnf_grammar"):
         SamplingParams(guide_type="yaml", guide="a: 1")

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import re
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -114,11 +115,19 @@ def test_guided_and_unguided_requests_in_one_batch_are_all_correct(server):
         request = dict(request)
         return client.generate(request.pop("question"), stream=True, **request)
 
+    before = _steps_by_batch_size(server)
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(ask, free + guided))
+    after = _steps_by_batch_size(server)
+    assert any(after[b] > before.get(b, 0) for b in after if b >= 5), after  # some step ran guided and unguided together
     assert [r.text for r in replies[:4]] == alone
     for (guide_type, guide), reply in zip(GUIDES, replies[4:]):
         assert satisfies(guide_type, guide, reply.text), reply.text
+
+
+def _steps_by_batch_size(server) -> dict[int, float]:
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+    return {int(b): float(v) for b, v in re.findall(r'internvl_llm_steps_total\{batch_size="(\d+)"\} (\S+)', metrics)}
 
 
 def test_a_guide_that_does_not_compile_is_a_clear_error_of_its_request(server, openai_client):
