@@ -82,12 +82,19 @@ def _wanted(name: str) -> bool:
     return parts[1:3] == ["vendor", "llama.cpp"] and (parts[3:] == [SCRIPT] or parts[3:4] == [PACKAGE] or parts[3:5] == [GGUF_PY, "gguf"])
 
 
-def convert(hf_dir: Path, converter: Path, out_dir: Path, outtypes=OUTTYPES, log=print) -> dict[str, Path]:
-    """-> {outtype: gguf path}; a GGUF already made from this exact directory by this converter is kept."""
-    stamp = {"hf_dir": json.loads((hf_dir / "extracted_from.json").read_text(encoding="utf-8")), "converter": converter.name, "pre_tokenizer": PRE_TOKENIZER}
+def convert(hf_dir: Path, converter: Path, out_dir: Path, outtypes=OUTTYPES, log=print, mmproj: bool = False) -> dict[str, Path]:
+    """-> {outtype: gguf path}; a GGUF already made from this exact directory by this converter is kept.
+    hf_dir: an HF causal-LM directory (peers_checkpoint.py) or a generated InternVL checkpoint in the
+    custom format, whose language model (llm_config) the converter takes, or with mmproj=True its
+    vision tower + mlp1 (InternVisionModel: conversion/internvl.py) as the multimodal projector file."""
+    source = next(hf_dir / name for name in ("extracted_from.json", "generated_by.json") if (hf_dir / name).is_file())
+    stamp = {"hf_dir": json.loads(source.read_text(encoding="utf-8")), "converter": converter.name, "pre_tokenizer": PRE_TOKENIZER}
+    if mmproj:
+        stamp["mmproj"] = True
     paths = {}
     for outtype in outtypes:
-        path = out_dir / f"{hf_dir.name}-{outtype}.gguf"
+        # a name with "mmproj" in it: the converter would prefix one otherwise
+        path = out_dir / f"{hf_dir.name}-{'mmproj-' if mmproj else ''}{outtype}.gguf"
         stamp_file = path.with_suffix(".json")
         if path.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text(encoding="utf-8")) == stamp:
             paths[outtype] = path
@@ -95,6 +102,7 @@ def convert(hf_dir: Path, converter: Path, out_dir: Path, outtypes=OUTTYPES, log
         start = time.perf_counter()
         log(f"peers: {converter.name}/{SCRIPT} --outtype {outtype} -> {path}")
         cmd = [sys.executable, "-m", "bench_components.peers_convert", "--shim", str(converter), "--outtype", outtype, "--outfile", str(path), str(hf_dir)]
+        cmd += ["--mmproj"] if mmproj else []
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{SCRIPT} --outtype {outtype} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")

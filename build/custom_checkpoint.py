@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.custom_format import custom_name, fuse_wqkv, internlm2_name, wqkv_layout
+from engine.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from engine.weights import canonical_name, checkpoint_files
 
 CAUSAL_LM = {
@@ -55,9 +56,28 @@ def write_custom(hf_dir: Path, out: Path, ps_version: str, model_type: str, inte
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    processor = preprocessor_config(config["force_image_size"])
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2), encoding="utf-8")
     for file in hf_dir.iterdir():
         if file.suffix != ".safetensors" and file.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(file, out / file.name)
+
+
+def preprocessor_config(image_size: int) -> dict:
+    """preprocessor_config.json as InternVL's custom-format checkpoints ship it: a CLIP image processor
+    at the tile size with ImageNet's mean/std (the chat code's build_transform; llama.cpp's
+    convert_hf_to_gguf.py --mmproj reads image_mean / image_std from it)."""
+    return {
+        "crop_size": image_size,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "resample": 3,  # bicubic
+        "size": image_size,
+    }
 
 
 def _internlm2_weights(language: dict, layout: tuple[int, int, int]) -> dict:

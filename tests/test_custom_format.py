@@ -230,3 +230,8 @@ def test_custom_writer_is_the_inverse_of_the_loader(tmp_path):
     for prefix in ("vision_tower.", "multi_modal_projector.", "language_model.", "lm_head."):
         a, b = load_weights(hf, prefix), load_weights(custom, prefix)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), prefix
+    # the image processor file published custom-format checkpoints ship (llama.cpp's converter reads it):
+    # the seed card's normalization (tests/reference_preprocess.py) at the tile size
+    processor = json.loads((custom / "preprocessor_config.json").read_text(encoding="utf-8"))
+    assert (processor["image_mean"], processor["image_std"]) == (list(reference_preprocess.IMAGENET_MEAN), list(reference_preprocess.IMAGENET_STD))
+    assert processor["size"] == processor["crop_size"] == config["force_image_size"] == config["vision_config"]["image_size"]
