@@ -78,8 +78,12 @@ PEERS_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF
 	CMAKE_ARGS="$(PEERS_CMAKE_ARGS)" .venv/bin/python -m pip install -q --no-binary llama-cpp-python -e '.[peers]'
 	touch $@
 
+# decode against llama.cpp (BENCH_ARGS), then whole requests against llama-server with AIPerf
+# (REQUESTS_ARGS: python -m bench_components.peers_requests --help); the first run builds llama-server
+# and AIPerf's venv under artifacts/bench/peers (minutes), later runs reuse them
 bench-peers: setup .venv/.peers-installed
 	.venv/bin/python -m bench_components.peers --out artifacts/bench $(BENCH_ARGS)
+	.venv/bin/python -m bench_components.peers_requests $(REQUESTS_ARGS)
 
 SERVER := $(if $(filter gpu,$(TARGET)),launcher.gpu --tritonserver $(TRITONSERVER),launcher.server)
 serve: setup

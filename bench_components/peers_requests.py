@@ -1,0 +1,209 @@
+"""Whole requests against the real CPU peer: our OpenAI server (Triton behind it) and llama.cpp's
+llama-server (mtmd) on the same generated checkpoint, driven by NVIDIA AIPerf, one server at a time.
+
+    python -m bench_components.peers_requests [--precision float32 ...] [--concurrency 1 4 8] [--requests N] [--rounds N]
+
+The checkpoint: the internvl3_5-1b shape (Qwen3-0.6B + InternViT-300M, seeded weights) written in the
+custom format, the one llama.cpp's convert_hf_to_gguf.py reads (InternVLChatModel; its
+preprocessor_config.json gives the mmproj its mean/std); converted to the text GGUF
+(f32 / f16 / q8_0) and the mmproj (f32 / f16) by bench_components/peers_convert.py. llama-server is
+built once from the same llama.cpp source (bench_components/llama_server_build.py). Pairs: our
+llm_weights float32 / float16 / int8 with llama.cpp's f32 / f16 / q8_0 text model, the vision tower
+in f32 on both sides for float32 and f16 for llama.cpp otherwise (ours stays fp32 ONNX).
+
+Same work first (per image size, on float32): the prompt tokens each server reports in `usage`, and
+greedy replies of both to the same images. Then per round (who goes first alternates), per server,
+per image size and concurrency, one AIPerf profile: streaming, PROMPT + one image, OUTPUT_TOKENS fixed,
+warm-up requests excluded. Results (every run's AIPerf export, and peers_requests.json with the
+medians over rounds) under --out; finished runs are kept, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from bench_components.common import ROOT, THREADS, log, machine_info
+from bench_components.llama_server_build import ensure_llama_server
+from bench_components.peers_aiperf import aiperf_command, ensure_aiperf, run_aiperf, write_input
+from bench_components.peers_convert import convert, fetch_converter, llama_cpp_python_version
+from bench_components.peers_servers import chat, llama_server_command, serve_llama, serve_ours
+from engine.config import ModelConfig
+from launcher.server import free_port
+
+IMAGE_SIZES = ((448, 448), (1280, 720), (1920, 1080))
+CONCURRENCY = (1, 4, 8)
+PRECISIONS = {"float32": ("f32", "f32"), "float16": ("f16", "f16"), "int8": ("q8_0", "f16")}  # ours -> (text, mmproj)
+PROMPT = "Describe the image in detail."
+OUTPUT_TOKENS = 32
+CONTEXT = 32768  # llama-server's shared KV: 8 slots × (13 tiles × 256 + text + reply) fits
+SERVERS = ("ours", "llama-server")
+
+
+def prepare(cache: Path) -> dict:
+    """The custom-format checkpoint, its GGUFs, llama-server and AIPerf (each made once)."""
+    from build.checkpoint import generate
+
+    checkpoint = cache / "internvl3_5-1b-custom"
+    if not (checkpoint / "generated_by.json").is_file():
+        generate("internvl3_5-1b", "qwen3", checkpoint, fmt="custom")
+    converter = fetch_converter(cache, llama_cpp_python_version())
+    texts = convert(checkpoint, converter, cache, outtypes=("f32", "f16", "q8_0"), log=log)
+    projectors = convert(checkpoint, converter, cache, outtypes=("f32", "f16"), log=log, mmproj=True)
+    # the checkpoint template's default system message, sent to both (ours would add it by itself)
+    system = cache / "system_prompt.txt"
+    system.write_text(ModelConfig.from_pretrained(checkpoint).system_message or "", encoding="utf-8")
+    return {
+        "checkpoint": checkpoint, "texts": texts, "projectors": projectors, "system": system,
+        "llama_server": ensure_llama_server(cache), "aiperf": ensure_aiperf(cache),
+    }  # fmt: skip
+
+
+def write_images(directory: Path, count: int) -> dict[tuple[int, int], list[Path]]:
+    """`count` different synthetic JPEGs per size: no request repeats an image, so neither side's
+    caches could help (ours are off in this build anyway, llama-server's prompt cache too)."""
+    from client.synthetic import synthetic_image
+
+    paths = {}
+    for i, (w, h) in enumerate(IMAGE_SIZES):
+        folder = directory / f"{w}x{h}"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths[(w, h)] = [folder / f"{n:03d}.jpg" for n in range(count)]
+        for n, path in enumerate(paths[(w, h)]):
+            if not path.is_file():
+                path.write_bytes(synthetic_image(1000 * i + n, w, h, "JPEG"))
+    return paths
+
+
+def _messages(image: Path, text: str) -> list[dict]:
+    """InternVL's layout on both servers: the image, then a new line and the text (llama-server joins
+    parts without a separator; ours puts `<image>\\n` before the text itself)."""
+    import base64
+
+    url = "data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+
+
+def same_work(url: str, model: str, images: dict, server: str, system: str) -> dict:
+    """Per image size: prompt tokens from `usage`, and the greedy reply (16 tokens) to its first image."""
+    out = {}
+    for (w, h), paths in images.items():
+        text = PROMPT if server == "ours" else "\n" + PROMPT
+        messages = [{"role": "system", "content": system}, *_messages(paths[0], text)]
+        reply = chat(url, model, {"messages": messages, "max_tokens": 16, "temperature": 0})
+        out[f"{w}x{h}"] = {"prompt_tokens": reply["usage"]["prompt_tokens"], "reply": reply["choices"][0]["message"]["content"]}
+    return out
+
+
+def profile(setup: dict, server: str, url: str, model: str, images: dict, args, run_dir: Path) -> dict:
+    results = {}
+    for (w, h), paths in images.items():
+        for concurrency in args.concurrency:
+            out = run_dir / f"{w}x{h}-c{concurrency}"
+            requests = max(args.requests, concurrency)
+            input_file = write_input(run_dir / f"input-{w}x{h}.jsonl", PROMPT, paths)
+            command = aiperf_command(
+                setup["aiperf"], url, model, setup["checkpoint"], input_file, OUTPUT_TOKENS, concurrency, requests, args.warmup, out, setup["system"]
+            )
+            log(f"peers: {server} {w}x{h} concurrency {concurrency} ({requests} requests)")
+            results[f"{w}x{h}-c{concurrency}"] = run_aiperf(command, out)
+    return results
+
+
+def bench_client(grpc_url: str, images: dict, args, out: Path) -> dict:
+    """Our own `make bench` client (client.bench, Triton gRPC) at concurrency 1, per image size, to
+    check AIPerf's numbers for our server against it."""
+    results = {}
+    for (w, h), paths in images.items():
+        folder = out / f"{w}x{h}"
+        (folder / "image").mkdir(parents=True, exist_ok=True)
+        for image in paths:
+            shutil.copy(image, folder / "image" / image.name)
+        if not (folder / "bench.json").is_file():
+            command = [
+                sys.executable, "-m", "client.bench", "--url", grpc_url, "--concurrency", "1", "--num-requests", str(args.requests),
+                "--warmup", str(args.warmup), "--image-dir", str(folder / "image"), "--prompt-words", "4",
+                "--output-tokens", str(OUTPUT_TOKENS), "--results", str(folder),
+            ]  # fmt: skip
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        level = json.loads((folder / "bench.json").read_text(encoding="utf-8"))["levels"][0]
+        results[f"{w}x{h}"] = {k: level[k] for k in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "output_throughput", "request_throughput")}
+    return results
+
+
+def run(args) -> dict:
+    cache = args.cache
+    setup = prepare(cache)
+    images = write_images(args.out / "images", args.warmup + max(args.requests, *args.concurrency))
+    report = {"machine": machine_info(), "threads": THREADS, "prompt": PROMPT, "output_tokens": OUTPUT_TOKENS, "same_work": {}, "runs": {}}
+    for precision in args.precision:
+        text, projector = PRECISIONS[precision]
+        command = llama_server_command(
+            setup["llama_server"], setup["texts"][text], setup["projectors"][projector], THREADS, max(args.concurrency), CONTEXT, free_port()
+        )
+        servers = {
+            "ours": lambda: serve_ours(setup["checkpoint"], cache / f"build-{precision}", precision, max(args.concurrency)),
+            "llama-server": lambda: _llama(command, args.out / f"llama-server-{precision}.log"),
+        }
+        for round_index in range(args.rounds):
+            order = SERVERS if round_index % 2 == 0 else SERVERS[::-1]
+            for server in order:
+                with servers[server]() as (url, model, grpc_url):
+                    if precision == "float32" and round_index == 0:
+                        report["same_work"][server] = same_work(url, model, images, server, setup["system"].read_text(encoding="utf-8"))
+                        if grpc_url:
+                            report["make_bench_c1"] = bench_client(grpc_url, images, args, args.out / "make-bench")
+                    run_dir = args.out / precision / server / f"round{round_index}"
+                    report["runs"].setdefault(precision, {}).setdefault(server, []).append(profile(setup, server, url, model, images, args, run_dir))
+        (args.out / "peers_requests.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    report["medians"] = medians(report["runs"])
+    (args.out / "peers_requests.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
+def _llama(command: list[str], log_file: Path):
+    import contextlib
+
+    @contextlib.contextmanager
+    def served():
+        port = int(command[command.index("--port") + 1])
+        with serve_llama(command, port, log_file) as url:
+            yield url, "llama-server", None
+
+    return served()
+
+
+def medians(runs: dict) -> dict:
+    """{precision: {server: {size-cN: {metric: {stat: median over rounds}}}}}."""
+    out = {}
+    for precision, servers in runs.items():
+        for server, rounds in servers.items():
+            for key in rounds[0]:
+                for metric, stats in rounds[0][key].items():
+                    for stat in stats:
+                        values = [r[key][metric][stat] for r in rounds if key in r and metric in r[key]]
+                        out.setdefault(precision, {}).setdefault(server, {}).setdefault(key, {}).setdefault(metric, {})[stat] = statistics.median(values)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench_components.peers_requests", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--precision", nargs="+", choices=tuple(PRECISIONS), default=list(PRECISIONS))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--requests", type=int, default=8, help="measured requests per run (at least 2 × concurrency)")
+    parser.add_argument("--warmup", type=int, default=1, help="AIPerf warm-up requests per run, excluded")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds; the server that goes first alternates")
+    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "peers_requests")
+    parser.add_argument("--cache", type=Path, default=ROOT / "artifacts" / "bench" / "peers")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""`make bench-peers`' whole-request comparison, the parts that run without llama-server or AIPerf: the
+AIPerf and llama-server command lines, the request layout both servers get, the medians over rounds,
+and the pinned AIPerf environment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench_components.peers_aiperf import REQUIREMENTS, aiperf_command, read_metrics, write_input
+from bench_components.peers_requests import PRECISIONS, _messages, medians
+from bench_components.peers_servers import llama_server_command
+
+
+def _flags(command: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for i, word in enumerate(command):
+        if word.startswith("-"):
+            value = command[i + 1] if i + 1 < len(command) and not command[i + 1].startswith("--") else ""
+            out.setdefault(word, []).append(value)
+    return out
+
+
+def test_aiperf_fixes_the_output_length_on_both_servers(tmp_path):
+    command = aiperf_command(Path("aiperf"), "http://127.0.0.1:9", "m", tmp_path, tmp_path / "in.jsonl", 32, 4, 8, 1, tmp_path / "out", tmp_path / "s.txt")
+    flags = _flags(command)
+    assert command[:2] == ["aiperf", "profile"] and flags["--system-prompt-file"] == [str(tmp_path / "s.txt")]
+    assert flags["--osl"] == ["32"] and flags["--osl-stddev"] == ["0"]
+    # ours reads min_tokens (vLLM's extra), llama-server ignore_eos: each ignores the other's
+    assert sorted(flags["--extra-inputs"]) == ["ignore_eos:true", "min_tokens:32"]
+    assert flags["--concurrency"] == ["4"] and flags["--request-count"] == ["8"] and flags["--warmup-request-count"] == ["1"]
+    assert "--use-server-token-count" in flags and "--streaming" in flags
+    assert Path(flags["--tokenizer"][0]).is_absolute()  # AIPerf treats only an absolute path as local (no hub here)
+
+
+def test_aiperf_input_has_a_line_per_image_with_the_prompt(tmp_path):
+    images = [tmp_path / f"{n}.jpg" for n in range(3)]
+    lines = write_input(tmp_path / "in.jsonl", "Describe.", images).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"text": "Describe.", "image": str(i.resolve())} for i in images]
+
+
+def test_both_servers_get_the_image_before_the_text(tmp_path):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"\xff\xd8\xff")
+    (message,) = _messages(image, "\nWhat is it?")
+    assert [p["type"] for p in message["content"]] == ["image_url", "text"]
+    assert message["content"][0]["image_url"]["url"] == "data:image/jpeg;base64,/9j/"
+
+
+def test_llama_server_gets_the_same_threads_and_one_slot_per_concurrent_request():
+    command = llama_server_command(Path("llama-server"), Path("t.gguf"), Path("p.gguf"), 2, 8, 32768, 8080)
+    flags = _flags(command)
+    assert flags["-t"] == flags["-tb"] == ["2"] and flags["-np"] == ["8"] and flags["--mmproj"] == ["p.gguf"]
+    assert "-kvu" in flags and flags["-c"] == ["32768"]
+
+
+def test_medians_over_rounds():
+    def run(ttft: float) -> dict:
+        return {"448x448-c1": {"time_to_first_token": {"p50": ttft, "p99": 2 * ttft}}}
+
+    result = medians({"float32": {"ours": [run(1.0), run(3.0), run(2.0)]}})
+    assert result["float32"]["ours"]["448x448-c1"]["time_to_first_token"] == {"p50": 2.0, "p99": 4.0}
+
+
+def test_aiperf_export_is_read_by_its_metric_names(tmp_path):
+    export = {"time_to_first_token": {"unit": "ms", "p50": 10.0, "p99": 20.0, "avg": 12.0}, "request_throughput": {"avg": 0.5}}
+    (tmp_path / "x.json").write_text(json.dumps(export))
+    assert read_metrics(tmp_path / "x.json") == {"time_to_first_token": {"p50": 10.0, "p99": 20.0}, "request_throughput": {"avg": 0.5}}
+
+
+def test_aiperf_is_pinned_with_everything_it_resolved_to():
+    lines = [line for line in REQUIREMENTS.read_text().splitlines() if line.strip()]
+    assert "aiperf==0.13.0" in lines and all("==" in line for line in lines)
+    assert set(PRECISIONS) == {"float32", "float16", "int8"}
