@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench_components.common import ROOT, THREADS, log, machine_info
 from bench_components.llama_server_build import ensure_llama_server
-from bench_components.peers_aiperf import aiperf_command, ensure_aiperf, run_aiperf, write_input
+from bench_components.peers_aiperf import aiperf_command, ensure_aiperf, read_metrics, run_aiperf, write_input
 from bench_components.peers_convert import convert, fetch_converter, llama_cpp_python_version
 from bench_components.peers_servers import chat, llama_server_command, serve_llama, serve_ours
 from engine.config import ModelConfig
@@ -100,8 +100,8 @@ def same_work(url: str, model: str, images: dict, server: str, system: str) -> d
     return out
 
 
-def profile(setup: dict, server: str, url: str, model: str, images: dict, args, run_dir: Path) -> dict:
-    results = {}
+def profile(setup: dict, server: str, url: str, model: str, images: dict, args, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
     for (w, h), paths in images.items():
         for concurrency in args.concurrency:
             out = run_dir / f"{w}x{h}-c{concurrency}"
@@ -111,14 +111,12 @@ def profile(setup: dict, server: str, url: str, model: str, images: dict, args, 
                 setup["aiperf"], url, model, setup["checkpoint"], input_file, OUTPUT_TOKENS, concurrency, requests, args.warmup, out, setup["system"]
             )
             log(f"peers: {server} {w}x{h} concurrency {concurrency} ({requests} requests)")
-            results[f"{w}x{h}-c{concurrency}"] = run_aiperf(command, out)
-    return results
+            run_aiperf(command, out)
 
 
-def bench_client(grpc_url: str, images: dict, args, out: Path) -> dict:
+def bench_client(grpc_url: str, images: dict, args, out: Path) -> None:
     """Our own `make bench` client (client.bench, Triton gRPC) at concurrency 1, per image size, to
     check AIPerf's numbers for our server against it."""
-    results = {}
     for (w, h), paths in images.items():
         folder = out / f"{w}x{h}"
         (folder / "image").mkdir(parents=True, exist_ok=True)
@@ -131,16 +129,14 @@ def bench_client(grpc_url: str, images: dict, args, out: Path) -> dict:
                 "--output-tokens", str(OUTPUT_TOKENS), "--results", str(folder),
             ]  # fmt: skip
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        level = json.loads((folder / "bench.json").read_text(encoding="utf-8"))["levels"][0]
-        results[f"{w}x{h}"] = {k: level[k] for k in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "output_throughput", "request_throughput")}
-    return results
 
 
 def run(args) -> dict:
     cache = args.cache
     setup = prepare(cache)
     images = write_images(args.out / "images", args.warmup + max(args.requests, *args.concurrency))
-    report = {"machine": machine_info(), "threads": THREADS, "prompt": PROMPT, "output_tokens": OUTPUT_TOKENS, "same_work": {}, "runs": {}}
+    images = {size: paths for size, paths in images.items() if f"{size[0]}x{size[1]}" in args.sizes}
+    system = setup["system"].read_text(encoding="utf-8")
     for precision in args.precision:
         text, projector = PRECISIONS[precision]
         command = llama_server_command(
@@ -154,16 +150,38 @@ def run(args) -> dict:
             order = SERVERS if round_index % 2 == 0 else SERVERS[::-1]
             for server in order:
                 with servers[server]() as (url, model, grpc_url):
-                    if precision == "float32" and round_index == 0:
-                        report["same_work"][server] = same_work(url, model, images, server, setup["system"].read_text(encoding="utf-8"))
+                    if precision == "float32":
+                        _kept(args.out / f"same_work-{server}.json", lambda: same_work(url, model, images, server, system))
                         if grpc_url:
-                            report["make_bench_c1"] = bench_client(grpc_url, images, args, args.out / "make-bench")
-                    run_dir = args.out / precision / server / f"round{round_index}"
-                    report["runs"].setdefault(precision, {}).setdefault(server, []).append(profile(setup, server, url, model, images, args, run_dir))
-        (args.out / "peers_requests.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    report["medians"] = medians(report["runs"])
+                            bench_client(grpc_url, images, args, args.out / "make-bench")
+                    profile(setup, server, url, model, images, args, args.out / precision / server / f"round{round_index}")
+    report = summary(args.out)
     (args.out / "peers_requests.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
+
+
+def summary(out: Path) -> dict:
+    """Everything finished under out (runs of every invocation): the same-work check, our make bench
+    client at concurrency 1, and per precision / server / size-concurrency the medians over rounds."""
+    same = {path.stem.removeprefix("same_work-"): json.loads(path.read_text(encoding="utf-8")) for path in sorted(out.glob("same_work-*.json"))}
+    bench = {}
+    for path in sorted(out.glob("make-bench/*/bench.json")):
+        level = json.loads(path.read_text(encoding="utf-8"))["levels"][0]
+        bench[path.parent.name] = {k: level[k] for k in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "output_throughput", "request_throughput")}
+    runs: dict = {}
+    for export in sorted(out.glob("*/*/round*/*/profile_export_aiperf.json")):
+        key, round_name, server, precision = export.parts[-2], export.parts[-3], export.parts[-4], export.parts[-5]
+        runs.setdefault(precision, {}).setdefault(server, {}).setdefault(round_name, {})[key] = read_metrics(export)
+    rounds = {p: {s: list(r.values()) for s, r in servers.items()} for p, servers in runs.items()}
+    return {"machine": machine_info(), "threads": THREADS, "prompt": PROMPT, "output_tokens": OUTPUT_TOKENS,
+            "same_work": same, "make_bench_c1": bench, "medians": medians(rounds)}  # fmt: skip
+
+
+def _kept(path: Path, compute):
+    """compute()'s JSON result, kept in path: a resumed run does not ask again."""
+    if not path.is_file():
+        path.write_text(json.dumps(compute(), indent=2), encoding="utf-8")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _llama(command: list[str], log_file: Path):
@@ -179,15 +197,17 @@ def _llama(command: list[str], log_file: Path):
 
 
 def medians(runs: dict) -> dict:
-    """{precision: {server: {size-cN: {metric: {stat: median over rounds}}}}}."""
-    out = {}
+    """{precision: {server: [round: {size-cN: {metric: {stat: value}}}]}} ->
+    {precision: {server: {size-cN: {metric: {stat: median over the rounds that ran it}}}}}."""
+    out: dict = {}
     for precision, servers in runs.items():
         for server, rounds in servers.items():
-            for key in rounds[0]:
-                for metric, stats in rounds[0][key].items():
-                    for stat in stats:
-                        values = [r[key][metric][stat] for r in rounds if key in r and metric in r[key]]
-                        out.setdefault(precision, {}).setdefault(server, {}).setdefault(key, {}).setdefault(metric, {})[stat] = statistics.median(values)
+            for key in sorted({k for r in rounds for k in r}):
+                present = [r[key] for r in rounds if key in r]
+                out.setdefault(precision, {}).setdefault(server, {})[key] = {
+                    metric: {stat: statistics.median(p[metric][stat] for p in present if metric in p) for stat in stats}
+                    for metric, stats in present[0].items()
+                }
     return out
 
 
@@ -195,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench_components.peers_requests", description=__doc__.split("\n\n")[0])
     parser.add_argument("--precision", nargs="+", choices=tuple(PRECISIONS), default=list(PRECISIONS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--sizes", nargs="+", default=[f"{w}x{h}" for w, h in IMAGE_SIZES], choices=[f"{w}x{h}" for w, h in IMAGE_SIZES], help="image sizes, WxH")
     parser.add_argument("--requests", type=int, default=8, help="measured requests per run (at least 2 × concurrency)")
     parser.add_argument("--warmup", type=int, default=1, help="AIPerf warm-up requests per run, excluded")
     parser.add_argument("--rounds", type=int, default=2, help="rounds; the server that goes first alternates")

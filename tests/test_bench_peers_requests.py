@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from bench_components.peers_aiperf import REQUIREMENTS, aiperf_command, read_metrics, write_input
-from bench_components.peers_requests import PRECISIONS, _messages, medians
+from bench_components.peers_requests import PRECISIONS, _messages, medians, summary
 from bench_components.peers_servers import llama_server_command
 
 
@@ -60,6 +60,18 @@ def test_medians_over_rounds():
 
     result = medians({"float32": {"ours": [run(1.0), run(3.0), run(2.0)]}})
     assert result["float32"]["ours"]["448x448-c1"]["time_to_first_token"] == {"p50": 2.0, "p99": 4.0}
+
+
+def test_the_summary_gathers_every_finished_run_of_every_invocation(tmp_path):
+    for round_name, ttft in (("round0", 10.0), ("round1", 30.0)):
+        run = tmp_path / "float32" / "ours" / round_name / "448x448-c1"
+        run.mkdir(parents=True)
+        (run / "profile_export_aiperf.json").write_text(json.dumps({"time_to_first_token": {"p50": ttft, "p99": ttft}}))
+    (tmp_path / "float32" / "llama-server" / "round0" / "448x448-c4").mkdir(parents=True)  # started, never finished
+    (tmp_path / "same_work-ours.json").write_text(json.dumps({"448x448": {"prompt_tokens": 406}}))
+    report = summary(tmp_path)
+    assert report["medians"] == {"float32": {"ours": {"448x448-c1": {"time_to_first_token": {"p50": 20.0, "p99": 20.0}}}}}
+    assert report["same_work"] == {"ours": {"448x448": {"prompt_tokens": 406}}}
 
 
 def test_aiperf_export_is_read_by_its_metric_names(tmp_path):
