@@ -61,7 +61,7 @@ def _times(fn, warmup, reps):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="python -m bench_components.seed_reference")
     parser.add_argument("--impl", choices=("seed", "ours"), required=True)
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--reps", type=int, default=5)

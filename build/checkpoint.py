@@ -237,7 +237,7 @@ def generate(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m build.checkpoint", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--llm", choices=sorted(LLM_VARIANTS), help="language model family (default: the real preset's, else qwen3)")
     parser.add_argument("--vision", choices=sorted(VISION_VARIANTS), help="tower structure at the preset's sizes (default: the real preset's, else internvit-300m)")

@@ -41,14 +41,17 @@ PENDING_METRIC = "nv_inference_pending_request_count"  # Triton's per-model gaug
 
 
 def build_flags(settings: BuildSettings, gpu: GpuSettings, target: str) -> list[str]:
-    """The build.repository flags that reproduce these settings (those that differ from the defaults)."""
+    """The build.repository flags that reproduce these settings: those that differ from the defaults,
+    and on the GPU the placement always (--vision-gpus 0 is the default, but a reader of the manifest
+    should not have to know it)."""
     flags = ["--target", target] if target == "gpu" else []
     chosen = [settings] + ([gpu] if target == "gpu" else [])
+    always = {"vision_gpus", "llm_gpus"}
     for values in chosen:
         defaults = type(values)()
         for f in fields(values):
             value = getattr(values, f.name)
-            if value == getattr(defaults, f.name):
+            if value == getattr(defaults, f.name) and not (f.name in always and value):
                 continue
             text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
             flags += [f"--{f.name.replace('_', '-')}", text]
@@ -186,6 +189,11 @@ def main() -> None:
     values = vars(args).copy()
     try:
         gpu, settings = from_arguments(GpuSettings, values), from_arguments(BuildSettings, values)
+        if not Path(args.model).is_dir():
+            raise ValueError(
+                f"--model {args.model}: no such directory on this machine; the manifests are written from the checkpoint "
+                "here (its config.json checks the settings): copy or mount it here (the pods read theirs from --model-claim)"
+            )
         config = ModelConfig.from_pretrained(args.model)
         settings.limits(config)  # the checkpoint and the limits agree
         if args.target == "gpu":

@@ -313,7 +313,7 @@ def train(out: Path, seed: int, tower_steps: int, steps: int, questions: int, lr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m build.train_demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the scenes (default: 0)")
     parser.add_argument("--tower-steps", type=int, default=400, help="stage 1 steps: the tower learns shapes and colours (default: 400)")

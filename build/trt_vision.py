@@ -81,12 +81,18 @@ def timing_cache(builder_config, cache_file: Path):
     raise RuntimeError("TensorRT refused a fresh timing cache")
 
 
-def build_vision_engine(onnx_file: Path, out: Path, config: ModelConfig, profile: TilesProfile, dtype: str) -> Path:
+def tensorrt():
+    """The tensorrt module, checked: a plan runs only under the TensorRT that built it."""
     try:
         import tensorrt as trt
-    except ImportError as e:
-        raise RuntimeError("TensorRT is not installed: build the GPU path inside the TensorRT-LLM Triton container (docs/GPU.md)") from e
-    check_version("tensorrt", trt.__version__)  # a plan runs only under the TensorRT that built it
+    except ImportError:
+        raise RuntimeError("TensorRT is not installed: build the GPU path inside the TensorRT-LLM Triton container (docs/GPU.md)") from None
+    check_version("tensorrt", trt.__version__)
+    return trt
+
+
+def build_vision_engine(onnx_file: Path, out: Path, config: ModelConfig, profile: TilesProfile, dtype: str) -> Path:
+    trt = tensorrt()
     out.mkdir(parents=True, exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -128,6 +134,7 @@ def default_profile(config: ModelConfig, settings: BuildSettings = BuildSettings
 
 def build_vision_plan(config: ModelConfig, out: Path, settings: BuildSettings, dtype: str, opt_tiles: int | None = None) -> Path:
     """The ragged ONNX in `dtype` (out/vision_encoder.<dtype>.onnx), then its plan (out/vision_encoder.plan)."""
+    tensorrt()  # before the export: without TensorRT nothing is written
     onnx_file = export_vision_onnx(config.path, out / f"vision_encoder.{dtype}.onnx", dtype, ragged=True)
     return build_vision_engine(onnx_file, out, config, default_profile(config, settings, opt_tiles), dtype)
 
@@ -145,7 +152,10 @@ def main() -> None:
     add_arguments(parser, BuildSettings, only=PLAN_SETTINGS)
     args = vars(parser.parse_args())
     model, out, dtype, opt_tiles = (args.pop(k) for k in ("model", "out", "dtype", "opt_tiles"))
-    print(build_vision_plan(ModelConfig.from_pretrained(model), out, from_arguments(BuildSettings, args), dtype, opt_tiles))
+    try:
+        print(build_vision_plan(ModelConfig.from_pretrained(model), out, from_arguments(BuildSettings, args), dtype, opt_tiles))
+    except (RuntimeError, ValueError) as error:  # no TensorRT, another version, a bad checkpoint or setting
+        parser.exit(1, f"error: {error}\n")
 
 
 if __name__ == "__main__":

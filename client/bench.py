@@ -157,7 +157,7 @@ def size(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m client.bench", description=__doc__.split("\n")[0])
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="gRPC address of a running server")
     target.add_argument("--out", type=Path, help="build directory: start tritonserver from it for the run")

@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from client.triton_client import InternVLClient, Request, SamplingParamError, ServerError, ServerUnavailable
+from client.triton_client import InternVLClient, NotTriton, Request, SamplingParamError, ServerError, ServerUnavailable
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,10 +28,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("question", nargs="?", help="the question (omit with --interactive)")
     p.add_argument("--url", help="server address (default 127.0.0.1:8001 gRPC, 127.0.0.1:8000 HTTP)")
     p.add_argument("--http", action="store_true", help="use HTTP generate / generate_stream instead of gRPC")
-    p.add_argument("--model", default="internvl")
+    p.add_argument("--model", default="internvl", help="Triton model to ask: the ensemble's name (default: %(default)s)")
     p.add_argument("--image", action="append", default=[], type=Path, help="image file (repeatable)")
     p.add_argument("--no-stream", action="store_true", help="one response with the whole reply")
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument(
+        "--max-tokens", type=int, default=512,
+        help="most tokens to generate (default: %(default)s; the servers' own default is the rest of the context)",
+    )  # fmt: skip
     p.add_argument("--temperature", type=float, help="≥ 0; 0 or absent: greedy")
     p.add_argument("--top-p", type=float, help="in [0, 1]; 0 or absent: off")
     p.add_argument("--top-k", type=int, help="≥ 0; 0 or absent: off")
@@ -67,9 +70,14 @@ def ask(client: InternVLClient, question: str, images: list[bytes], history, arg
         print(reply, flush=True)
         return reply
     parts = []
-    for delta in client.stream(question, images, **kwargs):
-        parts.append(delta)
-        print(delta, end="", flush=True)
+    try:
+        for delta in client.stream(question, images, **kwargs):
+            parts.append(delta)
+            print(delta, end="", flush=True)
+    except BaseException:
+        if parts:  # a partial reply ends its line: the error gets a line of its own
+            print(flush=True)
+        raise
     print(flush=True)
     return "".join(parts)
 
@@ -96,7 +104,11 @@ def name_images(message: str, paths: list[Path]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     protocol = "http" if args.http else "grpc"
-    client = InternVLClient(args.url, protocol, args.model)
+    try:
+        client = InternVLClient(args.url, protocol, args.model)
+    except ValueError as e:  # the URL's form
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:  # the server's rules, checked before anything is read or sent
         Request("", max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 repetition_penalty=args.repetition_penalty, seed=args.seed).check()
@@ -126,6 +138,9 @@ def main(argv=None) -> int:
                 args.history.write_text(json.dumps(history, ensure_ascii=False, indent=1), encoding="utf-8")
     except EOFError:
         return 0
+    except NotTriton as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ServerUnavailable as e:
         other = "--http for the HTTP port" if protocol == "grpc" else "without --http for the gRPC port"
         print(f"error: {e} (start one with `make serve`, or pass --url; {other})", file=sys.stderr)

@@ -22,7 +22,7 @@ SAMPLE = Path(__file__).with_name("samples") / "lake_house.jpg"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=Path("artifacts/checkpoints/tiny-qwen3"))
     parser.add_argument("--out", type=Path, default=Path("artifacts/build"))
     parser.add_argument("--image", type=Path, default=SAMPLE)

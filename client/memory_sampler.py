@@ -83,8 +83,9 @@ class RssSampler:
 
 
 def default_pids(target: str, url: str) -> list[int]:
-    """The process listening on the URL's port, and the one on its --triton-url's (the OpenAI server's); every
-    `tritonserver` only when sockets cannot be seen: other servers (test runs) come and go and would count."""
+    """The process listening on the URL's port, and the one on its --triton-url's (the OpenAI server's);
+    none when no process here listens there (or sockets cannot be seen): never other servers, which
+    (test runs, other deployments) come and go and would count."""
     listening: dict[int, int] = {}
     with suppress(psutil.AccessDenied):  # unprivileged on some systems (macOS)
         listening = {c.laddr.port: c.pid for c in psutil.net_connections("tcp") if c.pid and c.status == psutil.CONN_LISTEN}
@@ -93,7 +94,7 @@ def default_pids(target: str, url: str) -> list[int]:
     with suppress(psutil.Error, ValueError, IndexError, KeyError, StopIteration):  # none, or no --triton-url
         cmd = psutil.Process(next(iter(pids))).cmdline()
         pids.add(listening[port(cmd[cmd.index("--triton-url") + 1])])
-    return sorted(pids) or sorted(p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "tritonserver")
+    return sorted(pids)
 
 
 def memory_floor(minutes: np.ndarray, mib: np.ndarray, window: float) -> np.ndarray:

@@ -22,6 +22,7 @@ import base64
 import json
 import random
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -179,9 +180,17 @@ class TritonTarget:
     INVALID_KINDS = (*BAD_SAMPLING, "corrupt image", "more <image> tags than images", "max_tiles=0", "history not JSON", "empty image")
 
     def __init__(self, url: str, max_tokens: int, timeout: float):
+        import tritonclient.grpc as grpcclient
+
         from client.triton_client import InternVLClient
 
         self.client, self.max_tokens = InternVLClient(url, timeout=timeout, check_sampling=False), max_tokens  # the server must refuse
+        try:  # before the soak: a run against nothing would only count failures
+            live = grpcclient.InferenceServerClient(self.client.url).is_server_live(client_timeout=10)
+        except Exception as error:  # noqa: BLE001 — refused, unresolvable, not gRPC: nothing usable answers
+            raise Unreachable(f"no Triton gRPC server answers at {url} ({type(error).__name__}); start one with `make serve`") from None
+        if not live:
+            raise Unreachable(f"Triton at {url} is not live yet")
 
     def valid(self, job: Job) -> Iterator[str]:
         return self._call(job.stream, TWO_IMAGES if job.kind == "2 images" else QUESTION, _images(job))
@@ -206,11 +215,19 @@ class OpenAITarget:
     INVALID_KINDS = (*BAD_SAMPLING, "corrupt image", "bad base64", "empty image", "assistant before user", "n=2", "unknown model")
 
     def __init__(self, url: str, max_tokens: int, timeout: float, api_key: str | None = None):
-        from openai import OpenAI
+        import openai
 
+        url = url if "://" in url else f"http://{url}"  # host:port, as the Triton target takes it
         # No retries: a retried failure would hide in the latency instead of being counted.
-        self.client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "none", timeout=timeout, max_retries=0)
-        self.model, self.max_tokens = self.client.models.list().data[0].id, max_tokens
+        self.client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "none", timeout=timeout, max_retries=0)
+        try:
+            self.model, self.max_tokens = self.client.models.list().data[0].id, max_tokens
+        except openai.APIConnectionError:
+            raise Unreachable(f"no server answers at {url}; start the OpenAI server with `make serve` (port 9000)") from None
+        except openai.AuthenticationError:
+            raise Unreachable(f"{url} refused the API key (HTTP 401): pass the server's key with --api-key") from None
+        except openai.APIStatusError as error:
+            raise Unreachable(f"{url} answered GET /v1/models with HTTP {error.status_code}: not this project's OpenAI server ({error.message})") from None
 
     def valid(self, job: Job) -> Iterator[str]:
         return self._call(job.stream, [_user(QUESTION, _images(job))])
@@ -298,22 +315,34 @@ def summary_text(report: dict) -> str:
     ])  # fmt: skip
 
 
+class Unreachable(ConnectionError):
+    """The target does not answer as the server it should be: the soak does not start."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.target == "triton":
-        target = TritonTarget(args.url, args.max_tokens, args.request_timeout)
-    else:
-        target = OpenAITarget(args.url, args.max_tokens, args.request_timeout, args.api_key)
+    try:
+        if args.target == "triton":
+            target = TritonTarget(args.url, args.max_tokens, args.request_timeout)
+        else:
+            target = OpenAITarget(args.url, args.max_tokens, args.request_timeout, args.api_key)
+    except (Unreachable, ValueError) as error:  # ValueError: a malformed --url
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     plan, pids = make_plan(args.requests, args.invalid_fraction, args.stream_fraction, args.seed, target.INVALID_KINDS), args.pid or default_pids(args.target, args.url)
+    if not pids:
+        print(f"note: no process listens on {args.url}'s port here (a remote server?): memory is not tracked; --pid names one", file=sys.stderr)
     config = {**vars(args), "out": str(args.out), "pid": pids}
     warmup = make_plan(args.warmup, args.invalid_fraction, args.stream_fraction, args.seed + 1, target.INVALID_KINDS)
     with tqdm(total=len(warmup), unit="req", desc="warmup", disable=not warmup) as progress:
         warm, _ = run_soak(warmup, target.valid, target.invalid, args.concurrency, args.time_limit, lambda outcome: progress.update())
     warm_failed = Counter(o.error for o in warm if o.job.valid and o.error)
     progress = tqdm(total=len(plan), unit="req", desc="soak")
-    sampler, t0 = RssSampler(pids, args.rss_interval).start(), time.monotonic()
+    sampler, t0 = RssSampler(pids, args.rss_interval).start() if pids else None, time.monotonic()
     outcomes, wall = run_soak(plan, target.valid, target.invalid, args.concurrency, args.time_limit, lambda outcome: progress.update())
-    progress.close(), sampler.stop()
+    progress.close()
+    if sampler:
+        sampler.stop()
     report = summarize(config, outcomes, wall, sampler, t0, args.rss_slope_limit, args.bounded_by)
     report["warmup"] = {"issued": len(warm), "valid_failed": {"count": sum(warm_failed.values()), "messages": dict(warm_failed)}}
     write_report(report, args.out)

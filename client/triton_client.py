@@ -28,7 +28,7 @@ from engine.sampling_params import SamplingParamError, SamplingParams
 
 Turn = tuple[str, str]
 
-__all__ = ["InternVLClient", "Reply", "Request", "SamplingParamError", "ServerError", "ServerUnavailable", "TokenLogprob"]
+__all__ = ["InternVLClient", "NotTriton", "Reply", "Request", "SamplingParamError", "ServerError", "ServerUnavailable", "TokenLogprob"]
 
 
 class ServerError(RuntimeError):
@@ -41,6 +41,17 @@ class ServerUnavailable(ConnectionError):
     def __init__(self, url: str, protocol: str, detail: str = ""):
         self.url, self.protocol, self.detail = url, protocol, detail
         super().__init__(f"no server answers at {url}")
+
+
+class NotTriton(ServerUnavailable):
+    """An HTTP server answers at the URL, but not Triton's (the OpenAI server's port, the metrics port)."""
+
+    def __init__(self, url: str, status: int, body: str):
+        super().__init__(url, "http", f"HTTP {status}: {body[:200]}")
+        self.args = (
+            f"{url} is not Triton's HTTP port: it answered HTTP {status} ({body.strip()[:80]}) to Triton's generate "
+            "endpoint (Triton's HTTP port is 8000 by default, its gRPC port 8001; the OpenAI server answers /v1 on 9000)",
+        )
 
 
 @dataclass
@@ -115,7 +126,7 @@ class InternVLClient:
     ):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
-        self.url, self.protocol, self.model, self.timeout = url, protocol, model, timeout
+        self.url, self.protocol, self.model, self.timeout = _host_port(url, protocol), protocol, model, timeout
         self.check_sampling = check_sampling
 
     def stream(self, question: str, images: Sequence = (), keep_empty: bool = False, **kwargs) -> Iterator[str]:
@@ -226,7 +237,10 @@ class InternVLClient:
         try:
             return urllib.request.urlopen(http_request, timeout=self.timeout)
         except urllib.error.HTTPError as e:  # the server's answer: JSON, or one server-sent event
-            raise ServerError(_message(e.read().decode("utf-8", "replace"))) from None
+            body = e.read().decode("utf-8", "replace")
+            if e.code == 405 or not _is_triton_error(body):  # 405: tritonserver's metrics port (it has the error shape)
+                raise NotTriton(self.url, e.code, body) from None
+            raise ServerError(_message(body)) from None
         except urllib.error.URLError as e:  # nothing listens there (refused, unknown host, ...)
             raise ServerUnavailable(self.url, self.protocol, str(e.reason)) from None
         except (http.client.HTTPException, ConnectionError) as e:  # something that does not speak HTTP
@@ -245,6 +259,27 @@ class InternVLClient:
                 if "error" in event:
                     raise ServerError(_message(event["error"]))
                 yield event
+
+
+def _host_port(url: str, protocol: str) -> str:
+    """host:port; an HTTP URL may carry its http:// scheme (gRPC takes none)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    if protocol == "http" and scheme == "http":
+        return rest.rstrip("/")
+    if protocol == "http":
+        raise ValueError(f"--url {url}: Triton's HTTP endpoint is plain http:// (or host:port)")
+    raise ValueError(f"--url {url}: gRPC takes host:port without a scheme (for HTTP, add --http)")
+
+
+def _is_triton_error(body: str) -> bool:
+    """Triton answers errors as {"error": "..."} (generate_stream: one `data: {"error": ...}` event)."""
+    text = body.strip().removeprefix("data:").strip()
+    try:
+        return isinstance(json.loads(text).get("error"), str)
+    except (ValueError, AttributeError):
+        return False
 
 
 def _send_stop(client, request_id: str, grpcclient, responses: queue.Queue, timeout: float = 2.0) -> None:

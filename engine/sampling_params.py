@@ -40,10 +40,10 @@ class SamplingParamError(ValueError):
         super().__init__(f"{field} {rule}, got {shown}")
 
 
-def check_context(prompt_tokens: int, max_tokens: int | None, max_seq_len: int) -> int:
+def check_context(prompt_tokens: int, max_tokens: int | None, max_seq_len: int, field: str = "max_tokens") -> int:
     """The request's token budget within the deployment's context (prompt + reply ≤ max_seq_len):
     max_tokens None means the rest of the context (vLLM's default); asking for more is an error, not
-    a silent cut. -> max new tokens."""
+    a silent cut; `field` is the caller's name for it. -> max new tokens."""
     room = max_seq_len - prompt_tokens
     if room < 1:
         raise ValueError(f"the prompt has {prompt_tokens} tokens; this deployment's context is {max_seq_len} (prompt + reply)")
@@ -51,7 +51,7 @@ def check_context(prompt_tokens: int, max_tokens: int | None, max_seq_len: int) 
         return room
     if max_tokens > room:
         raise SamplingParamError(
-            "max_tokens",
+            field,
             f"+ the prompt's {prompt_tokens} tokens must fit this deployment's context of {max_seq_len} tokens "
             f"(at most {room} new tokens)",
             max_tokens,

@@ -105,9 +105,21 @@ def check_ports(address: str, ports: dict[str, int]) -> None:
             )
 
 
+CHECKPOINT_PARAMETER = re.compile(r'key: "checkpoint" value: \{ string_value: "([^"]*)" \}')
+
+
 def check_repository(out: Path) -> None:
-    if not any((Path(out) / "model_repository").glob("*/config.pbtxt")):
+    configs = sorted((Path(out) / "model_repository").glob("*/config.pbtxt"))
+    if not configs:
         raise LaunchError(f"no model repository in {out}: run `make build OUT={out}` first", status=2)
+    # the models load the checkpoint the build was made from: gone, each would fail at length (twice)
+    for checkpoint in sorted({m[1] for config in configs if (m := CHECKPOINT_PARAMETER.search(config.read_text(encoding="utf-8")))}):
+        if not (Path(checkpoint) / "config.json").is_file():
+            raise LaunchError(
+                f"the build in {out} was made from the checkpoint {checkpoint}, which is not there any more "
+                f"(moved or deleted after `make build`?): put it back, or rebuild with `make build MODEL=<its path> OUT={out}`",
+                status=2,
+            )
 
 
 def backend_directory(out: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
@@ -24,9 +25,10 @@ from openai_api.inputs import check_values, ensemble_fields
 from openai_api.limits import RequestLimits, TritonLimits
 from openai_api.schema import ChatCompletionRequest
 from openai_api.settings import Settings
-from openai_api.triton import Reply, TritonBackend
+from openai_api.triton import Reply, TritonBackend, unreachable
 
-FALLBACK_MODEL_NAME = "internvl"
+FALLBACK_MODEL_NAME = "internvl"  # a preprocess config without a checkpoint parameter
+log = logging.getLogger("openai_api")
 OWNER = "internvl-serve"
 T = TypeVar("T")
 
@@ -79,17 +81,18 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
     resolved: list[str] = [settings.served_model_name] if settings.served_model_name else []
 
     async def model_name() -> str:
-        # Asked until Triton answers: the server may start before Triton has loaded the models.
+        # Asked until Triton answers: the server may start before Triton has loaded the models. Until
+        # then the served name is unknown, so every route that names it is a 503 naming Triton's address.
         if not resolved:
             name = await backend.checkpoint_name()
             if name is None:
-                return FALLBACK_MODEL_NAME
-            resolved.append(name)
+                raise unreachable(backend.url)
+            resolved.append(name or FALLBACK_MODEL_NAME)
         return resolved[0]
 
     async def request_limits() -> RequestLimits:
         if (known := await limits.get()) is None:
-            raise APIError(503, "Triton is not reachable: the build's request limits are unknown")
+            raise unreachable(backend.url)
         return known
 
     async def body_limit() -> int | None:
@@ -100,12 +103,15 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        if not await backend.ready():  # said once; the routes answer 503 until Triton does
+            log.warning("Triton is not reachable at %s (or its %r model is not ready): requests get 503 until it is", backend.url, backend.model)
         yield
         await backend.close()
 
     app = FastAPI(title="internvl-serve OpenAI-compatible API", lifespan=lifespan)
 
-    app.add_middleware(BodyLimit, limit=body_limit)
+    unknown = unreachable(backend.url, "the request size limit is unknown until it answers (--max-request-bytes sets one)").message
+    app.add_middleware(BodyLimit, limit=body_limit, unknown=unknown)
     if settings.api_keys:  # added last: runs first, so no body is read for a request without a key
         app.add_middleware(ApiKeyCheck, keys=settings.api_keys)
 
@@ -114,6 +120,9 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
 
     async def schema_error(request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is ("body", <byte offset>): not a field
+            reason = first.get("ctx", {}).get("error", "JSON decode error")
+            return error_response(APIError(422, f"the request body is not valid JSON: {reason} (at byte {first['loc'][-1]})"))
         where = ".".join(str(part) for part in first.get("loc", ())[1:]) or None  # without "body"
         message = f"{where}: {first.get('msg', 'invalid request body')}" if where else first.get("msg", "invalid request body")
         return error_response(APIError(422, message, where))

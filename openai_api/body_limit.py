@@ -11,9 +11,10 @@ from openai_api.errors import APIError, error_response
 
 
 class BodyLimit:
-    def __init__(self, app, limit: Callable[[], Awaitable[int | None]]):
-        """limit: the body limit in bytes; None while unknown (Triton has not answered)."""
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: Callable[[], Awaitable[int | None]], unknown: str = "the request size limit is unknown"):
+        """limit: the body limit in bytes; None while unknown (Triton has not answered): then a
+        request with a body gets 503 with the message `unknown`."""
+        self.app, self.limit, self.unknown = app, limit, unknown
 
     async def __call__(self, scope, receive, send) -> None:
         headers = dict(scope["headers"]) if scope["type"] == "http" else {}
@@ -22,8 +23,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)  # no body (or not HTTP)
         limit = await self.limit()
         if limit is None:
-            message = "Triton has not answered yet, so the request size limit is unknown (--max-request-bytes sets one)"
-            return await error_response(APIError(503, message))(scope, receive, send)
+            return await error_response(APIError(503, self.unknown))(scope, receive, send)
         if declared > limit:
             return await _too_large(f"the request body is {declared} bytes; this server accepts at most {limit}")(scope, receive, send)
         body, size = [], 0

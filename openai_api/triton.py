@@ -37,6 +37,10 @@ class Reply:
     logprobs: tuple[dict, ...] = ()  # with logprobs: OpenAI's entry for each token this response brings
 
 
+def unreachable(url: str, detail: str = "") -> APIError:
+    return APIError(503, f"Triton is not reachable at {url}" + (f": {detail}" if detail else ""))
+
+
 def triton_error(message: str) -> APIError:
     return APIError(400 if is_request_error(message) else 500, strip_error_prefix(message))
 
@@ -84,11 +88,12 @@ class TritonBackend:
         return {key: value.string_value for key, value in response.config.parameters.items()}
 
     async def checkpoint_name(self) -> str | None:
-        """The checkpoint directory's name, from the `preprocess` model's `checkpoint` parameter."""
+        """The checkpoint directory's name, from the `preprocess` model's `checkpoint` parameter ("" when
+        it has none); None while Triton does not answer."""
         parameters = await self.preprocess_parameters()
         if parameters is None:
             return None
-        return PurePosixPath(parameters.get("checkpoint", "").rstrip("/")).name or None
+        return PurePosixPath(parameters.get("checkpoint", "").rstrip("/")).name
 
     async def stream(self, fields: Fields, request_id: str) -> AsyncIterator[Reply]:
         """The ensemble's responses; closing this generator early cancels the gRPC call and sends the
@@ -109,7 +114,7 @@ class TritonBackend:
             raise APIError(500, "the Triton stream ended before the final response")
         except grpc.aio.AioRpcError as e:
             finished = True
-            raise _rpc_error(e) from None
+            raise _rpc_error(e, self.url) from None
         finally:
             if finished:
                 await _close(call)
@@ -193,8 +198,8 @@ def _entry(token: bytes, logprob) -> dict:
     return {"token": token.decode("utf-8"), "logprob": float(logprob), "bytes": list(token)}
 
 
-def _rpc_error(error: grpc.aio.AioRpcError) -> APIError:
+def _rpc_error(error: grpc.aio.AioRpcError, url: str) -> APIError:
     if error.code() == grpc.StatusCode.UNAVAILABLE:
-        return APIError(503, f"Triton is not reachable: {error.details()}")
+        return unreachable(url, error.details())
     status = 400 if error.code() == grpc.StatusCode.INVALID_ARGUMENT else 500
     return APIError(status, f"Triton: {error.code().name}: {error.details()}")

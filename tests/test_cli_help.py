@@ -127,3 +127,15 @@ def test_make_target_gpu_has_its_own_out():
     cpu = _make("-n", "build", "serve").stdout
     assert "--out artifacts/build-gpu " in gpu and "--out artifacts/build-gpu" not in cpu
     assert "--out artifacts/build " in cpu
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["build.checkpoint", "build.train_demo", "client.demo", "client.bench", "client.chat", "client.soak", "bench_components.seed_reference",
+     "bench_components.peers", "bench_components.peers_requests", "bench_components.llama_server_build", *TOOLS],
+)  # fmt: skip
+def test_usage_names_the_command_that_runs_the_tool(module, monkeypatch, capsys):
+    """`usage: bench.py …` sent newcomers looking for a file to run: each says `python -m <module>`."""
+    usage = _help(module, monkeypatch, capsys).split("\n", 1)[0]
+    command = "python -m openai_api" if module == "openai_api.__main__" else f"python -m {module}"
+    assert usage.startswith(f"usage: {command} "), usage

@@ -97,6 +97,43 @@ def test_chat_to_the_other_protocols_port_says_no_server_answers(server, capsys)
     assert capsys.readouterr().err.startswith(f"error: no server answers at {server.grpc_url} (")
 
 
+def test_http_url_may_carry_its_scheme(server, capsys):
+    assert chat_cli(["--http", "--url", f"http://{server.http_url}/", "--max-tokens", "4", "Hello"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert chat_cli(["--url", f"http://{server.grpc_url}", "--max-tokens", "4", "Hello"]) == 2  # gRPC: no scheme
+    assert capsys.readouterr().err == f"error: --url http://{server.grpc_url}: gRPC takes host:port without a scheme (for HTTP, add --http)\n"
+
+
+def test_http_to_the_openai_or_metrics_port_says_it_is_not_triton(server, capsys):
+    from openai_api.server import running_server
+    from openai_api.settings import Settings
+
+    with running_server(Settings(triton_url=server.grpc_url, port=0)) as openai_url:
+        openai_port = openai_url.removeprefix("http://")
+        for url in (openai_port, f"127.0.0.1:{server.metrics_port}"):
+            assert chat_cli(["--http", "--url", url, "--max-tokens", "4", "Hello"]) == 1
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {url} is not Triton's HTTP port: it answered HTTP 40") and err.count("\n") == 1, err
+
+
+def test_a_stream_that_fails_midway_puts_the_error_on_its_own_line(capsys, monkeypatch):
+    def stream(self, question, images=(), keep_empty=False, **kwargs):
+        yield "partial reply"
+        raise ServerError("the server went away")
+
+    monkeypatch.setattr(InternVLClient, "stream", stream)
+    assert chat_cli(["--max-tokens", "4", "Hello"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "partial reply\n" and out.err == "error from server: the server went away\n"
+
+
+def test_max_tokens_default_is_shown(capsys):
+    with pytest.raises(SystemExit):
+        chat_cli(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "most tokens to generate (default: 512;" in help_text and "the ensemble's name (default: internvl)" in help_text
+
+
 # 10b: errors over HTTP streaming
 
 

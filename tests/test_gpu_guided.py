@@ -15,7 +15,7 @@ from engine.config import ModelConfig
 from engine.sampling_params import SamplingParams
 from engine.trtllm_request import ReplyScores, response_log_probs, tensorrt_llm_inputs
 from tests.repository_checks import full_dims, parse_configs
-from tests.test_gpu_repository import _call_llm, _llm_request, _numpy_dtype, write_gpu_repository
+from tests.test_gpu_repository import _call_llm, _llm_request, _numpy_dtype, serve_wrapper, write_gpu_repository
 
 NO_ROWS = np.zeros(0, np.uint64)
 SCHEMA = '{"type": "object", "properties": {"name": {"type": "string"}}}'
@@ -167,73 +167,10 @@ def test_log_probs_without_streaming_and_of_only_new_tokens():
         response_log_probs({"output_ids": np.zeros((1, 1, 1), np.int32)}, 1, 0)
 
 
-# A double of the tensorrtllm backend for these inputs: its tokens say what it received, [guide type
-# (1 + index in GUIDE_TYPES, 0: none), guide length in bytes (-1: none), return_log_probs,
-# output_log_probs requested, 100, 101, ...]; token i's log prob is -(i + 1) / 8, sent as the C++
-# backend does: the whole list so far in every response, with cum_log_probs its sum.
-DOUBLE = '''
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-GUIDE_TYPES = (b"json", b"json_schema", b"regex", b"ebnf_grammar")
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-def _get(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
-def _one_string(value):
-    assert value.shape == (1, 1), value.shape  # one string: utils.cc reads the raw BYTES buffer
-    return bytes(value[0, 0])
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        for request in requests:
-            sender = request.get_response_sender()
-            guide_type, guide, logprobs = (_get(request, n) for n in ("guided_decoding_guide_type", "guided_decoding_guide", "return_log_probs"))
-            asked = "output_log_probs" in request.requested_output_names()
-            facts = [
-                0 if guide_type is None else 1 + GUIDE_TYPES.index(_one_string(guide_type)),
-                -1 if guide is None else len(_one_string(guide)),
-                int(logprobs is not None and bool(logprobs.reshape(-1)[0])),
-                int(asked),
-            ]
-            length = int(_get(request, "request_output_len").reshape(-1)[0])
-            tokens = (facts + list(range(100, 100 + length)))[:length]
-            chunks = [[t] for t in tokens] if bool(_get(request, "streaming").reshape(-1)[0]) else [tokens]
-            done = 0
-            for i, chunk in enumerate(chunks):
-                done += len(chunk)
-                outputs = [pb_utils.Tensor("output_ids", np.array([[chunk]], np.int32)),
-                           pb_utils.Tensor("sequence_length", np.array([[len(chunk)]], np.int32))]
-                if facts[2] and asked:
-                    so_far = -np.arange(1, done + 1, dtype=np.float32) / 8
-                    outputs.append(pb_utils.Tensor("output_log_probs", so_far[None, None]))
-                    outputs.append(pb_utils.Tensor("cum_log_probs", np.array([[so_far.sum()]], np.float32)))
-                sender.send(pb_utils.InferenceResponse(outputs), flags=FINAL if i == len(chunks) - 1 else 0)
-        return None
-'''
-
-
 @pytest.fixture(scope="module")
 def scoring_server(tiny, tmp_path_factory):
-    """tritonserver with the generated GPU llm wrapper over DOUBLE under the generated tensorrt_llm config."""
-    import shutil
-
-    from launcher.server import TritonServer, free_port
-
-    out = tmp_path_factory.mktemp("gpu_guided")
-    write_gpu_repository(tiny, out)
-    repository = out / "model_repository"
-    for model in ("internvl", "vision_encoder", "preprocess", "postprocess"):
-        shutil.rmtree(repository / model)
-    config = repository / "tensorrt_llm" / "config.pbtxt"
-    config.write_text(config.read_text().replace('backend: "tensorrtllm"', 'backend: "python"'))
-    (repository / "tensorrt_llm" / "1" / "model.py").write_text(DOUBLE)
-    with TritonServer(out, free_port(), free_port(), free_port(), log_file=out / "tritonserver.log") as server:
+    """tritonserver with the generated GPU llm wrapper over tests/doubles/tensorrt_llm_scoring."""
+    with serve_wrapper(tiny, tmp_path_factory.mktemp("gpu_guided"), "tensorrt_llm_scoring") as server:
         yield server
 
 

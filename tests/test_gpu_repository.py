@@ -4,6 +4,7 @@ wrapper's requests against the tensorrt_llm config, and the leader-mode launch c
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import time
@@ -327,24 +328,28 @@ def test_gpu_build_without_the_toolchain_stops_before_any_work(tiny, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.fixture(scope="module")
-def wrapper_server(tiny, tmp_path_factory):
+@contextlib.contextmanager
+def serve_wrapper(tiny, out, double: str):
     """tritonserver with the generated GPU llm wrapper and, in place of the GPU-only tensorrtllm
-    backend, tests/doubles/tensorrt_llm under the generated tensorrt_llm config."""
+    backend, the python model tests/doubles/<double> under the generated tensorrt_llm config."""
     import shutil
-    from pathlib import Path
 
     from launcher.server import TritonServer, free_port
 
-    out = tmp_path_factory.mktemp("gpu_wrapper")
     write_gpu_repository(tiny, out)
     repository = out / "model_repository"
     for model in ("internvl", "vision_encoder", "preprocess", "postprocess"):
         shutil.rmtree(repository / model)
     config = repository / "tensorrt_llm" / "config.pbtxt"
     config.write_text(config.read_text().replace('backend: "tensorrtllm"', 'backend: "python"'))
-    shutil.copy2(Path(__file__).parent / "doubles" / "tensorrt_llm" / "model.py", repository / "tensorrt_llm" / "1" / "model.py")
+    shutil.copy2(Path(__file__).parent / "doubles" / double / "model.py", repository / "tensorrt_llm" / "1" / "model.py")
     with TritonServer(out, free_port(), free_port(), free_port(), log_file=out / "tritonserver.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def wrapper_server(tiny, tmp_path_factory):
+    with serve_wrapper(tiny, tmp_path_factory.mktemp("gpu_wrapper"), "tensorrt_llm") as server:
         yield server
 
 

@@ -34,14 +34,21 @@ def run(setup, requests: dict[str, SamplingParams], prompt: str = "Describe it."
     ids = np.array(text.encode(prompt), dtype=np.int32)
     for rid, params in requests.items():
         engine.add_request(rid, ids, None, params)
-    tokens, finish = {rid: [] for rid in requests}, {}
+    tokens, finish = drain(engine, list(requests))
+    return {rid: (text.decode(tokens[rid]), finish[rid]) for rid in requests}
+
+
+def drain(engine: LLMEngine, request_ids: list[str], after_step=lambda engine, tokens: None) -> tuple[dict, dict]:
+    """Steps the engine until it is idle -> ({id: generated ids}, {id: finish reason})."""
+    tokens, finish = {rid: [] for rid in request_ids}, {}
     while engine.has_work():
         for event in engine.step():
             if event.token_id is not None:
                 tokens[event.request_id].append(event.token_id)
             if event.finish_reason:
                 finish[event.request_id] = event.finish_reason
-    return {rid: (text.decode(tokens[rid]), finish[rid]) for rid in requests}
+        after_step(engine, tokens)
+    return tokens, finish
 
 
 def sampled(i: int, guide_type: str | None, guide: str | None) -> SamplingParams:
@@ -104,15 +111,12 @@ def test_aborting_a_guided_request_ends_it_alone(setup):
     ids = np.array(text.encode("Describe it."), dtype=np.int32)
     engine.add_request("aborted", ids, None, sampled(1, "json_schema", json.dumps(PERSON)))
     engine.add_request("kept", ids, None, sampled(2, "regex", DATE_TIME))
-    tokens, finish = {"aborted": [], "kept": []}, {}
-    while engine.has_work():
-        for event in engine.step():
-            if event.token_id is not None:
-                tokens[event.request_id].append(event.token_id)
-            if event.finish_reason:
-                finish[event.request_id] = event.finish_reason
+
+    def abort_at_3(engine: LLMEngine, tokens: dict) -> None:
         if len(tokens["aborted"]) == 3:
             engine.abort("aborted")
+
+    tokens, finish = drain(engine, ["aborted", "kept"], abort_at_3)
     assert finish == {"aborted": "abort", "kept": "stop"} and len(tokens["aborted"]) == 3
     assert satisfies("regex", DATE_TIME, text.decode(tokens["kept"]))
 

@@ -3,6 +3,7 @@ lines), never in a traceback; what can be checked before loading is."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,6 +50,19 @@ def test_serve_refuses_a_gpu_build_in_one_line(tmp_path):
     assert result.stderr.splitlines() == [f"error: {tmp_path} holds a GPU build: serve it inside the TensorRT-LLM container with `make serve TARGET=gpu OUT={tmp_path}`"]
 
 
+def test_serve_after_the_checkpoint_moved_says_so_in_one_line_at_once(tiny, tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny, checkpoint)
+    build(checkpoint, tmp_path / "out")
+    checkpoint.rename(tmp_path / "moved")
+    result, seconds = _serve(tmp_path / "out")
+    assert result.returncode == 2 and seconds < 20, (result.stderr, seconds)  # before tritonserver starts
+    assert result.stderr.splitlines() == [
+        f"error: the build in {tmp_path / 'out'} was made from the checkpoint {checkpoint}, which is not there any more "
+        f"(moved or deleted after `make build`?): put it back, or rebuild with `make build MODEL=<its path> OUT={tmp_path / 'out'}`"
+    ]
+
+
 @pytest.mark.parametrize("busy_flag", FLAGS)
 def test_serve_on_a_busy_port_names_port_and_flag_before_loading(tmp_path, busy_flag):
     _fake_repository(tmp_path)
@@ -75,7 +89,10 @@ def test_serve_with_the_same_port_twice_says_so(tmp_path):
 def test_model_load_failure_shows_its_error_lines_without_a_log_file_or_traceback(tiny, tmp_path):
     build(tiny, tmp_path)
     config = tmp_path / "model_repository" / "llm" / "config.pbtxt"
-    config.write_text(config.read_text().replace(str(tiny.resolve()), str(tmp_path / "no-such-checkpoint")))
+    # a setting only the model itself refuses (a missing checkpoint is caught before tritonserver starts)
+    text = config.read_text()
+    assert 'key: "llm_weights" value: { string_value: "float32" }' in text
+    config.write_text(text.replace('key: "llm_weights" value: { string_value: "float32" }', 'key: "llm_weights" value: { string_value: "no-such-precision" }'))
     result, _ = _serve(tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -84,4 +101,4 @@ def test_model_load_failure_shows_its_error_lines_without_a_log_file_or_tracebac
     first, *errors = summary.splitlines()
     assert "llm failed to load" in first and str(tmp_path / "tritonserver.log") in first
     assert any("failed to load 'llm'" in line for line in errors)
-    assert any("no-such-checkpoint" in line for line in errors)
+    assert any("no-such-precision" in line for line in errors)

@@ -409,7 +409,7 @@ def test_output_runs_up_to_the_context_length(length, expected_new, short_contex
 def test_more_new_tokens_than_the_context_holds_is_refused_not_cut(length, short_context):
     engine = LLMEngine(short_context.model, short_context.cfg.stop_token_id)
     room = 48 - length
-    with pytest.raises(SamplingParamError, match=rf"max_tokens \+ the prompt's {length} tokens .* \(at most {room} new tokens\), got {room + 1}"):
+    with pytest.raises(SamplingParamError, match=rf"max_new_tokens \+ the prompt's {length} tokens .* \(at most {room} new tokens\), got {room + 1}"):
         engine.add_request("x", text_ids(np.random.default_rng(0), length), None, SamplingParams(max_new_tokens=room + 1))
     assert not engine.has_work()
 

@@ -146,6 +146,23 @@ def test_build_flags_reproduce_settings_and_gpu_counts():
     args = vars(module_parser("build.repository").parse_args(["--model", "m", "--out", "o", *build_flags(settings, gpu, "gpu")]))
     assert (from_arguments(GpuSettings, args), from_arguments(BuildSettings, args)) == (gpu, settings)
     assert gpu_count(gpu) == 3 and gpu_count(GpuSettings()) == 1 and gpu_count(GpuSettings(tp_size=4)) == 4
+    # the placement is written out even where it is the default (docs/DEPLOY.md: the flags given are kept)
+    default_vision = build_flags(BuildSettings(), GpuSettings(tp_size=2, vision_gpus=(0,), llm_gpus=(1, 2)), "gpu")
+    assert " ".join(default_vision) == "--target gpu --tp-size 2 --vision-gpus 0 --llm-gpus 1,2"
+
+
+def test_the_docs_example_without_its_checkpoint_here_says_what_is_missing(tmp_path):
+    """docs/DEPLOY.md's example names /models/r1v-38b; on a machine without it the one line says why."""
+    missing = tmp_path / "r1v-38b"
+    result = subprocess.run(
+        [sys.executable, "-m", "build.manifests", "--model", str(missing), "--out", str(tmp_path / "deploy"), "--target", "gpu", "--tp-size", "2"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2 and not (tmp_path / "deploy").exists()
+    assert result.stderr == (
+        f"error: --model {missing}: no such directory on this machine; the manifests are written from the checkpoint "
+        "here (its config.json checks the settings): copy or mount it here (the pods read theirs from --model-claim)\n"
+    )
 
 
 def test_gpu_flags_on_a_cpu_deployment_are_refused(tiny, tmp_path):

@@ -172,6 +172,14 @@ def _post(url: str, body: dict) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 def _body(**kwargs) -> dict:
     return {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], **kwargs}
 
@@ -254,14 +262,20 @@ def test_errors_before_streaming_are_http_statuses_and_after_are_error_events(fa
     assert status == 200 and _events(body)[-1] == {"error": error}
 
 
-def test_health_and_chat_with_triton_down_are_503():
-    with running_server(Settings(host="127.0.0.1", port=0, triton_url="127.0.0.1:1")) as url:
-        with pytest.raises(urllib.error.HTTPError, match="503"):
-            urllib.request.urlopen(url + "/health")
-        with urllib.request.urlopen(url + "/v1/models") as r:
-            assert json.load(r)["data"][0]["id"] == "internvl"  # no checkpoint name without Triton
-        status, body = _post(url, _body(model="internvl"))
-        assert status == 503 and json.loads(body)["error"]["type"] == "ServiceUnavailableError"
+def test_every_route_with_triton_down_is_503_naming_its_address(caplog):
+    """The newcomer's case: Triton not started (or at another port). The start warns once; /v1/models
+    does not invent a name, and a request naming the real model gets 503, not 404."""
+    with caplog.at_level("WARNING", logger="openai_api"):
+        with running_server(Settings(host="127.0.0.1", port=0, triton_url="127.0.0.1:1")) as url:
+            with pytest.raises(urllib.error.HTTPError, match="503"):
+                urllib.request.urlopen(url + "/health")
+            for body in (None, _body(model="tiny-qwen3"), _body(model="internvl")):  # /v1/models, then two requests
+                status, reply = _post(url, body) if body else _get(url + "/v1/models")
+                error = json.loads(reply)["error"]
+                assert status == 503 and error["type"] == "ServiceUnavailableError", body
+                assert error["message"].startswith("Triton is not reachable at 127.0.0.1:1"), error
+    warnings = [r.getMessage() for r in caplog.records if "not reachable" in r.getMessage()]
+    assert len(warnings) == 1 and "127.0.0.1:1" in warnings[0]
 
 
 class _FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):

@@ -113,8 +113,8 @@ def test_tritonserver_does_not_inherit_the_api_key(monkeypatch, tmp_path):
 
 
 def test_the_soak_tool_sends_its_api_key(guarded):
-    from client.soak import OpenAITarget
+    from client.soak import OpenAITarget, Unreachable
 
     assert OpenAITarget(guarded, 4, 10, api_key=KEYS[1]).model == "tiny"
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(Unreachable, match=r"refused the API key \(HTTP 401\): pass the server's key with --api-key"):
         OpenAITarget(guarded, 4, 10)

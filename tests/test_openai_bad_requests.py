@@ -59,7 +59,7 @@ BAD = {
     "prompt-too-long": (_body(messages=_user(" ".join(["word"] * 6000))), 400, "the prompt has"),
 }
 RAW = {  # bodies that are not the JSON of a request
-    "not-json": (b"{not json", 422, ""),
+    "not-json": (b"{not json", 422, '"message": "the request body is not valid JSON: Expecting property name enclosed in double quotes (at byte 1)", "type": "UnprocessableEntityError", "param": null'),
     "nan-temperature": (b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', None, ""),
 }
 

@@ -122,6 +122,17 @@ def test_invalid_sampling_parameters_are_rejected(pipe):
         pipe.chat("Hi", max_new_tokens=0)
 
 
+def test_the_pipeline_refuses_what_the_server_refuses_naming_its_own_arguments(pipe):
+    """One validation for both (docs/SERVING.md): the server's max_tiles rule, and max_new_tokens
+    beyond the context named as the Pipeline's argument (the server names its max_tokens)."""
+    top = pipe.config.max_num
+    for tiles in (0, top + 1, 99):
+        with pytest.raises(ValueError, match=rf"^max_tiles must be in \[1, {top}\], got {tiles}$"):
+            pipe.chat("Hi", [_image(1)], max_tiles=tiles, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"^max_new_tokens \+ the prompt's \d+ tokens must fit this deployment's context"):
+        pipe.chat("Hi", max_new_tokens=10_000_000)
+
+
 def _finish_within(seconds: float, work) -> object:
     """Runs work() on a thread; a deadlock fails the test instead of hanging it."""
     out = {}

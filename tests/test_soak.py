@@ -276,3 +276,29 @@ def test_soak_of_a_live_tritonserver(server, tmp_path):
     assert {"tritonserver", "preprocess", "vision_encoder", "llm", "postprocess"} <= models, models
     assert memory["shm"]["start_mib"] > 0  # the stubs' regions, named with the server's prefix
     assert (tmp_path / "soak.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "target, url, expected",
+    [
+        ("openai", "127.0.0.1:{port}", "error: no server answers at http://127.0.0.1:{port}; start the OpenAI server with `make serve` (port 9000)"),
+        ("openai", "http://127.0.0.1:{port}", "error: no server answers at http://127.0.0.1:{port}; start the OpenAI server with `make serve` (port 9000)"),
+        ("triton", "127.0.0.1:{port}", "error: no Triton gRPC server answers at 127.0.0.1:{port} ("),
+    ],
+)
+def test_nothing_listening_is_one_line_before_the_soak(target, url, expected, tmp_path, capsys):
+    from launcher.server import free_port
+
+    port = free_port()
+    code = soak.main(["--target", target, "--url", url.format(port=port), "--requests", "4", "--out", str(tmp_path / "soak")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(expected.format(port=port)) and err.count("\n") == 1, err
+    assert not (tmp_path / "soak").exists()  # no report of a soak that never ran
+
+
+def test_memory_is_tracked_only_for_the_server_the_soak_targets():
+    """No process listens on the port: no PIDs (formerly: every tritonserver on the machine, test runs included)."""
+    from client.memory_sampler import default_pids
+    from launcher.server import free_port
+
+    assert default_pids("triton", f"127.0.0.1:{free_port()}") == []

@@ -73,6 +73,17 @@ def test_without_tensorrt_the_build_says_where_to_run_it(tiny, tmp_path):
         build_vision_engine(tmp_path / "x.onnx", tmp_path, config, TilesProfile(1, 1, 2), "float16")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_the_tool_without_tensorrt_says_so_in_one_line_and_writes_nothing(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "build.trt_vision", "--model", str(tiny), "--out", str(tmp_path / "plan")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr == "error: TensorRT is not installed: build the GPU path inside the TensorRT-LLM Triton container (docs/GPU.md)\n"
+    assert not (tmp_path / "plan").exists()  # formerly a vision_encoder.float16.onnx was left behind
+
+
 def test_parity_metric_reports_the_worst_row():
     expected = np.random.default_rng(1).standard_normal((2, 4, 8)).astype(np.float32)
     assert row_agreement(expected, expected) == (pytest.approx(1.0), 0.0)

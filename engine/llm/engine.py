@@ -100,7 +100,7 @@ class LLMEngine:
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.int64)
         if ids.ndim != 1 or len(ids) == 0:
             raise ValueError("input_ids must be a non-empty 1-D sequence")
-        max_new_tokens = check_context(len(ids), params.max_new_tokens, self.max_seq_len)
+        max_new_tokens = check_context(len(ids), params.max_new_tokens, self.max_seq_len, "max_new_tokens")
         if int(ids.min()) < 0:
             raise ValueError("input_ids must be ≥ 0")
         table = None
