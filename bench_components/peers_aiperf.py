@@ -7,6 +7,7 @@ A run (aiperf 0.13.0, config/flags/cli_config.py): the chat endpoint, streaming;
 single_turn input file with the prompt text and an image path (AIPerf sends it as a data: URI);
 --osl fixes max_completion_tokens, and the stop token is kept from ending a reply early with
 `min_tokens` (ours, vLLM's extra) and `ignore_eos` (llama-server's), each server ignoring the other's;
+greedy on both (temperature 0: llama-server samples at 0.8 by default, ours is greedy);
 token counts from the servers' `usage` (--use-server-token-count), with the checkpoint's own tokenizer
 directory for what AIPerf still loads (no hub here; HF_HUB_OFFLINE would make it refuse a local path).
 Warm-up requests are AIPerf's own, kept out of its summary.
@@ -59,7 +60,7 @@ def aiperf_command(
         "--tokenizer", str(tokenizer.resolve()), "--use-server-token-count",
         "--input-file", str(input_file.resolve()), "--custom-dataset-type", "single_turn",
         "--osl", str(output_tokens), "--osl-stddev", "0",
-        "--extra-inputs", "ignore_eos:true", "--extra-inputs", f"min_tokens:{output_tokens}",
+        "--extra-inputs", "ignore_eos:true", "--extra-inputs", f"min_tokens:{output_tokens}", "--extra-inputs", "temperature:0",
         "--concurrency", str(concurrency), "--request-count", str(requests), "--warmup-request-count", str(warmup),
         "--random-seed", "0", "--artifact-dir", str(out_dir.resolve()), "--ui", "none",
         "--no-server-metrics", "--no-gpu-telemetry",

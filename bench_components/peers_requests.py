@@ -32,6 +32,7 @@ from bench_components.common import ROOT, THREADS, log, machine_info
 from bench_components.llama_server_build import ensure_llama_server
 from bench_components.peers_aiperf import aiperf_command, ensure_aiperf, read_metrics, run_aiperf, write_input
 from bench_components.peers_convert import convert, fetch_converter, llama_cpp_python_version
+from bench_components.peers_printable import make_replies_printable
 from bench_components.peers_servers import chat, llama_server_command, serve_llama, serve_ours
 from engine.config import ModelConfig
 from launcher.server import free_port
@@ -52,6 +53,7 @@ def prepare(cache: Path) -> dict:
     checkpoint = cache / "internvl3_5-1b-custom"
     if not (checkpoint / "generated_by.json").is_file():
         generate("internvl3_5-1b", "qwen3", checkpoint, fmt="custom")
+    log(f"peers: {make_replies_printable(checkpoint)} tokens can be generated (printable ASCII, bench_components/peers_printable.py)")
     converter = fetch_converter(cache, llama_cpp_python_version())
     texts = convert(checkpoint, converter, cache, outtypes=("f32", "f16", "q8_0"), log=log)
     projectors = convert(checkpoint, converter, cache, outtypes=("f32", "f16"), log=log, mmproj=True)

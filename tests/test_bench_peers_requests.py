@@ -27,7 +27,7 @@ def test_aiperf_fixes_the_output_length_on_both_servers(tmp_path):
     assert command[:2] == ["aiperf", "profile"] and flags["--system-prompt-file"] == [str(tmp_path / "s.txt")]
     assert flags["--osl"] == ["32"] and flags["--osl-stddev"] == ["0"]
     # ours reads min_tokens (vLLM's extra), llama-server ignore_eos: each ignores the other's
-    assert sorted(flags["--extra-inputs"]) == ["ignore_eos:true", "min_tokens:32"]
+    assert sorted(flags["--extra-inputs"]) == ["ignore_eos:true", "min_tokens:32", "temperature:0"]  # greedy on both
     assert flags["--concurrency"] == ["4"] and flags["--request-count"] == ["8"] and flags["--warmup-request-count"] == ["1"]
     assert "--use-server-token-count" in flags and "--streaming" in flags
     assert Path(flags["--tokenizer"][0]).is_absolute()  # AIPerf treats only an absolute path as local (no hub here)
@@ -84,3 +84,35 @@ def test_aiperf_is_pinned_with_everything_it_resolved_to():
     lines = [line for line in REQUIREMENTS.read_text().splitlines() if line.strip()]
     assert "aiperf==0.13.0" in lines and all("==" in line for line in lines)
     assert set(PRECISIONS) == {"float32", "float16", "int8"}
+
+
+def test_the_benchmark_checkpoint_replies_in_printable_ascii(tmp_path):
+    """Greedy replies of the changed checkpoint are whole printable characters token by token (so both
+    servers stream every token); the unchanged one's are not (the change is what does it)."""
+    import shutil
+
+    from bench_components.peers_printable import MARK, make_replies_printable
+    from build.checkpoint import generate
+    from client.synthetic import synthetic_image
+    from engine.pipeline import Pipeline
+    from engine.tokenizer import TextTokenizer
+
+    changed = generate("tiny", "qwen3", tmp_path / "changed", fmt="custom")
+    original = shutil.copytree(changed, tmp_path / "original")
+    kept = make_replies_printable(changed)
+    assert json.loads((changed / "generated_by.json").read_text())[MARK] and 0 < kept < 151936
+    assert make_replies_printable(changed) == kept  # once: a second call changes nothing
+    tokens = TextTokenizer(changed)
+
+    def printable(ids) -> bool:
+        return all(t and t.isascii() and t.isprintable() for t in tokens.token_texts(ids))
+
+    replies = {}
+    for name, path in (("changed", changed), ("original", original)):
+        with Pipeline.from_pretrained(path, vision_backend="torch") as pipe:
+            replies[name] = [
+                pipe.generate(q, [synthetic_image(seed, 640, 480, "JPEG")], max_new_tokens=16, min_new_tokens=16).token_ids
+                for seed, q in ((1, "Describe the image."), (2, "What is this?"), (3, "Tell me more."))
+            ]  # fmt: skip
+    assert all(printable(ids) and len(ids) == 16 for ids in replies["changed"])
+    assert not all(printable(ids) for ids in replies["original"])
