@@ -10,7 +10,7 @@ for this interpreter's Python version, and LD_LIBRARY_PATH pointing at this inte
 
 Stopping: tritonserver runs in its own session, so a terminal's Ctrl-C reaches only the launcher,
 which stops the server at any moment (also while the models load): SIGINT (Triton lets in-flight
-requests finish for --exit-timeout seconds, then unloads), then SIGKILL to whatever is left of its
+requests finish, then unloads; --exit-timeout + STOP_GRACE seconds for both), then SIGKILL to whatever is left of its
 process group (the python backend stubs ignore SIGINT and SIGTERM: python_backend src/pb_stub.cc,
 SignalHandler), then removal of the stubs' shared-memory regions, which carry a prefix of this
 server's own.
@@ -42,8 +42,12 @@ from openai_api.settings import API_KEY_ENV
 from triton_repo import allocator
 
 SHARED_MEMORY = Path("/dev/shm")
-EXIT_TIMEOUT = 3  # s Triton gives in-flight requests on stop (--exit-timeout-secs)
-STOP_GRACE = 5.0  # s beyond that for unloading the models before the process group is killed
+EXIT_TIMEOUT = 3  # s in-flight requests get on stop
+STOP_GRACE = 5.0  # s beyond that for unloading the models (~4 s on 2 cores) before the process group is killed
+# tritonserver's own --exit-timeout-secs covers in-flight requests and unloading together, and when it
+# expires it logs an error and exits without unloading: it is set past the launcher's deadline, so an
+# idle stop always unloads cleanly and a busy one ends by the launcher's SIGKILL at that deadline
+TRITON_EXIT_MARGIN = 2
 
 
 class LaunchError(RuntimeError):
@@ -211,7 +215,7 @@ class TritonServer:
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
             "--exit-on-error=true",
-            f"--exit-timeout-secs={self.exit_timeout}",
+            f"--exit-timeout-secs={self.exit_timeout + int(STOP_GRACE) + TRITON_EXIT_MARGIN}",
             "--log-verbose=0",
         ]
 
@@ -372,7 +376,10 @@ def main() -> None:
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP endpoint (KServe v2, generate)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC endpoint (KServe v2, streaming)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics")
-    parser.add_argument("--exit-timeout", type=int, default=EXIT_TIMEOUT, help="seconds in-flight requests get to finish on Ctrl-C / SIGTERM")
+    parser.add_argument(
+        "--exit-timeout", type=int, default=EXIT_TIMEOUT,
+        help=f"seconds in-flight requests get to finish on Ctrl-C / SIGTERM, before {STOP_GRACE:.0f} s more for unloading the models",
+    )  # fmt: skip
     parser.add_argument("--openai-port", type=int, default=0, help="also serve the OpenAI-compatible API (python -m openai_api) on this port; 0 = no")
     args = parser.parse_args()
     server = TritonServer(args.out, args.http_port, args.grpc_port, args.metrics_port, args.address, echo=True, exit_timeout=args.exit_timeout)

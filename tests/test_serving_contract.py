@@ -4,10 +4,12 @@ that goes away freeing its engine slot."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import struct
 import time
+import urllib.error
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -219,3 +221,22 @@ def _wait_until_freed(server, aborted: float, closed: float) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("the request still holds its engine slot one second after its client went away")
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        # with any input to preprocess it names the missing text_input (docs/API.md)
+        ({"image_bytes": [base64.b64encode(synthetic_image(1, 64, 64, "PNG")).decode()], "max_tokens": 4}, 400, "input 'text_input' is required"),
+        # Triton's own answers, before any model runs: the messages docs/API.md quotes
+        ({"prompt": "Hi"}, 400, "out of bounds index 0: request has 0 inputs"),
+        ({"prompt": "Hi", "max_tokens": 4}, 400, "out of bounds index 0: request has 0 inputs"),
+        ({"text_input": "Hi", "max_tokens": "4"}, 500, "Unable to parse 'data': attempt to access JSON non-signed-integer as signed-integer"),
+    ],
+)
+def test_http_generate_with_a_missing_or_mistyped_field(server, body, status, message):
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/internvl/generate", json.dumps(body).encode())
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    assert caught.value.code == status and message in json.loads(caught.value.read())["error"]
+    assert server.ready()
