@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -225,6 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=ROOT / "artifacts" / "bench" / "peers")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    # a kill of the run unwinds the servers' context managers: tritonserver runs in a session of its own
+    # and would outlive an interpreter that exits on SIGTERM without them (seen: an orphaned server)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     run(args)
 
 

@@ -30,6 +30,8 @@ def test_aiperf_fixes_the_output_length_on_both_servers(tmp_path):
     assert sorted(flags["--extra-inputs"]) == ["ignore_eos:true", "min_tokens:32", "temperature:0"]  # greedy on both
     assert flags["--concurrency"] == ["4"] and flags["--request-count"] == ["8"] and flags["--warmup-request-count"] == ["1"]
     assert "--use-server-token-count" in flags and "--streaming" in flags
+    # paced attempts under the cap: AIPerf's concurrency-only burst mode spins a core at 100%
+    assert flags["--request-rate"] == ["20"] and flags["--arrival-pattern"] == ["constant"]
     assert Path(flags["--tokenizer"][0]).is_absolute()  # AIPerf treats only an absolute path as local (no hub here)
 
 

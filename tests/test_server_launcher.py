@@ -41,8 +41,11 @@ def test_serve_command_is_ready_then_stops_cleanly_on_sigterm(tiny, tmp_path):
 def test_model_load_failure_shows_the_models_error_without_a_log_file(tiny, tmp_path):
     build(tiny, tmp_path)
     config = tmp_path / "model_repository" / "llm" / "config.pbtxt"
-    config.write_text(config.read_text().replace(str(tiny.resolve()), str(tmp_path / "no-such-checkpoint")))
+    # a setting only the model refuses (a missing checkpoint is caught before tritonserver starts)
+    text = config.read_text()
+    assert 'key: "llm_weights" value: { string_value: "float32" }' in text
+    config.write_text(text.replace('key: "llm_weights" value: { string_value: "float32" }', 'key: "llm_weights" value: { string_value: "no-such-precision" }'))
     server = TritonServer(tmp_path, free_port(), free_port(), free_port())  # no log_file: OUT/tritonserver.log
-    with pytest.raises(RuntimeError, match=r"(?s)llm failed to load.*failed to load 'llm'.*no-such-checkpoint"):
+    with pytest.raises(RuntimeError, match=r"(?s)llm failed to load.*failed to load 'llm'.*no-such-precision"):
         server.start(timeout=180)
     assert (tmp_path / "tritonserver.log").is_file()
