@@ -53,6 +53,21 @@ def stop_request(request_id: str) -> tuple[str, list[tuple[str, str, np.ndarray]
     return "llm", inputs, request_id
 
 
+def score_outputs(logprobs=(), cum: float | None = None, top_logprobs=None, top_ids=None) -> dict[str, np.ndarray]:
+    """The llm step's log-probability outputs for one response's n tokens (CPU engine and GPU wrapper
+    alike): output_log_probs [n], cum_log_probs [1] (the reply's sum so far; [0] when the request did
+    not ask), top_log_probs / top_token_ids [n, k] (k = 0 without top_logprobs). No arguments: the
+    outputs of a request without return_log_probs, all empty."""
+    logprobs = np.asarray(logprobs, np.float32).reshape(-1)
+    no_top = np.zeros((len(logprobs), 0))
+    return {
+        "output_log_probs": logprobs,
+        "cum_log_probs": np.zeros(0, np.float32) if cum is None else np.array([cum], np.float32),
+        "top_log_probs": np.asarray(no_top if top_logprobs is None else top_logprobs, np.float32),
+        "top_token_ids": np.asarray(no_top if top_ids is None else top_ids, np.int32),
+    }
+
+
 def strip_error_prefix(message: str) -> str:
     """The model's own message, without the ensemble's "in ensemble 'internvl', " prefix."""
     return re.sub(r"^in ensemble '[^']*', ", "", message.strip())

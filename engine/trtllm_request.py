@@ -41,7 +41,7 @@ import hashlib
 
 import numpy as np
 
-from engine.protocol import image_rows
+from engine.protocol import image_rows, score_outputs
 from engine.sampling_params import SamplingParamError, SamplingParams, check_context
 
 NO_TOP_LOGPROBS = "TensorRT-LLM's tensorrt_llm model returns only the chosen tokens' log probabilities (return_log_probs)"
@@ -202,16 +202,10 @@ class ReplyScores:
         self.pending.append(own)
 
     def take(self) -> dict[str, np.ndarray]:
-        # -> output_log_probs [n], cum_log_probs [1], top_log_probs / top_token_ids [n, 0]
-        # (tensorrt_llm has no top-k log probs; top_logprobs > 0 is refused)
+        # no top-k outputs: tensorrt_llm has no top-k log probs (top_logprobs > 0 is refused)
         own = np.concatenate([np.zeros(0, np.float32), *self.pending])
         self.pending = []
-        return {
-            "output_log_probs": own,
-            "cum_log_probs": np.array([self.cum], np.float32),
-            "top_log_probs": np.zeros((len(own), 0), np.float32),
-            "top_token_ids": np.zeros((len(own), 0), np.int32),
-        }
+        return score_outputs(own, self.cum)
 
 
 def _value(item: dict[str, np.ndarray], name: str, default=None):

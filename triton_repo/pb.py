@@ -11,6 +11,8 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from engine.protocol import score_outputs
+
 
 def model_parameters(args: dict) -> tuple[dict, dict[str, str]]:
     """-> (model config, its `parameters` as plain strings)."""
@@ -95,26 +97,16 @@ def stream_echo(request, default_key: str, prompt_tokens: int) -> dict[str, np.n
     }
 
 
-def no_scores() -> dict[str, np.ndarray]:
-    """The log-probability outputs of a request that did not ask for them (return_log_probs false)."""
-    return {
-        "output_log_probs": np.zeros(0, np.float32),
-        "cum_log_probs": np.zeros(0, np.float32),
-        "top_log_probs": np.zeros((0, 0), np.float32),
-        "top_token_ids": np.zeros((0, 0), np.int32),
-    }
-
-
 def llm_response(
     dtypes: dict, tokens, finish_reason: str | None, echo: dict[str, np.ndarray], scores: dict[str, np.ndarray] | None = None
 ) -> pb_utils.InferenceResponse:
     """One llm response: new tokens, their count, is_final, finish_reason ("" until the final
     response, then "stop" | "length"), the stream's echo and the tokens' log probabilities (scores:
     output_log_probs [n], cum_log_probs [1], top_log_probs [n, k], top_token_ids [n, k]; empty
-    arrays, no_scores(), when the request did not ask)."""
+    arrays, engine/protocol.py score_outputs(), when the request did not ask)."""
     return pb_utils.InferenceResponse(
         [
-            *(tensor(name, value, dtypes[name]) for name, value in (scores or no_scores()).items()),
+            *(tensor(name, value, dtypes[name]) for name, value in (scores or score_outputs()).items()),
             tensor("output_ids", tokens, dtypes["output_ids"]),
             tensor("sequence_length", [len(tokens)], dtypes["sequence_length"]),
             tensor("is_final", [finish_reason is not None], dtypes["is_final"]),

@@ -30,7 +30,7 @@ from engine.llm.engine import LLMEngine, TokenEvent
 from engine.llm.guided import GuideCompiler, tokenizer_info
 from engine.llm.model import DecoderLM
 from engine.llm.runner import EngineRunner
-from engine.protocol import image_rows, stop_sequences
+from engine.protocol import image_rows, score_outputs, stop_sequences
 from engine.sampling_params import SamplingParams, check_context
 from engine.tokenizer import TextTokenizer
 from triton_repo import allocator, pb
@@ -193,12 +193,7 @@ class _Scores:
     def take(self) -> dict[str, np.ndarray]:
         # -> the llm's score outputs for the tokens added since the last take (output_log_probs [n],
         # cum_log_probs [1], top_log_probs / top_token_ids [n, top])
-        pairs = np.array(self.top_pairs, np.float64).reshape(len(self.top_pairs), self.top, 2)
-        scores = {
-            "output_log_probs": np.array(self.logprobs, np.float32),
-            "cum_log_probs": np.array([self.total], np.float32),
-            "top_log_probs": pairs[..., 1].astype(np.float32),
-            "top_token_ids": pairs[..., 0].astype(np.int32),
-        }
+        pairs = np.array(self.top_pairs, np.float64).reshape(len(self.top_pairs), self.top, 2)  # (id, logprob)
+        scores = score_outputs(self.logprobs, self.total, pairs[..., 1], pairs[..., 0])
         self.logprobs, self.top_pairs = [], []
         return scores

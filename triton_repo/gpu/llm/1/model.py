@@ -146,5 +146,5 @@ class TritonPythonModel:
 
 
 def _take(scores: ReplyScores | None) -> dict[str, np.ndarray] | None:
-    """The scores of the tokens since the last response; None (pb.no_scores) without return_log_probs."""
+    """The scores of the tokens since the last response; None (empty outputs) without return_log_probs."""
     return None if scores is None else scores.take()
