@@ -109,21 +109,23 @@ def check_ports(address: str, ports: dict[str, int]) -> None:
             )
 
 
-CHECKPOINT_PARAMETER = re.compile(r'key: "checkpoint" value: \{ string_value: "([^"]*)" \}')
+def build_record(out: Path) -> dict:
+    """OUT/build.json, what `make build` wrote it from ({"target", "values": the configs' values}); {} without one."""
+    build_file = Path(out) / "build.json"
+    return json.loads(build_file.read_text(encoding="utf-8")) if build_file.is_file() else {}
 
 
 def check_repository(out: Path) -> None:
-    configs = sorted((Path(out) / "model_repository").glob("*/config.pbtxt"))
-    if not configs:
+    if not any((Path(out) / "model_repository").glob("*/config.pbtxt")):
         raise LaunchError(f"no model repository in {out}: run `make build OUT={out}` first", status=2)
     # the models load the checkpoint the build was made from: gone, each would fail at length (twice)
-    for checkpoint in sorted({m[1] for config in configs if (m := CHECKPOINT_PARAMETER.search(config.read_text(encoding="utf-8")))}):
-        if not (Path(checkpoint) / "config.json").is_file():
-            raise LaunchError(
-                f"the build in {out} was made from the checkpoint {checkpoint}, which is not there any more "
-                f"(moved or deleted after `make build`?): put it back, or rebuild with `make build MODEL=<its path> OUT={out}`",
-                status=2,
-            )
+    checkpoint = build_record(out).get("values", {}).get("checkpoint")
+    if checkpoint and not (Path(checkpoint) / "config.json").is_file():
+        raise LaunchError(
+            f"the build in {out} was made from the checkpoint {checkpoint}, which is not there any more "
+            f"(moved or deleted after `make build`?): put it back, or rebuild with `make build MODEL=<its path> OUT={out}`",
+            status=2,
+        )
 
 
 def backend_directory(out: Path) -> Path:
@@ -364,8 +366,7 @@ def server_environment() -> dict[str, str]:
 
 
 def refuse_gpu_build(out: Path) -> None:
-    build_file = Path(out) / "build.json"
-    if build_file.is_file() and json.loads(build_file.read_text(encoding="utf-8")).get("target") == "gpu":
+    if build_record(out).get("target") == "gpu":
         raise LaunchError(f"{out} holds a GPU build: serve it inside the TensorRT-LLM container with `make serve TARGET=gpu OUT={out}`", status=2)
 
 
