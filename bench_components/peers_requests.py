@@ -142,12 +142,13 @@ def run(args) -> dict:
     system = setup["system"].read_text(encoding="utf-8")
     for precision in args.precision:
         text, projector = PRECISIONS[precision]
+        port = free_port()
         command = llama_server_command(
-            setup["llama_server"], setup["texts"][text], setup["projectors"][projector], THREADS, max(args.concurrency), CONTEXT, free_port()
+            setup["llama_server"], setup["texts"][text], setup["projectors"][projector], THREADS, max(args.concurrency), CONTEXT, port
         )
         servers = {
             "ours": lambda: serve_ours(setup["checkpoint"], cache / f"build-{precision}", precision, max(args.concurrency)),
-            "llama-server": lambda: _llama(command, args.out / f"llama-server-{precision}.log"),
+            "llama-server": lambda: serve_llama(command, port, args.out / f"llama-server-{precision}.log"),
         }
         for round_index in range(args.rounds):
             order = SERVERS if round_index % 2 == 0 else SERVERS[::-1]
@@ -185,18 +186,6 @@ def _kept(path: Path, compute):
     if not path.is_file():
         path.write_text(json.dumps(compute(), indent=2), encoding="utf-8")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _llama(command: list[str], log_file: Path):
-    import contextlib
-
-    @contextlib.contextmanager
-    def served():
-        port = int(command[command.index("--port") + 1])
-        with serve_llama(command, port, log_file) as url:
-            yield url, "llama-server", None
-
-    return served()
 
 
 def medians(runs: dict) -> dict:

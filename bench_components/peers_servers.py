@@ -64,14 +64,15 @@ def llama_server_command(binary: Path, text: Path, mmproj: Path, threads: int, s
 
 
 @contextlib.contextmanager
-def serve_llama(command: list[str], port: int, log_file: Path) -> Iterator[str]:
-    """-> llama-server's base URL once /health answers 200 (the model and mmproj loaded)."""
+def serve_llama(command: list[str], port: int, log_file: Path) -> Iterator[tuple[str, str, None]]:
+    """-> (llama-server's base URL once /health answers 200 (the model and mmproj loaded), the model
+    name sent to it, None: no Triton behind it), as serve_ours yields."""
     url = f"http://127.0.0.1:{port}"
     with open(log_file, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         try:
             _wait_healthy(url, process, log_file)
-            yield url
+            yield url, "llama-server", None
         finally:
             process.terminate()
             try:
