@@ -18,14 +18,13 @@ import argparse
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 from bench_components.common import ROOT, log
-from bench_components.peers_convert import llama_cpp_python_version
+from bench_components.peers_convert import download_sdist, llama_cpp_python_version
 
 DEFAULT_CACHE = ROOT / "artifacts" / "bench" / "peers"
 VENDORED_COMMITS = {"0.3.36": "0c1e57098"}  # llama-cpp-python -> llama.cpp commit (its CHANGELOG.md)
@@ -78,12 +77,7 @@ def ensure_llama_server(cache: Path = DEFAULT_CACHE, version: str | None = None,
 
 def _unpack_sdist(tmp: Path, version: str) -> Path:
     """-> vendor/llama.cpp of the llama-cpp-python `version` sdist, unpacked under tmp."""
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps", f"llama-cpp-python=={version}", "-d", str(tmp)],
-        check=True,
-    )
-    (sdist,) = tmp.glob("llama_cpp_python-*.tar.gz")
-    with tarfile.open(sdist) as tar:
+    with tarfile.open(download_sdist(tmp, version)) as tar:
         tar.extractall(tmp / "src", filter="data")
     return next((tmp / "src").glob("*/vendor/llama.cpp"))
 

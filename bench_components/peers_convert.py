@@ -56,11 +56,7 @@ def fetch_converter(cache: Path, version: str) -> Path:
     if all((target / p).is_file() for p in (SCRIPT, f"{PACKAGE}/__init__.py", f"{GGUF_PY}/gguf/__init__.py")):
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps", f"llama-cpp-python=={version}", "-d", tmp],
-            check=True,
-        )
-        (sdist,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        sdist = download_sdist(Path(tmp), version)
         staging = Path(tmp) / "x"
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if _wanted(m.name)]
@@ -75,6 +71,16 @@ def fetch_converter(cache: Path, version: str) -> Path:
         shutil.copytree(root / PACKAGE, target / PACKAGE)
         shutil.copytree(root / GGUF_PY / "gguf", target / GGUF_PY / "gguf")
     return target
+
+
+def download_sdist(directory: Path, version: str) -> Path:
+    """-> llama-cpp-python `version`'s sdist (it vendors llama.cpp), downloaded into directory."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps", f"llama-cpp-python=={version}", "-d", str(directory)],
+        check=True,
+    )
+    (sdist,) = directory.glob("llama_cpp_python-*.tar.gz")
+    return sdist
 
 
 def _wanted(name: str) -> bool:
