@@ -40,6 +40,9 @@ from launcher.server import free_port
 
 IMAGE_SIZES = ((448, 448), (1280, 720), (1920, 1080))
 CONCURRENCY = (1, 4, 8)
+# sequences in flight on both servers, the same in every run whatever --concurrency it measures
+# (llama-server's -np slots share one KV buffer, -kvu; our in-flight batch): one build per precision
+SLOTS = max(CONCURRENCY)
 PRECISIONS = {"float32": ("f32", "f32"), "float16": ("f16", "f16"), "int8": ("q8_0", "f16")}  # ours -> (text, mmproj)
 PROMPT = "Describe the image in detail."
 OUTPUT_TOKENS = 32
@@ -92,14 +95,18 @@ def _messages(image: Path, text: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
 
 
-def same_work(url: str, model: str, images: dict, server: str, system: str) -> dict:
-    """Per image size: prompt tokens from `usage`, and the greedy reply (16 tokens) to its first image."""
-    out = {}
+def same_work(url: str, model: str, images: dict, server: str, system: str, path: Path) -> dict:
+    """Per image size: prompt tokens from `usage`, and the greedy reply (16 tokens) to its first image.
+    Kept in path, size by size: a resumed run, or one with other --sizes, asks only for what is missing."""
+    out = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     for (w, h), paths in images.items():
+        if f"{w}x{h}" in out:
+            continue
         text = PROMPT if server == "ours" else "\n" + PROMPT
         messages = [{"role": "system", "content": system}, *_messages(paths[0], text)]
         reply = chat(url, model, {"messages": messages, "max_tokens": 16, "temperature": 0})
         out[f"{w}x{h}"] = {"prompt_tokens": reply["usage"]["prompt_tokens"], "reply": reply["choices"][0]["message"]["content"]}
+        path.write_text(json.dumps(out, indent=2), encoding="utf-8")
     return out
 
 
@@ -144,10 +151,10 @@ def run(args) -> dict:
         text, projector = PRECISIONS[precision]
         port = free_port()
         command = llama_server_command(
-            setup["llama_server"], setup["texts"][text], setup["projectors"][projector], THREADS, max(args.concurrency), CONTEXT, port
+            setup["llama_server"], setup["texts"][text], setup["projectors"][projector], THREADS, SLOTS, CONTEXT, port
         )
         servers = {
-            "ours": lambda: serve_ours(setup["checkpoint"], cache / f"build-{precision}", precision, max(args.concurrency)),
+            "ours": lambda: serve_ours(setup["checkpoint"], cache / f"build-{precision}", precision, SLOTS),
             "llama-server": lambda: serve_llama(command, port, args.out / f"llama-server-{precision}.log"),
         }
         for round_index in range(args.rounds):
@@ -155,8 +162,8 @@ def run(args) -> dict:
             for server in order:
                 with servers[server]() as (url, model, grpc_url):
                     if precision == "float32":
-                        _kept(args.out / f"same_work-{server}.json", lambda: same_work(url, model, images, server, system))
-                        if grpc_url:
+                        same_work(url, model, images, server, system, args.out / f"same_work-{server}.json")
+                        if grpc_url and 1 in args.concurrency:
                             bench_client(grpc_url, images, args, args.out / "make-bench")
                     profile(setup, server, url, model, images, args, args.out / precision / server / f"round{round_index}")
     report = summary(args.out)
@@ -181,13 +188,6 @@ def summary(out: Path) -> dict:
             "same_work": same, "make_bench_c1": bench, "medians": medians(rounds)}  # fmt: skip
 
 
-def _kept(path: Path, compute):
-    """compute()'s JSON result, kept in path: a resumed run does not ask again."""
-    if not path.is_file():
-        path.write_text(json.dumps(compute(), indent=2), encoding="utf-8")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def medians(runs: dict) -> dict:
     """{precision: {server: [round: {size-cN: {metric: {stat: value}}}]}} ->
     {precision: {server: {size-cN: {metric: {stat: median over the rounds that ran it}}}}}."""
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", nargs="+", choices=tuple(PRECISIONS), default=list(PRECISIONS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--sizes", nargs="+", default=[f"{w}x{h}" for w, h in IMAGE_SIZES], choices=[f"{w}x{h}" for w, h in IMAGE_SIZES], help="image sizes, WxH")
-    parser.add_argument("--requests", type=int, default=8, help="measured requests per run (at least 2 × concurrency)")
+    parser.add_argument("--requests", type=int, default=8, help="measured requests per run (at least the concurrency)")
     parser.add_argument("--warmup", type=int, default=1, help="AIPerf warm-up requests per run, excluded")
     parser.add_argument("--rounds", type=int, default=2, help="rounds; the server that goes first alternates")
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "peers_requests")

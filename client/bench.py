@@ -71,7 +71,9 @@ def run_one(client: InternVLClient, sample: Sample, args, sent: float) -> Outcom
     return outcome
 
 
-def run_level(client, samples: list[Sample], args, concurrency: int | None, rate: float | None, label: str) -> list[Outcome]:
+def run_level(client, samples: list[Sample], args, concurrency: int | None, rate: float | None, label: str) -> tuple[list[Outcome], float]:
+    """The measured outcomes and their wall time in seconds; the warm-up requests are in neither
+    (as vLLM's bench serve and AIPerf, whose throughputs divide by the measured window only)."""
     warmup, measured = samples[: args.warmup], samples[args.warmup :]
     with ThreadPoolExecutor(max(concurrency or 1, 1)) as pool:
         list(pool.map(lambda s: run_one(client, s, args, time.perf_counter()), warmup))
@@ -97,8 +99,9 @@ def run_level(client, samples: list[Sample], args, concurrency: int | None, rate
     else:
         with ThreadPoolExecutor(concurrency) as pool:
             list(pool.map(lambda s: job(s, 0.0), measured))
+    duration = time.perf_counter() - start
     progress.close()
-    return outcomes
+    return outcomes, duration
 
 
 def summarize(outcomes: list[Outcome], duration: float) -> dict:
@@ -194,9 +197,8 @@ def main(argv=None) -> dict:
         for value in values:
             samples = make_samples(args, args.warmup + args.num_requests, rng)
             concurrency, rate = (None, value) if axis == "request_rate" else (value, None)
-            start = time.perf_counter()
-            outcomes = run_level(client, samples, args, concurrency, rate, f"{axis}={value}")
-            level = {axis: value, **summarize(outcomes, time.perf_counter() - start)}
+            outcomes, duration = run_level(client, samples, args, concurrency, rate, f"{axis}={value}")
+            level = {axis: value, **summarize(outcomes, duration)}
             levels.append(level)
             print(
                 f"{axis}={value}: {level['completed']} ok, {level['failed']} failed, "

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from bench_components.peers_aiperf import REQUIREMENTS, aiperf_command, read_metrics, write_input
+from bench_components import peers_requests
 from bench_components.peers_requests import PRECISIONS, _messages, medians, summary
 from bench_components.peers_servers import llama_server_command
 
@@ -54,6 +55,25 @@ def test_llama_server_gets_the_same_threads_and_one_slot_per_concurrent_request(
     flags = _flags(command)
     assert flags["-t"] == flags["-tb"] == ["2"] and flags["-np"] == ["8"] and flags["--mmproj"] == ["p.gguf"]
     assert "-kvu" in flags and flags["-c"] == ["32768"]
+
+
+def test_same_work_asks_only_for_the_sizes_not_kept(tmp_path, monkeypatch):
+    asked = []
+
+    def chat(url, model, body):
+        asked.append(body["messages"][1]["content"][1]["text"])
+        return {"usage": {"prompt_tokens": 400 + len(asked)}, "choices": [{"message": {"content": "r"}}]}
+
+    monkeypatch.setattr(peers_requests, "chat", chat)
+    kept = tmp_path / "same_work-llama-server.json"
+    kept.write_text(json.dumps({"448x448": {"prompt_tokens": 406, "reply": "a"}}))
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"\xff\xd8\xff")
+    images = {(448, 448): [image], (1920, 1080): [image]}
+    out = peers_requests.same_work("u", "m", images, "llama-server", "sys", kept)
+    assert asked == ["\n" + peers_requests.PROMPT]  # only 1920x1080; llama-server gets the new line ours adds itself
+    assert out == {"448x448": {"prompt_tokens": 406, "reply": "a"}, "1920x1080": {"prompt_tokens": 401, "reply": "r"}}
+    assert json.loads(kept.read_text()) == out
 
 
 def test_medians_over_rounds():
