@@ -32,7 +32,7 @@ class RequestError(ValueError):
 # (triton_repo/pb.py error_response). Triton core's own input checks ("[request id: …] expected …", "unexpected …") are the request's too.
 REQUEST_ERRORS = ("ValueError", "RequestError", "PromptError", "SamplingParamError", "ImageError", "VideoError", "GuideError")
 _TRITON_INPUT_ERRORS = re.compile(
-    r"^(\[request id: [^\]]*\] )?(expected|unexpected|inference input|out of bounds index 0: request has 0 inputs)\b"
+    r"^(\[request id: [^\]]*\] )?(expected|unexpected|inference input)\b"
 )
 
 

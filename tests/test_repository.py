@@ -21,7 +21,8 @@ def test_generated_configs_parse_and_carry_the_checkpoint_shapes(tiny, tmp_path)
     configs = parse_configs(tmp_path / "model_repository", MODELS)
     tensors = {m: {t.name: t for t in (*c.input, *c.output)} for m, c in configs.items()}
     s, h = config.vision.image_size, config.text.hidden_size
-    assert list(tensors["preprocess"]["pixel_values"].dims) == [-1, 3, s, s]
+    # preprocess batches nothing itself and declares the ensemble's batch dimension (its template says why)
+    assert configs["preprocess"].max_batch_size == 0 and list(tensors["preprocess"]["pixel_values"].dims) == [-1, -1, 3, s, s]
     assert list(tensors["vision_encoder"]["prompt_embedding_table"].dims) == [-1, h]
     assert list(tensors["llm"]["prompt_embedding_table"].dims) == [-1, h]
     assert configs["llm"].model_transaction_policy.decoupled

@@ -121,9 +121,9 @@ BAD = {
 }
 # raw Triton requests the client would not build: name -> (inputs as (name, dtype, array), expected error)
 RAW = {
-    # preprocess reports it; a request with none of preprocess's inputs gets the python backend's error
+    # preprocess reports it, also when the request carries none of its inputs (max_tokens goes to llm)
     "missing-text-input": ([("image_bytes", "BYTES", np.array([[IMAGES[0]]], object))], "input 'text_input' is required"),
-    "only-max-tokens": ([("max_tokens", "INT32", np.array([[4]], np.int32))], "request has 0 inputs"),
+    "only-max-tokens": ([("max_tokens", "INT32", np.array([[4]], np.int32))], "input 'text_input' is required"),
     "max-tokens-as-float": (
         [("text_input", "BYTES", np.array([[b"Hi"]], object)), ("max_tokens", "FP32", np.array([[4.0]], np.float32))],
         "max_tokens",
@@ -226,11 +226,13 @@ def _wait_until_freed(server, aborted: float, closed: float) -> None:
 @pytest.mark.parametrize(
     "body, status, message",
     [
-        # with any input to preprocess it names the missing text_input (docs/API.md)
+        # preprocess names the missing text_input for every shape of the mistake (docs/API.md)
         ({"image_bytes": [base64.b64encode(synthetic_image(1, 64, 64, "PNG")).decode()], "max_tokens": 4}, 400, "input 'text_input' is required"),
-        # Triton's own answers, before any model runs: the messages docs/API.md quotes
-        ({"prompt": "Hi"}, 400, "out of bounds index 0: request has 0 inputs"),
-        ({"prompt": "Hi", "max_tokens": 4}, 400, "out of bounds index 0: request has 0 inputs"),
+        ({"prompt": "Hi"}, 400, "input 'text_input' is required"),
+        ({"prompt": "Hi", "max_tokens": 4}, 400, "input 'text_input' is required"),
+        ({}, 400, "input 'text_input' is required"),
+        # Triton's HTTP front parses the body before any model runs and answers its JSON errors with 500
+        # (server src/http_server.cc: TRITONJSON_STATUSRETURN makes them TRITONSERVER_ERROR_INTERNAL)
         ({"text_input": "Hi", "max_tokens": "4"}, 500, "Unable to parse 'data': attempt to access JSON non-signed-integer as signed-integer"),
     ],
 )

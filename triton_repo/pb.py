@@ -1,7 +1,8 @@
 """Helpers shared by the python-backend adapters (importable only inside Triton's python stub).
 
-Every model of the repository has max_batch_size > 0 (like tensorrtllm_backend's), so each tensor
-carries a leading request-batch dimension; a request must hold exactly one item in it.
+Every tensor carries a leading request-batch dimension (the ensemble and every model but preprocess
+have max_batch_size > 0, like tensorrtllm_backend's; preprocess declares that dimension itself); a
+request must hold exactly one item in it.
 """
 
 from __future__ import annotations
