@@ -46,6 +46,7 @@ class Item:
     shape: str
     color: str
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
+    rotation: float = 0.0  # a star's turn, radians
 
 
 @dataclass(frozen=True)
@@ -96,17 +97,17 @@ def _star(box: tuple[int, int, int, int], rotation: float) -> list[tuple[float, 
     return list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles)))
 
 
-def _draw(draw: ImageDraw.ImageDraw, item: Item, rng: np.random.Generator) -> None:
-    fill = COLORS[item.color]
+def draw_mask(draw: ImageDraw.ImageDraw, item: Item, sx: float = 1.0, sy: float = 1.0, fill=255) -> None:
+    """Draws the item's shape, its coordinates scaled by (sx, sy): the scene itself (scale 1, its colour)
+    or a mask in another geometry (build/dense_labels.py)."""
     x0, y0, x1, y1 = item.box
     if item.shape == "circle":
-        draw.ellipse(item.box, fill=fill)
+        draw.ellipse((x0 * sx, y0 * sy, x1 * sx, y1 * sy), fill=fill)
     elif item.shape == "square":
-        draw.rectangle(item.box, fill=fill)
-    elif item.shape == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        draw.rectangle((x0 * sx, y0 * sy, x1 * sx, y1 * sy), fill=fill)
     else:
-        draw.polygon(_star(item.box, float(rng.uniform(-0.3, 0.3))), fill=fill)
+        points = [((x0 + x1) / 2, y0), (x1, y1), (x0, y1)] if item.shape == "triangle" else _star(item.box, item.rotation)
+        draw.polygon([(x * sx, y * sy) for x, y in points], fill=fill)
 
 
 def draw_scene(
@@ -133,10 +134,10 @@ def draw_scene(
             x0, y0 = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
             box = (x0, y0, x0 + side, y0 + side)
             if all(_apart(box, other.box, side // 8) for other in items):
-                items.append(Item(shape, color, box))
+                items.append(Item(shape, color, box, float(rng.uniform(-0.3, 0.3)) if shape == "star" else 0.0))
                 break
     for item in items:
-        _draw(draw, item, rng)
+        draw_mask(draw, item, fill=COLORS[item.color])
     return Scene(image, tuple(items))
 
 

@@ -4,19 +4,18 @@
 
 From scratch, on the CPU, seeded: the `shapes-demo` preset (InternViT-style tower at 448 px / patch
 14, pixel shuffle 0.5 → 256 tokens per tile, MLP projector, Qwen3 LLM, our BPE tokenizer, template
-internvl2_5) learns the questions of build/scenes.py on scenes drawn on the fly, tiled by the real
-dynamic preprocessing (engine/preprocess.py), prompts built by the engine's own PromptBuilder — what it
-is trained on is exactly what serving feeds it. Two stages:
-1. the tower and projector learn shape and colour of single-shape scenes (training-only heads);
-2. the tower frozen, the projector and LLM learn the answers. The encoder runs once per scene, all
-   questions about it are turns of one chat (its image tokens enter the LLM once), and chats with the
+internvl2_5) learns the questions of build/scenes.py, on tiles cut by the real dynamic preprocessing
+(engine/preprocess.py) and prompts built by the engine's own PromptBuilder — what it is trained on is
+exactly what serving feeds it. Two stages:
+1. build/train_tower.py: the tower and projector learn per image token the colour and shape covering
+   its cell and whether a shape's centre is there (dense linear probes, training only), on scenes of
+   every size at tile budgets 1, 6, 12 in turn;
+2. the tower frozen, a pool of scenes is encoded once (build/feature_cache.py) and the projector and LLM
+   learn the answers from the cached features, budgets 1, then 1 and 6, then 1, 6 and 12. All questions
+   about a scene (group) are turns of one chat (its image tokens enter the LLM once), and chats with the
    same number of image tokens train as one right-padded batch.
 The result is a normal HF-native checkpoint (fp16 storage) plus `generated_by.json` with the
 command's settings, wall time and held-out accuracy per question type.
-
-Work in progress (issue 14): no model trained this way reaches the 90% per question type yet; stage 1
-at its default reads shape at ~0.9 (max head), stage 2 learns counts first, shapes slowly, and colour of
-a named shape / "which image" (binding) slowest. Runs and numbers are in the issue's notes.
 """
 
 from __future__ import annotations
@@ -35,18 +34,23 @@ from tqdm import tqdm
 from transformers import InternVLForConditionalGeneration
 
 from build.checkpoint import build_config, train_tokenizer
+from build.feature_cache import Pool, encode_pool
 from build.presets import PRESETS
-from build.scenes import COLORS, QUESTION_TYPES, SHAPES, WHICH_PREFIX, answer_matches, draw_scene, make_sample, scene_questions, which_questions
+from build.scenes import QUESTION_TYPES, WHICH_PREFIX, answer_matches, make_sample, scene_questions, which_questions
+from build.train_state import Progress
+from build.train_tower import pretrain_tower
 from engine.config import ModelConfig
 from engine.pipeline import Pipeline
-from engine.preprocess import load_images
 from engine.prompt import PromptBuilder
 from engine.tokenizer import TextTokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 PRESET = "shapes-demo"
-# Tile budget of a VLM step (every image of the step gets it); a step holds about TILES_PER_STEP tiles, so
-# budget-1 steps train many short chats and budget-12 steps a few 5–13 tile images, as evaluation sees them.
-TILE_BUDGETS = (1, 1, 4, 6, 12)
+# Tile budgets of the curriculum, as evaluation uses them. Stage 2's steps split evenly into as many
+# phases; phase k draws its budgets from the first k + 1 (1; then 1 and 6; then 1, 6 and 12).
+BUDGETS = (1, 6, 12)
+# A stage-2 step holds about TILES_PER_STEP tiles: budget-1 steps train many short chats and budget-12
+# steps a few 5–13 tile images.
 TILES_PER_STEP = 24
 EVAL_SEED_OFFSET = 10_000  # held-out scenes: seed + this
 TWO_IMAGE_SHARE = 0.3  # scene groups of two images, asked "Which image has …?"
@@ -57,16 +61,6 @@ TWO_IMAGE_SHARE = 0.3  # scene groups of two images, asked "Which image has …?
 VISION_INIT_STD = 0.1
 VISION_LAYER_SCALE = 1.0
 TEXT_INIT_STD = 0.07
-# Stage 1 teaches the tower shape and colour before the LLM reads it: single-shape scenes, a linear head
-# on the projected features max-pooled over the tokens, plus an attention-pooling head. The shape cue is
-# local and sparse (corner and edge patches): max pooling finds it, averaging (and an LLM reading a
-# from-scratch tower) dilutes it.
-PRETRAIN_SCENES = 16  # per stage-1 step, one tile each
-# Square scenes, so the shapes keep their proportions (squashed into one tile, a 1920×320 scene's circle is
-# a thin ellipse). Measured: 448×448 scenes, max head, 0.78 shape accuracy at step 300; random sizes, the
-# attention head 0.39 at step 600.
-PRETRAIN_SIZE = (448, 448)
-PRETRAIN_LR = 1e-3
 
 
 @dataclass
@@ -113,51 +107,49 @@ class ExampleMaker:
         return Example(tokens, torch.tensor(labels), images, answers)
 
 
-def draw_step(rng: np.random.Generator, budget: int, maker: ExampleMaker, questions_per_group: int, tiles_per_step: int):
-    """-> (pixel_values [T, 3, 448, 448], tiles per image, examples): scene groups at one tile budget until the
-    step holds `tiles_per_step` tiles (at least one group)."""
-    pixel_values, tiles, examples = [], [], []
+def draw_step(rng: np.random.Generator, pool: Pool, budget: int, maker: ExampleMaker, questions_per_group: int, tiles_per_step: int):
+    """-> (tower features [T, Q, C] of the step's images, tiles per image, examples): groups of pool scenes
+    at one tile budget until the step holds `tiles_per_step` tiles (at least one group)."""
+    features, tiles, examples = [], [], []
     while sum(tiles) < tiles_per_step:
         two = rng.random() < TWO_IMAGE_SHARE
-        scenes = (draw_scene(rng), draw_scene(rng)) if two else (draw_scene(rng),)
+        picked = rng.choice(len(pool), 2 if two else 1, replace=False).tolist()
+        scenes = tuple(pool.scenes[i] for i in picked)
         asked = which_questions(rng, scenes) if two else scene_questions(rng, scenes[0])
         if not asked:
             continue
         refs = list(range(len(tiles), len(tiles) + len(scenes)))
-        for scene in scenes:
-            pv, (t,) = load_images([scene.image], max_num=budget)
-            pixel_values.append(torch.from_numpy(pv))
-            tiles.append(t)
+        for i in picked:
+            features.append(torch.from_numpy(pool.scene_features(i, budget).astype(np.float32)))
+            tiles.append(len(features[-1]))
         order = rng.permutation(len(asked))[:questions_per_group]
         # the image tags go with the first question only (follow-ups of a chat carry none)
         turns = [(asked[k][0], asked[k][1] if n == 0 else asked[k][1].removeprefix(WHICH_PREFIX), asked[k][2]) for n, k in enumerate(order)]
         examples.append(maker(turns, [tiles[i] for i in refs], refs))
-    return torch.cat(pixel_values), tiles, examples
+    return torch.cat(features), tiles, examples
 
 
 class Steps(torch.utils.data.IterableDataset):
-    """Stage 2's steps, drawn in a DataLoader worker while the model trains on the step before (drawing and
-    tiling a step's ~24 scenes took about a third of a step on 2 cores); seeded, so runs repeat."""
+    """Stage 2's steps `start`..`steps`, drawn in a DataLoader worker while the model trains on the step
+    before. Step s draws from seed (seed, 2, s), its tile budget from the curriculum phase it falls in."""
 
-    def __init__(self, checkpoint: Path, seed: int, steps: int, questions: int):
-        self.checkpoint, self.seed, self.steps, self.questions = checkpoint, seed, steps, questions
+    def __init__(self, checkpoint: Path, pool: Path, channels: int, seed: int, start: int, steps: int, questions: int):
+        self.checkpoint, self.pool, self.channels = checkpoint, pool, channels
+        self.seed, self.start, self.steps, self.questions = seed, start, steps, questions
 
     def __iter__(self):
-        maker, rng = ExampleMaker(self.checkpoint), np.random.default_rng([self.seed, 2])
-        for _ in range(self.steps):
-            budget = int(TILE_BUDGETS[rng.integers(len(TILE_BUDGETS))])
-            yield draw_step(rng, budget, maker, self.questions, TILES_PER_STEP)
+        maker, pool = ExampleMaker(self.checkpoint), Pool(self.pool, self.channels)
+        for step in range(self.start, self.steps):
+            rng = np.random.default_rng([self.seed, 2, step])
+            phase = min(step * len(pool.budgets) // self.steps, len(pool.budgets) - 1)
+            budget = pool.budgets[rng.integers(phase + 1)]
+            yield draw_step(rng, pool, budget, maker, self.questions, TILES_PER_STEP)
 
 
-def image_features(model: InternVLForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
-    # pixel_values: [T, 3, S, S] -> projected features [T, Q, H]
-    return model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=-1, vision_feature_select_strategy="default").pooler_output
-
-
-def loss_of(model: InternVLForConditionalGeneration, pixel_values, tiles, examples, image_token_id: int):
-    """-> (mean answer-token loss, {kind: [whether each answer's tokens were all predicted right]})."""
+def loss_of(model: InternVLForConditionalGeneration, features: torch.Tensor, tiles, examples, image_token_id: int):
+    """features: [T, Q, H] projected image features of the step's images, in order
+    -> (mean answer-token loss, {kind: [whether each answer's tokens were all predicted right]})."""
     inner = model.model
-    features = image_features(model, pixel_values)  # one encoder pass, shared by every question on the image
     per_image = list(torch.split(features, tiles))  # image i: [T_i, Q, H]
     total, answer_tokens, right = features.new_zeros(()), 0, {}
     # Chats with the same number of image tokens run as one batch, right-padded: a causal model's real
@@ -185,59 +177,6 @@ def loss_of(model: InternVLForConditionalGeneration, pixel_values, tiles, exampl
             for kind, start, end in e.answers:  # label positions start..end are predicted from start-1..end-1
                 right.setdefault(kind, []).append(bool(hit[row, start - 1 : end - 1].all()))
     return total / answer_tokens, right
-
-
-class AttentionPool(torch.nn.Module):
-    """Learned queries attend over a tile's tokens, as the LLM's answer positions will: a training-only
-    stage-1 head meant to keep the shape cue readable by attention (probe on a max-pool-trained tower:
-    attention pooling read shape at 0.78 where max pooling read 0.92). Its effect on stage 2 is not
-    measured yet; trained jointly it reached 0.61 at step 400."""
-
-    def __init__(self, hidden: int, classes: int, heads: int = 4, head_dim: int = 48):
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        self.norm = torch.nn.LayerNorm(hidden)
-        self.query = torch.nn.Parameter(torch.randn(heads, head_dim) * 0.02)
-        self.key = torch.nn.Linear(hidden, heads * head_dim)
-        self.value = torch.nn.Linear(hidden, heads * head_dim)
-        self.out = torch.nn.Linear(heads * head_dim, classes)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        # tokens: [N, Q, H] -> logits [N, classes]
-        x = self.norm(tokens)
-        keys = self.key(x).unflatten(-1, (self.heads, self.head_dim))  # [N, Q, heads, d]
-        values = self.value(x).unflatten(-1, (self.heads, self.head_dim))
-        weights = torch.einsum("hd,nqhd->nhq", self.query, keys).div(self.head_dim**0.5).softmax(-1)
-        return self.out(torch.einsum("nhq,nqhd->nhd", weights, values).flatten(1))
-
-
-def pretrain_tower(model: InternVLForConditionalGeneration, rng: np.random.Generator, steps: int) -> dict[str, float]:
-    """Stage 1: tower + projector learn shape and colour of single-shape scenes, read by a max-pooling
-    and an attention-pooling head; -> {head: shape accuracy over the last 50 steps}."""
-    inner = model.model
-    hidden, classes = model.config.text_config.hidden_size, len(SHAPES) + len(COLORS)
-    heads = torch.nn.ModuleDict(dict(max=torch.nn.Linear(hidden, classes), attention=AttentionPool(hidden, classes)))  # training only
-    params = [*inner.vision_tower.parameters(), *inner.multi_modal_projector.parameters(), *heads.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=PRETRAIN_LR, weight_decay=0.01, betas=(0.9, 0.98))
-    colors, hits = list(COLORS), {name: [] for name in heads}
-    bar = tqdm(range(steps), desc="stage 1: tower", unit="step")
-    for _ in bar:
-        scenes = [draw_scene(rng, n_shapes=1, size=PRETRAIN_SIZE) for _ in range(PRETRAIN_SCENES)]
-        pixel_values = torch.from_numpy(np.concatenate([load_images([s.image], max_num=1)[0] for s in scenes]))
-        shape = torch.tensor([SHAPES.index(s.items[0].shape) for s in scenes])
-        color = torch.tensor([colors.index(s.items[0].color) for s in scenes])
-        features = image_features(model, pixel_values)  # [N, Q, H]
-        loss = features.new_zeros(())
-        for name, logits in (("max", heads["max"](features.amax(1))), ("attention", heads["attention"](features))):  # [N, 4 + 8]
-            loss = loss + F.cross_entropy(logits[:, : len(SHAPES)], shape) + F.cross_entropy(logits[:, len(SHAPES) :], color)
-            hits[name] += (logits[:, : len(SHAPES)].argmax(1) == shape).tolist()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        recent = {name: round(float(np.mean(h[-50 * PRETRAIN_SCENES :])), 3) for name, h in hits.items()}
-        bar.set_postfix(shape_accuracy=recent)
-    return recent
 
 
 def held_out_accuracy(chat, seed: int, per_type: int) -> dict[str, float]:
@@ -272,14 +211,17 @@ def evaluate(out: Path, seed: int, per_type: int) -> dict[str, float]:
         return held_out_accuracy(lambda q, images: pipe.chat(q, images, max_new_tokens=32), seed, per_type)
 
 
-def train(out: Path, seed: int, tower_steps: int, steps: int, questions: int, lr: float, vision_lr: float, eval_per_type: int) -> dict:
-    """Stage 1 (`tower_steps`): pretrain_tower. Stage 2 (`steps`): the tower frozen, projector (`vision_lr`)
-    and LLM (`lr`) learn to answer the questions."""
+def train(out: Path, work: Path, seed: int, tower_steps: int, pool_scenes: int, steps: int, questions: int, lr: float, vision_lr: float, eval_per_type: int) -> dict:
+    """Stage 1 (`tower_steps`): build/train_tower.py. Then `pool_scenes` scenes encoded once
+    (build/feature_cache.py). Stage 2 (`steps`): the tower frozen, projector (`vision_lr`) and LLM (`lr`)
+    learn to answer from the cached features. Progress and the pool live in `work`; a killed run resumes."""
     start = time.time()
-    model = initial_checkpoint(out, seed).train()
-    tower_accuracy = pretrain_tower(model, np.random.default_rng([seed, 1]), tower_steps) if tower_steps else None
+    model = initial_checkpoint(out, seed).train()  # seeded: a resumed run starts from the same weights
+    tower_accuracy = pretrain_tower(model, seed, tower_steps, BUDGETS, work / "stage1.pt") if tower_steps else None
     inner = model.model
-    inner.vision_tower.requires_grad_(False)  # its forward then builds no graph: a stage-2 step pays no encoder backward
+    inner.vision_tower.requires_grad_(False)
+    pool = encode_pool(model.eval(), work / "pool", seed, pool_scenes, BUDGETS)
+    model.train()
     projector = list(inner.multi_modal_projector.parameters())
     seen = {id(p) for p in projector}
     llm = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
@@ -288,24 +230,27 @@ def train(out: Path, seed: int, tower_steps: int, steps: int, questions: int, lr
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    ema, right = None, {kind: [] for kind in QUESTION_TYPES}
-    drawn = torch.utils.data.DataLoader(Steps(out, seed, steps, questions), batch_size=None, num_workers=1, prefetch_factor=2)
-    bar = tqdm(drawn, total=steps, desc="stage 2: answers", unit="step")
-    for pixel_values, tiles, examples in bar:
-        loss, hits = loss_of(model, pixel_values, tiles, examples, model.config.image_token_id)
+    progress = Progress(work / "stage2.pt", model=model, optimizer=optimizer, schedule=schedule)
+    done = progress.resume()
+    ema, right = progress.extra.get("ema"), progress.extra.get("right", {kind: [] for kind in QUESTION_TYPES})
+    channels = inner.multi_modal_projector.layer_norm.normalized_shape[0]
+    drawn = torch.utils.data.DataLoader(Steps(out, pool, channels, seed, done, steps, questions), batch_size=None, num_workers=1, prefetch_factor=2)
+    bar = tqdm(drawn, initial=done, total=steps, desc="stage 2: answers", unit="step")
+    for step, (shuffled, tiles, examples) in enumerate(bar, start=done):
+        loss, hits = loss_of(model, inner.multi_modal_projector(shuffled), tiles, examples, model.config.image_token_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*projector, *llm], 1.0)
         optimizer.step()
         schedule.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        for kind, h in hits.items():
-            right[kind] += h
-        # teacher-forced accuracy of the last 200 answers per kind, on scenes never seen before
-        bar.set_postfix(loss=f"{ema:.3f}", **{kind: f"{np.mean(h[-200:]):.2f}" for kind, h in right.items() if h})
+        right = {kind: (right[kind] + hits.get(kind, []))[-200:] for kind in QUESTION_TYPES}
+        # teacher-forced accuracy of the last 200 answers per kind
+        bar.set_postfix(loss=f"{ema:.3f}", **{kind: f"{np.mean(h):.2f}" for kind, h in right.items() if h})
+        progress.save(step + 1, force=step + 1 == steps, ema=ema, right=right)
     model.eval().to(PRESETS[PRESET].dtype).save_pretrained(out)
-    settings = dict(preset=PRESET, seed=seed, tower_steps=tower_steps, steps=steps, questions=questions, lr=lr, vision_lr=vision_lr)
-    record = dict(settings, tower_shape_accuracy=tower_accuracy, final_loss=round(ema, 4), wall_seconds=round(time.time() - start))
+    settings = dict(preset=PRESET, seed=seed, tower_steps=tower_steps, pool_scenes=pool_scenes, steps=steps, questions=questions, lr=lr, vision_lr=vision_lr)
+    record = dict(settings, tower_accuracy=tower_accuracy, final_loss=None if ema is None else round(ema, 4), wall_seconds=round(time.time() - start))
     if eval_per_type:  # scenes of another seed than any training step's
         record["held_out_accuracy"] = evaluate(out, seed + EVAL_SEED_OFFSET, eval_per_type)
     (out / "generated_by.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
@@ -316,14 +261,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m build.train_demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the scenes (default: 0)")
-    parser.add_argument("--tower-steps", type=int, default=400, help="stage 1 steps: the tower learns shapes and colours (default: 400)")
+    parser.add_argument("--work", type=Path, default=None, help="progress and the encoded scene pool (default: artifacts/train_demo/seed-N)")
+    parser.add_argument("--tower-steps", type=int, default=600, help="stage 1 steps: the tower learns what each token shows (default: 600)")
+    parser.add_argument("--pool-scenes", type=int, default=2000, help="scenes encoded once for stage 2 (default: 2000)")
     parser.add_argument("--steps", type=int, default=1800, help="stage 2 steps: the projector and LLM learn the answers (default: 1800)")
     parser.add_argument("--questions", type=int, default=6, help="questions asked per scene group, as turns of one chat (default: 6)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the LLM, cosine decay (default: 0.003)")
     parser.add_argument("--vision-lr", type=float, default=1e-3, help="peak learning rate of the projector in stage 2 (default: 0.001)")
     parser.add_argument("--eval-per-type", type=int, default=50, help="held-out questions per type scored after training, 0 skips (default: 50)")
     args = parser.parse_args()
-    print(json.dumps(train(args.out, args.seed, args.tower_steps, args.steps, args.questions, args.lr, args.vision_lr, args.eval_per_type)))
+    work = args.work or ROOT / "artifacts" / "train_demo" / f"seed-{args.seed}"
+    record = train(args.out, work, args.seed, args.tower_steps, args.pool_scenes, args.steps, args.questions, args.lr, args.vision_lr, args.eval_per_type)
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":
