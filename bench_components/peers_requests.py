@@ -35,6 +35,7 @@ from bench_components.peers_aiperf import aiperf_command, ensure_aiperf, read_me
 from bench_components.peers_convert import convert, fetch_converter, llama_cpp_python_version
 from bench_components.peers_printable import make_replies_printable
 from bench_components.peers_servers import chat, llama_server_command, serve_llama, serve_ours
+from bench_components.peers_table import agreement, table
 from engine.config import ModelConfig
 from launcher.server import free_port
 
@@ -110,9 +111,13 @@ def same_work(url: str, model: str, images: dict, server: str, system: str, path
     return out
 
 
-def profile(setup: dict, server: str, url: str, model: str, images: dict, args, run_dir: Path) -> None:
+def profile(setup: dict, server: str, url: str, model: str, grpc_url: str | None, images: dict, args, run_dir: Path) -> None:
+    """Per image size, AIPerf at each concurrency; on our server, our `make bench` client first (at
+    concurrency 1, when that is measured), in the same session, so the two are compared minutes apart."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for (w, h), paths in images.items():
+        if grpc_url and 1 in args.concurrency:
+            bench_client(grpc_url, paths, args, run_dir / f"{w}x{h}-make-bench")
         for concurrency in args.concurrency:
             out = run_dir / f"{w}x{h}-c{concurrency}"
             requests = max(args.requests, concurrency)
@@ -124,21 +129,20 @@ def profile(setup: dict, server: str, url: str, model: str, images: dict, args, 
             run_aiperf(command, out)
 
 
-def bench_client(grpc_url: str, images: dict, args, out: Path) -> None:
-    """Our own `make bench` client (client.bench, Triton gRPC) at concurrency 1, per image size, to
-    check AIPerf's numbers for our server against it."""
-    for (w, h), paths in images.items():
-        folder = out / f"{w}x{h}"
-        (folder / "image").mkdir(parents=True, exist_ok=True)
-        for image in paths:
-            shutil.copy(image, folder / "image" / image.name)
-        if not (folder / "bench.json").is_file():
-            command = [
-                sys.executable, "-m", "client.bench", "--url", grpc_url, "--concurrency", "1", "--num-requests", str(args.requests),
-                "--warmup", str(args.warmup), "--image-dir", str(folder / "image"), "--prompt-words", "4",
-                "--output-tokens", str(OUTPUT_TOKENS), "--results", str(folder),
-            ]  # fmt: skip
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+def bench_client(grpc_url: str, paths: list[Path], args, folder: Path) -> None:
+    """Our own `make bench` client (client.bench, Triton gRPC) at concurrency 1 on these images, to
+    check AIPerf's numbers for our server against it (kept: a resumed run skips it)."""
+    if (folder / "bench.json").is_file():
+        return
+    (folder / "image").mkdir(parents=True, exist_ok=True)
+    for image in paths:
+        shutil.copy(image, folder / "image" / image.name)
+    command = [
+        sys.executable, "-m", "client.bench", "--url", grpc_url, "--concurrency", "1", "--num-requests", str(args.requests),
+        "--warmup", str(args.warmup), "--image-dir", str(folder / "image"), "--prompt-words", "4",
+        "--output-tokens", str(OUTPUT_TOKENS), "--results", str(folder),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
 def run(args) -> dict:
@@ -163,11 +167,15 @@ def run(args) -> dict:
                 with servers[server]() as (url, model, grpc_url):
                     if precision == "float32":
                         same_work(url, model, images, server, system, args.out / f"same_work-{server}.json")
-                        if grpc_url and 1 in args.concurrency:
-                            bench_client(grpc_url, images, args, args.out / "make-bench")
-                    profile(setup, server, url, model, images, args, args.out / precision / server / f"round{round_index}")
-    report = summary(args.out)
-    (args.out / "peers_requests.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+                    profile(setup, server, url, model, grpc_url, images, args, args.out / precision / server / f"round{round_index}")
+    return write_summary(args.out)
+
+
+def write_summary(out: Path) -> dict:
+    """peers_requests.json (summary) and peers_requests.md (its table) under out."""
+    report = summary(out)
+    (out / "peers_requests.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / "peers_requests.md").write_text(table(report["medians"]) + "\n" + agreement(out), encoding="utf-8")
     return report
 
 
@@ -175,10 +183,12 @@ def summary(out: Path) -> dict:
     """Everything finished under out (runs of every invocation): the same-work check, our make bench
     client at concurrency 1, and per precision / server / size-concurrency the medians over rounds."""
     same = {path.stem.removeprefix("same_work-"): json.loads(path.read_text(encoding="utf-8")) for path in sorted(out.glob("same_work-*.json"))}
-    bench = {}
-    for path in sorted(out.glob("make-bench/*/bench.json")):
+    bench = {}  # precision -> round -> size -> make bench's level, beside AIPerf's c1 run of that session
+    for path in sorted(out.glob("*/ours/round*/*-make-bench/bench.json")):
         level = json.loads(path.read_text(encoding="utf-8"))["levels"][0]
-        bench[path.parent.name] = {k: level[k] for k in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "output_throughput", "request_throughput")}
+        cell = {k: level[k] for k in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "output_throughput", "request_throughput")}
+        precision, round_name = path.parts[-5], path.parts[-3]
+        bench.setdefault(precision, {}).setdefault(round_name, {})[path.parent.name.removesuffix("-make-bench")] = cell
     runs: dict = {}
     for export in sorted(out.glob("*/*/round*/*/profile_export_aiperf.json")):
         key, round_name, server, precision = export.parts[-2], export.parts[-3], export.parts[-4], export.parts[-5]
@@ -197,8 +207,11 @@ def medians(runs: dict) -> dict:
             for key in sorted({k for r in rounds for k in r}):
                 present = [r[key] for r in rounds if key in r]
                 out.setdefault(precision, {}).setdefault(server, {})[key] = {
-                    metric: {stat: statistics.median(p[metric][stat] for p in present if metric in p) for stat in stats}
-                    for metric, stats in present[0].items()
+                    **{
+                        metric: {stat: statistics.median(p[metric][stat] for p in present if metric in p) for stat in stats}
+                        for metric, stats in present[0].items()
+                    },
+                    "rounds": len(present),
                 }
     return out
 
@@ -213,8 +226,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds; the server that goes first alternates")
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "peers_requests")
     parser.add_argument("--cache", type=Path, default=ROOT / "artifacts" / "bench" / "peers")
+    parser.add_argument("--summary-only", action="store_true", help="only gather the finished runs under --out into the summary and its table")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.summary_only:
+        write_summary(args.out)
+        return
     # a kill of the run unwinds the servers' context managers: tritonserver runs in a session of its own
     # and would outlive an interpreter that exits on SIGTERM without them (seen: an orphaned server)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -11,6 +11,7 @@ from bench_components.peers_aiperf import REQUIREMENTS, aiperf_command, read_met
 from bench_components import peers_requests
 from bench_components.peers_requests import PRECISIONS, _messages, medians, summary
 from bench_components.peers_servers import llama_server_command
+from bench_components.peers_table import agreement, table
 
 
 def _flags(command: list[str]) -> dict[str, list[str]]:
@@ -81,7 +82,7 @@ def test_medians_over_rounds():
         return {"448x448-c1": {"time_to_first_token": {"p50": ttft, "p99": 2 * ttft}}}
 
     result = medians({"float32": {"ours": [run(1.0), run(3.0), run(2.0)]}})
-    assert result["float32"]["ours"]["448x448-c1"]["time_to_first_token"] == {"p50": 2.0, "p99": 4.0}
+    assert result["float32"]["ours"]["448x448-c1"] == {"time_to_first_token": {"p50": 2.0, "p99": 4.0}, "rounds": 3}
 
 
 def test_the_summary_gathers_every_finished_run_of_every_invocation(tmp_path):
@@ -92,7 +93,7 @@ def test_the_summary_gathers_every_finished_run_of_every_invocation(tmp_path):
     (tmp_path / "float32" / "llama-server" / "round0" / "448x448-c4").mkdir(parents=True)  # started, never finished
     (tmp_path / "same_work-ours.json").write_text(json.dumps({"448x448": {"prompt_tokens": 406}}))
     report = summary(tmp_path)
-    assert report["medians"] == {"float32": {"ours": {"448x448-c1": {"time_to_first_token": {"p50": 20.0, "p99": 20.0}}}}}
+    assert report["medians"] == {"float32": {"ours": {"448x448-c1": {"time_to_first_token": {"p50": 20.0, "p99": 20.0}, "rounds": 2}}}}
     assert report["same_work"] == {"ours": {"448x448": {"prompt_tokens": 406}}}
 
 
@@ -138,3 +139,35 @@ def test_the_benchmark_checkpoint_replies_in_printable_ascii(tmp_path):
             ]  # fmt: skip
     assert all(printable(ids) and len(ids) == 16 for ids in replies["changed"])
     assert not all(printable(ids) for ids in replies["original"])
+
+
+def test_the_table_has_a_row_per_cell_both_servers_ran_with_the_ratios():
+    def cell(ttft_s: float, rate: float, rounds: int) -> dict:
+        return {
+            "time_to_first_token": {"p50": ttft_s * 1000, "p99": ttft_s * 1100}, "inter_token_latency": {"p50": 90.0, "p99": 120.0},
+            "output_token_throughput": {"avg": rate}, "request_throughput": {"avg": rate / 32}, "rounds": rounds,
+        }  # fmt: skip
+
+    medians = {"float32": {
+        "ours": {"1280x720-c1": cell(60.0, 0.5, 2), "448x448-c4": cell(20.0, 3.0, 1), "448x448-c1": cell(6.0, 3.0, 2)},
+        "llama-server": {"1280x720-c1": cell(80.0, 0.4, 2), "448x448-c1": cell(8.0, 2.0, 2)},
+    }}  # fmt: skip
+    rows = [line for line in table(medians).splitlines() if line.startswith("| 4") or line.startswith("| 1")]
+    assert [row.split(" | ")[:2] for row in rows] == [["| 448×448", "1"], ["| 1280×720", "1"]]  # c4: llama-server never ran it
+    assert rows[0].endswith("| 6.00 / 8.00 | 6.60 / 8.80 | 90 / 90 | 120 / 120 | 3.000 / 2.000 | 0.0938 / 0.0625 | 0.75x | 1.50x |")
+    assert "| 2/2 |" in rows[1] and rows[1].endswith("| 0.75x | 1.25x |")
+
+
+def test_make_bench_is_compared_with_aiperf_of_the_same_session(tmp_path):
+    run = tmp_path / "float32" / "ours" / "round1"
+    (run / "448x448-make-bench").mkdir(parents=True)
+    level = {"median_ttft_ms": 7700.0, "median_itl_ms": 90.0, "output_throughput": 3.0}
+    (run / "448x448-make-bench" / "bench.json").write_text(json.dumps({"levels": [level]}))
+    (run / "1280x720-make-bench").mkdir()  # its AIPerf run never finished: no row
+    (run / "1280x720-make-bench" / "bench.json").write_text(json.dumps({"levels": [level]}))
+    (run / "448x448-c1").mkdir()
+    export = {"time_to_first_token": {"p50": 7000.0, "p99": 1.0}, "inter_token_latency": {"p50": 100.0, "p99": 1.0}, "output_token_throughput": {"avg": 3.0}}
+    (run / "448x448-c1" / "profile_export_aiperf.json").write_text(json.dumps(export))
+    rows = agreement(tmp_path).splitlines()[2:]
+    assert len(rows) == 1 and rows[0].startswith("| float32 | 1 | 448×448 |")
+    assert rows[0].endswith("| 7.70 / 7.00 | 90 / 100 | 3.000 / 3.000 | +10.0%, -10.0%, +0.0% |")

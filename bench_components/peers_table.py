@@ -1,0 +1,81 @@
+"""The whole-request comparison's tables (docs/PERFORMANCE.md): per precision, a row per image size and
+concurrency both servers ran (from peers_requests.json's medians); and AIPerf against our make bench
+client on our server, pair by pair."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from bench_components.peers_aiperf import read_metrics
+
+SIDES = ("ours", "llama-server")
+
+
+def _key_order(key: str) -> tuple[int, int]:
+    size, concurrency = key.rsplit("-c", 1)
+    width, height = (int(v) for v in size.split("x"))
+    return width * height, int(concurrency)
+
+
+def _pair(cells: list[dict], metric: str, stat: str, scale: float, digits: int) -> str:
+    return " / ".join(f"{cell[metric][stat] * scale:.{digits}f}" for cell in cells)
+
+
+def table(medians: dict) -> str:
+    """medians: {precision: {server: {"WxH-cN": {metric: {stat: value}, "rounds": n}}}} -> markdown."""
+    lines = []
+    for precision, servers in medians.items():
+        keys = sorted(set.intersection(*(set(servers.get(s, {})) for s in SIDES)), key=_key_order)
+        if not keys:
+            continue
+        lines += [
+            f"{precision} (ours / llama-server):",
+            "",
+            "| image | concurrency | rounds | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms | output tok/s | requests/s | TTFT p50 ratio | tok/s ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for key in keys:
+            cells = [servers[s][key] for s in SIDES]
+            size, concurrency = key.rsplit("-c", 1)
+            ttft = cells[0]["time_to_first_token"]["p50"] / cells[1]["time_to_first_token"]["p50"]
+            rate = cells[0]["output_token_throughput"]["avg"] / cells[1]["output_token_throughput"]["avg"]
+            lines.append(
+                f"| {size.replace('x', '×')} | {concurrency} | {'/'.join(str(c.get('rounds', 1)) for c in cells)} "
+                f"| {_pair(cells, 'time_to_first_token', 'p50', 1e-3, 2)} | {_pair(cells, 'time_to_first_token', 'p99', 1e-3, 2)} "
+                f"| {_pair(cells, 'inter_token_latency', 'p50', 1, 0)} | {_pair(cells, 'inter_token_latency', 'p99', 1, 0)} "
+                f"| {_pair(cells, 'output_token_throughput', 'avg', 1, 3)} | {_pair(cells, 'request_throughput', 'avg', 1, 4)} "
+                f"| {ttft:.2f}x | {rate:.2f}x |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def agreement(out: Path) -> str:
+    """AIPerf's numbers for our server at concurrency 1 against our `make bench` client's, per
+    precision, round and image size where both ran, with when each finished (UTC): the machine's
+    speed drifts over hours, so only pairs of one server session (minutes apart) compare the tools."""
+    lines = [
+        "| precision | round | image | finished: make bench / AIPerf | TTFT p50 s | ITL p50 ms | output tok/s | make bench − AIPerf (TTFT, ITL, tok/s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    def order(path: Path) -> tuple:
+        return path.parts[-5], path.parts[-3], _key_order(path.parent.name.replace("-make-bench", "-c1"))
+
+    for bench_file in sorted(out.glob("*/ours/round*/*-make-bench/bench.json"), key=order):
+        run = bench_file.parent.with_name(bench_file.parent.name.replace("-make-bench", "-c1"))
+        export = run / "profile_export_aiperf.json"
+        if not export.is_file():
+            continue
+        level, metrics = json.loads(bench_file.read_text(encoding="utf-8"))["levels"][0], read_metrics(export)
+        ours = (level["median_ttft_ms"] / 1e3, level["median_itl_ms"], level["output_throughput"])
+        theirs = (metrics["time_to_first_token"]["p50"] / 1e3, metrics["inter_token_latency"]["p50"], metrics["output_token_throughput"]["avg"])
+        when = " / ".join(time.strftime("%H:%M", time.gmtime(p.stat().st_mtime)) for p in (bench_file, export))
+        diffs = ", ".join(f"{(a - b) / b:+.1%}" for a, b in zip(ours, theirs))
+        precision, round_name, size = bench_file.parts[-5], bench_file.parts[-3], run.name.removesuffix("-c1")
+        lines.append(
+            f"| {precision} | {round_name.removeprefix('round')} | {size.replace('x', '×')} | {when} | {ours[0]:.2f} / {theirs[0]:.2f} "
+            f"| {ours[1]:.0f} / {theirs[1]:.0f} | {ours[2]:.3f} / {theirs[2]:.3f} | {diffs} |"
+        )
+    return "\n".join(lines) + "\n"
