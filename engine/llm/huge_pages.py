@@ -14,8 +14,10 @@ nothing (18.1 vs 18.3 ms) and stay on ordinary pages.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
 
+import numpy as np
 import torch
 
 HUGE_PAGE = 2 << 20
@@ -43,7 +45,10 @@ def huge_page_copy(tensor: torch.Tensor) -> torch.Tensor:
     nbytes = tensor.numel() * tensor.element_size()
     if _MADVISE is None or nbytes < MIN_BYTES:
         return tensor.contiguous()
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # untouched: no page allocated yet
+    # A fresh anonymous mapping, never touched: madvise must come before the first fault. torch.empty
+    # may reuse heap memory an earlier tensor already faulted in on 4 KiB pages (glibc raises its mmap
+    # threshold after large frees), which madvise then leaves as it is: seen in a long test process.
+    raw = torch.from_numpy(np.frombuffer(mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=np.uint8))  # keeps the mapping alive
     offset = -raw.data_ptr() % HUGE_PAGE
     region = raw[offset : offset + nbytes]
     _MADVISE(region.data_ptr(), nbytes, MADV_HUGEPAGE)  # refused (THP off): 4 KiB pages, same data
