@@ -5,6 +5,10 @@ linear probes on the projector's output (training only; build/dense_labels.py ma
 256 labels per tile instead of one per scene, and colour and shape of one object land in the same tokens,
 so the LLM of stage 2 finds them bound together. The tiles are those serving cuts: whole scenes of every
 size and aspect, tiled by the real dynamic preprocessing at the step's tile budget, thumbnails included.
+
+First measurement (2026-12-07 20:15 UTC, 2-core EPYC, seed 0, 150 steps over budgets 1/6/12, 130 s,
+0.87 s per step): over the last 20 steps colour 0.999 of covered cells, shape 0.225 (chance 0.25:
+not learned yet), centre F1 0.06 (0.23 at step 35 on one-tile scenes, falling on 12-tile ones).
 """
 
 from __future__ import annotations
