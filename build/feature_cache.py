@@ -6,7 +6,7 @@ pixel-shuffled tower features (before the projector) are stored fp16 on disk, wi
 the questions. A stage-2 step then costs no vision compute.
 
 Layout of a pool directory, per budget B: `B/features.f16` ([tiles, 256, C] fp16, raw), `B/tiles.npy`
-(tiles per scene), and `scenes.json` (the items of every scene, the pool's seed and budgets).
+(tiles per scene), and `scenes.json` (the items of every scene, the pool's seed and budgets, C).
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ def encode_pool(model: InternVLForConditionalGeneration, out: Path, seed: int, s
     pool of this tower."""
     record = {"seed": seed, "scenes": scenes, "budgets": list(budgets), "tower": tower_fingerprint(model)}
     meta = out / "scenes.json"
-    if meta.is_file() and {k: v for k, v in json.loads(meta.read_text()).items() if k != "items"} == record:
+    if meta.is_file() and {k: v for k, v in json.loads(meta.read_text()).items() if k not in ("channels", "items")} == record:
         return out
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 3])
-    items, files, counts = [], {}, {b: [] for b in budgets}
+    items, files, counts, channels = [], {}, {b: [] for b in budgets}, []
     for budget in budgets:
         (out / str(budget)).mkdir(exist_ok=True)
         files[budget] = open(out / str(budget) / "features.f16", "wb")
@@ -65,6 +65,7 @@ def encode_pool(model: InternVLForConditionalGeneration, out: Path, seed: int, s
             with torch.no_grad():
                 features = shuffled_features(model, torch.from_numpy(np.concatenate(pending[budget])))
             files[budget].write(features.to(torch.float16).numpy().tobytes())
+            channels[:] = [features.shape[-1]]
             pending[budget].clear()
 
     try:
@@ -84,15 +85,16 @@ def encode_pool(model: InternVLForConditionalGeneration, out: Path, seed: int, s
             f.close()
     for budget in budgets:
         np.save(out / str(budget) / "tiles.npy", np.array(counts[budget], np.int32))
-    meta.write_text(json.dumps({**record, "items": items}), encoding="utf-8")
+    meta.write_text(json.dumps({**record, "channels": channels[0], "items": items}), encoding="utf-8")
     return out
 
 
 class Pool:
     """An encoded pool, memory-mapped: scenes (items only, no pixels) and their features per budget."""
 
-    def __init__(self, path: Path, channels: int):
+    def __init__(self, path: Path):
         meta = json.loads((path / "scenes.json").read_text(encoding="utf-8"))
+        channels = meta["channels"]
         self.budgets = tuple(meta["budgets"])
         self.scenes = [Scene(None, tuple(Item(i["shape"], i["color"], tuple(i["box"]), i["rotation"]) for i in s)) for s in meta["items"]]
         self.tiles, self.starts, self.features = {}, {}, {}

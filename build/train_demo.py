@@ -133,12 +133,12 @@ class Steps(torch.utils.data.IterableDataset):
     """Stage 2's steps `start`..`steps`, drawn in a DataLoader worker while the model trains on the step
     before. Step s draws from seed (seed, 2, s), its tile budget from the curriculum phase it falls in."""
 
-    def __init__(self, checkpoint: Path, pool: Path, channels: int, seed: int, start: int, steps: int, questions: int):
-        self.checkpoint, self.pool, self.channels = checkpoint, pool, channels
+    def __init__(self, checkpoint: Path, pool: Path, seed: int, start: int, steps: int, questions: int):
+        self.checkpoint, self.pool = checkpoint, pool
         self.seed, self.start, self.steps, self.questions = seed, start, steps, questions
 
     def __iter__(self):
-        maker, pool = ExampleMaker(self.checkpoint), Pool(self.pool, self.channels)
+        maker, pool = ExampleMaker(self.checkpoint), Pool(self.pool)
         for step in range(self.start, self.steps):
             rng = np.random.default_rng([self.seed, 2, step])
             phase = min(step * len(pool.budgets) // self.steps, len(pool.budgets) - 1)
@@ -233,8 +233,7 @@ def train(out: Path, work: Path, seed: int, tower_steps: int, pool_scenes: int, 
     progress = Progress(work / "stage2.pt", model=model, optimizer=optimizer, schedule=schedule)
     done = progress.resume()
     ema, right = progress.extra.get("ema"), progress.extra.get("right", {kind: [] for kind in QUESTION_TYPES})
-    channels = inner.multi_modal_projector.layer_norm.normalized_shape[0]
-    drawn = torch.utils.data.DataLoader(Steps(out, pool, channels, seed, done, steps, questions), batch_size=None, num_workers=1, prefetch_factor=2)
+    drawn = torch.utils.data.DataLoader(Steps(out, pool, seed, done, steps, questions), batch_size=None, num_workers=1, prefetch_factor=2)
     bar = tqdm(drawn, initial=done, total=steps, desc="stage 2: answers", unit="step")
     for step, (shuffled, tiles, examples) in enumerate(bar, start=done):
         loss, hits = loss_of(model, inner.multi_modal_projector(shuffled), tiles, examples, model.config.image_token_id)

@@ -64,7 +64,7 @@ def _channels(checkpoint) -> int:
 
 def test_the_pool_holds_each_scene_as_the_tower_sees_it_at_each_budget(checkpoint, pool):
     model = InternVLForConditionalGeneration.from_pretrained(checkpoint).eval()
-    cached = Pool(pool, _channels(checkpoint))
+    cached = Pool(pool)
     rng = np.random.default_rng([4, 3])  # encode_pool's scene stream
     for index in range(len(cached)):
         scene = draw_scene(rng)
@@ -84,7 +84,7 @@ def test_the_pool_holds_each_scene_as_the_tower_sees_it_at_each_budget(checkpoin
 
 def test_a_step_holds_its_tile_budget_and_its_chats_point_at_their_images(checkpoint, pool):
     maker = train_demo.ExampleMaker(checkpoint)
-    cached = Pool(pool, _channels(checkpoint))
+    cached = Pool(pool)
     rng = np.random.default_rng(5)
     for budget in (1, 6):
         features, tiles, examples = train_demo.draw_step(rng, cached, budget, maker, questions_per_group=3, tiles_per_step=12)
@@ -99,7 +99,7 @@ def test_a_step_holds_its_tile_budget_and_its_chats_point_at_their_images(checkp
 
 def test_stage_two_steps_repeat_for_a_seed_differ_across_seeds_and_resume_mid_way(checkpoint, pool):
     def drawn(seed, start=0):
-        steps = train_demo.Steps(checkpoint, pool, _channels(checkpoint), seed, start, steps=3, questions=2)
+        steps = train_demo.Steps(checkpoint, pool, seed, start, steps=3, questions=2)
         return [(tiles, [e.ids.tolist() for e in examples]) for _, tiles, examples in steps]
 
     assert drawn(7) == drawn(7)
@@ -111,7 +111,7 @@ def test_right_padded_chats_in_one_batch_score_as_each_alone(checkpoint, pool):
     model = InternVLForConditionalGeneration.from_pretrained(checkpoint).eval()
     maker = train_demo.ExampleMaker(checkpoint)
     rng = np.random.default_rng(6)
-    shuffled, tiles, examples = train_demo.draw_step(rng, Pool(pool, _channels(checkpoint)), 1, maker, questions_per_group=4, tiles_per_step=6)
+    shuffled, tiles, examples = train_demo.draw_step(rng, Pool(pool), 1, maker, questions_per_group=4, tiles_per_step=6)
     assert len({len(e.ids) for e in examples}) > 1  # some padding happens
     with torch.no_grad():
         features = model.model.multi_modal_projector(shuffled)
