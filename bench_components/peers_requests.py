@@ -27,6 +27,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench_components.common import ROOT, THREADS, log, machine_info
@@ -35,9 +36,10 @@ from bench_components.peers_aiperf import aiperf_command, ensure_aiperf, read_me
 from bench_components.peers_convert import convert, fetch_converter, llama_cpp_python_version
 from bench_components.peers_printable import make_replies_printable
 from bench_components.peers_servers import chat, llama_server_command, serve_llama, serve_ours
-from bench_components.peers_table import agreement, table
+from bench_components.peers_table import agreement, table, time_spent
+from client import triton_metrics
 from engine.config import ModelConfig
-from launcher.server import free_port
+from launcher.server import TritonServer, free_port
 
 IMAGE_SIZES = ((448, 448), (1280, 720), (1920, 1080))
 CONCURRENCY = (1, 4, 8)
@@ -111,13 +113,14 @@ def same_work(url: str, model: str, images: dict, server: str, system: str, path
     return out
 
 
-def profile(setup: dict, server: str, url: str, model: str, grpc_url: str | None, images: dict, args, run_dir: Path) -> None:
+def profile(setup: dict, server: str, url: str, model: str, triton: TritonServer | None, images: dict, args, run_dir: Path) -> None:
     """Per image size, AIPerf at each concurrency; on our server, our `make bench` client first (at
-    concurrency 1, when that is measured), in the same session, so the two are compared minutes apart."""
+    concurrency 1, when that is measured), in the same session, so the two are compared minutes apart,
+    and Triton's counters around each AIPerf run (where_time_went)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for (w, h), paths in images.items():
-        if grpc_url and 1 in args.concurrency:
-            bench_client(grpc_url, paths, args, run_dir / f"{w}x{h}-make-bench")
+        if triton and 1 in args.concurrency:
+            bench_client(triton.grpc_url, paths, args, run_dir / f"{w}x{h}-make-bench")
         for concurrency in args.concurrency:
             out = run_dir / f"{w}x{h}-c{concurrency}"
             requests = max(args.requests, concurrency)
@@ -126,7 +129,31 @@ def profile(setup: dict, server: str, url: str, model: str, grpc_url: str | None
                 setup["aiperf"], url, model, setup["checkpoint"], input_file, OUTPUT_TOKENS, concurrency, requests, args.warmup, out, setup["system"]
             )
             log(f"peers: {server} {w}x{h} concurrency {concurrency} ({requests} requests)")
+            counted = triton is not None and not (out / "profile_export_aiperf.json").is_file()  # a kept run is not re-run
+            before, started = (triton_metrics.read(triton.metrics_url) if counted else {}), time.monotonic()
             run_aiperf(command, out)
+            if counted:
+                spent = where_time_went(triton_metrics.added(before, triton_metrics.read(triton.metrics_url)), time.monotonic() - started)
+                (out / "triton_metrics.json").write_text(json.dumps(spent, indent=2), encoding="utf-8")
+
+
+def where_time_went(added: dict, window: float) -> dict:
+    """Our server's counters over one AIPerf run (its warm-up requests and start included): busy seconds
+    of each step (the vision encoder's execute, the LLM engine's prefill and decode steps, which run on
+    the same cores at the same time) and the engine's steps by how many sequences ran together."""
+    def seconds(name: str, **labels: str) -> float:
+        return round(triton_metrics.total(added, name, **labels) / 1e6, 2)
+
+    steps = {int(b): int(n) for b, n in triton_metrics.by_label(added, "internvl_llm_steps_total", "batch_size").items() if n}
+    return {
+        "window_s": round(window, 2),
+        "preprocess_s": seconds("nv_inference_compute_infer_duration_us", model="preprocess"),
+        "vision_encoder_s": seconds("nv_inference_compute_infer_duration_us", model="vision_encoder"),
+        "vision_tiles": int(triton_metrics.total(added, "internvl_vision_encoded_tiles_total")),
+        "llm_prefill_s": seconds("internvl_llm_step_duration_us", phase="prefill"),
+        "llm_decode_s": seconds("internvl_llm_step_duration_us", phase="decode"),
+        "llm_steps_by_batch_size": dict(sorted(steps.items())),
+    }
 
 
 def bench_client(grpc_url: str, paths: list[Path], args, folder: Path) -> None:
@@ -164,10 +191,10 @@ def run(args) -> dict:
         for round_index in range(args.rounds):
             order = SERVERS if round_index % 2 == 0 else SERVERS[::-1]
             for server in order:
-                with servers[server]() as (url, model, grpc_url):
+                with servers[server]() as (url, model, triton):
                     if precision == "float32":
                         same_work(url, model, images, server, system, args.out / f"same_work-{server}.json")
-                    profile(setup, server, url, model, grpc_url, images, args, args.out / precision / server / f"round{round_index}")
+                    profile(setup, server, url, model, triton, images, args, args.out / precision / server / f"round{round_index}")
     return write_summary(args.out)
 
 
@@ -175,7 +202,7 @@ def write_summary(out: Path) -> dict:
     """peers_requests.json (summary) and peers_requests.md (its table) under out."""
     report = summary(out)
     (out / "peers_requests.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (out / "peers_requests.md").write_text(table(report["medians"]) + "\n" + agreement(out), encoding="utf-8")
+    (out / "peers_requests.md").write_text("\n".join((table(report["medians"]), agreement(out), time_spent(out))), encoding="utf-8")
     return report
 
 

@@ -1,6 +1,6 @@
 """The whole-request comparison's tables (docs/PERFORMANCE.md): per precision, a row per image size and
-concurrency both servers ran (from peers_requests.json's medians); and AIPerf against our make bench
-client on our server, pair by pair."""
+concurrency both servers ran (from peers_requests.json's medians); AIPerf against our make bench
+client on our server, pair by pair; and where our server's time went in each run."""
 
 from __future__ import annotations
 
@@ -77,5 +77,30 @@ def agreement(out: Path) -> str:
         lines.append(
             f"| {precision} | {round_name.removeprefix('round')} | {size.replace('x', '×')} | {when} | {ours[0]:.2f} / {theirs[0]:.2f} "
             f"| {ours[1]:.0f} / {theirs[1]:.0f} | {ours[2]:.3f} / {theirs[2]:.3f} | {diffs} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def time_spent(out: Path) -> str:
+    """Where our server's time went in each AIPerf run (its triton_metrics.json: Triton's counters over
+    the run, warm-up included). Vision and the LLM engine run side by side on the same cores, so their
+    busy seconds may add up to more than the window; an LLM step slowed by vision shows as ITL."""
+    lines = [
+        "| precision | round | image | concurrency | window s | vision encoder s (share) | tiles | LLM prefill s | LLM decode s | sequences per step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def order(path: Path) -> tuple:
+        return path.parts[-5], path.parts[-3], _key_order(path.parent.name)
+
+    for path in sorted(out.glob("*/ours/round*/*/triton_metrics.json"), key=order):
+        spent = json.loads(path.read_text(encoding="utf-8"))
+        steps = {int(b): n for b, n in spent["llm_steps_by_batch_size"].items()}
+        per_step = sum(b * n for b, n in steps.items()) / max(sum(steps.values()), 1)
+        size, concurrency = path.parent.name.rsplit("-c", 1)
+        lines.append(
+            f"| {path.parts[-5]} | {path.parts[-3].removeprefix('round')} | {size.replace('x', '×')} | {concurrency} | {spent['window_s']:.1f} "
+            f"| {spent['vision_encoder_s']:.1f} ({spent['vision_encoder_s'] / spent['window_s']:.0%}) | {spent['vision_tiles']} "
+            f"| {spent['llm_prefill_s']:.1f} | {spent['llm_decode_s']:.1f} | {per_step:.2f} |"
         )
     return "\n".join(lines) + "\n"

@@ -203,6 +203,10 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"{self.address}:{self.grpc_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"{self.address}:{self.metrics_port}"
+
     def command(self) -> list[str]:
         return [
             str(wheel() / "bin" / "tritonserver"),

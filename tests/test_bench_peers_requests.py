@@ -11,7 +11,7 @@ from bench_components.peers_aiperf import REQUIREMENTS, aiperf_command, read_met
 from bench_components import peers_requests
 from bench_components.peers_requests import PRECISIONS, _messages, medians, summary
 from bench_components.peers_servers import llama_server_command
-from bench_components.peers_table import agreement, table
+from bench_components.peers_table import agreement, table, time_spent
 
 
 def _flags(command: list[str]) -> dict[str, list[str]]:
@@ -171,3 +171,15 @@ def test_make_bench_is_compared_with_aiperf_of_the_same_session(tmp_path):
     rows = agreement(tmp_path).splitlines()[2:]
     assert len(rows) == 1 and rows[0].startswith("| float32 | 1 | 448×448 |")
     assert rows[0].endswith("| 7.70 / 7.00 | 90 / 100 | 3.000 / 3.000 | +10.0%, -10.0%, +0.0% |")
+
+
+def test_where_our_time_went_has_a_row_per_counted_run(tmp_path):
+    spent = {"window_s": 100.0, "preprocess_s": 0.2, "vision_encoder_s": 60.0, "vision_tiles": 56, "llm_prefill_s": 30.0,
+             "llm_decode_s": 50.5, "llm_steps_by_batch_size": {"1": 10, "8": 30}}  # fmt: skip
+    for size in ("1280x720-c8", "448x448-c4"):
+        (tmp_path / "int8" / "ours" / "round0" / size).mkdir(parents=True)
+        (tmp_path / "int8" / "ours" / "round0" / size / "triton_metrics.json").write_text(json.dumps(spent))
+    (tmp_path / "int8" / "ours" / "round0" / "448x448-c1").mkdir()  # kept from before the counters: no row
+    rows = time_spent(tmp_path).splitlines()[2:]
+    assert [r.split(" | ")[2:4] for r in rows] == [["448×448", "4"], ["1280×720", "8"]]
+    assert rows[0].endswith("| 100.0 | 60.0 (60%) | 56 | 30.0 | 50.5 | 6.25 |")  # (10 × 1 + 30 × 8) / 40 sequences per step

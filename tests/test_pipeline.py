@@ -170,7 +170,7 @@ def test_chats_from_several_threads_run_batched_and_each_gets_its_solo_reply(pip
     solo = [pipe.chat(q, **sampling) for q in questions]
     assert len(set(solo)) > 1
     sizes = []
-    monkeypatch.setattr(pipe.runner, "_on_step", sizes.append)
+    monkeypatch.setattr(pipe.runner, "_on_step", lambda step: sizes.append(step.batch_size))
     barrier = threading.Barrier(len(questions))
 
     def ask(q):

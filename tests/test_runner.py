@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from engine.llm.engine import LLMEngine, TokenEvent
-from engine.llm.runner import EngineRunner
+from engine.llm.runner import EngineRunner, StepStats
 from engine.sampling_params import SamplingParams
 from tests.test_llm_engine import qwen3, run_alone, setups, text_ids, tokens_of  # noqa: F401
 
@@ -157,7 +158,7 @@ def test_bad_request_is_refused_at_submit_and_never_called_back(qwen3, runner):
 
 
 def test_a_failing_step_observer_loses_no_event(qwen3, engine):
-    def broken_metric(batch_size):
+    def broken_metric(step):
         raise RuntimeError("metrics backend down")
 
     runner = EngineRunner(engine, on_step=broken_metric, idle_wait=0.05)
@@ -168,6 +169,24 @@ def test_a_failing_step_observer_loses_no_event(qwen3, engine):
         assert tokens_of(events.wait()) == tokens_of(run_alone(qwen3, ids, params))
     finally:
         runner.close()
+
+
+def test_step_observer_sees_each_step_with_its_time_and_whether_it_prefilled(qwen3):
+    """What internvl_llm_step_duration_us{phase} adds up: a chunked prompt prefills over several steps
+    (the last also samples the first token), then every step decodes one token."""
+    engine = LLMEngine(qwen3.model, qwen3.cfg.stop_token_id, max_num_tokens=4)
+    steps: list[StepStats] = []
+    runner = EngineRunner(engine, on_step=steps.append, idle_wait=0.05)
+    try:
+        events = Collector()
+        started = time.perf_counter()
+        runner.submit("t", text_ids(np.random.default_rng(47), 10), None, SamplingParams(max_new_tokens=5), events)
+        events.wait()
+        elapsed = time.perf_counter() - started
+    finally:
+        runner.close()
+    assert [(s.batch_size, s.prefilled) for s in steps] == [(1, True)] * 3 + [(1, False)] * 4  # 10 tokens in chunks of 4
+    assert all(s.seconds > 0 for s in steps) and sum(s.seconds for s in steps) <= elapsed
 
 
 def test_close_called_on_the_loop_thread_stops_the_loop_without_an_error(engine, runner, caplog):

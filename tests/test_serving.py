@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import io
-import re
-import urllib.request
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import numpy as np
 import pytest
 
+from client import triton_metrics
 from client.chat import main as chat_cli
 from client.synthetic import synthetic_image
 from client.triton_client import InternVLClient, ServerError
@@ -105,9 +105,8 @@ def test_sampling_stop_words_tiles_and_system_prompt_reach_the_engine(server, pi
     )
 
 
-def _steps_by_batch_size(server) -> dict[int, float]:
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
-    return {int(b): float(v) for b, v in re.findall(r'internvl_llm_steps_total\{batch_size="(\d+)"\} (\S+)', metrics)}
+def _metrics(server):
+    return triton_metrics.read(server.metrics_url)
 
 
 def test_concurrent_requests_are_batched_and_each_correct(server, pipe):
@@ -122,14 +121,19 @@ def test_concurrent_requests_are_batched_and_each_correct(server, pipe):
         ("What time of day is it?", [IMAGES[0]], 12),
     ]
     expected = [pipe.chat(q, imgs, max_new_tokens=n) for q, imgs, n in jobs]
-    before = _steps_by_batch_size(server)
+    before, started = _metrics(server), time.perf_counter()
     client = InternVLClient(server.grpc_url)
     with ThreadPoolExecutor(len(jobs)) as pool:
         replies = list(pool.map(lambda job: client.chat(job[0], job[1], stream=True, max_tokens=job[2]), jobs))
+    elapsed = time.perf_counter() - started
     assert replies == expected
-    after = _steps_by_batch_size(server)
-    batched = sum(after.get(b, 0) - before.get(b, 0) for b in after if b > 1)
-    assert batched > 0, f"no engine step ran more than one sequence: {after}"
+    added = triton_metrics.added(before, _metrics(server))
+    steps = {int(b): n for b, n in triton_metrics.by_label(added, "internvl_llm_steps_total", "batch_size").items()}
+    assert sum(n for b, n in steps.items() if b > 1) > 0, f"no engine step ran more than one sequence: {steps}"
+    # the engine's steps run one after another on its thread: their times add up to less than the window
+    step_us = triton_metrics.by_label(added, "internvl_llm_step_duration_us", "phase")
+    assert step_us["prefill"] > 0 and step_us["decode"] > 0, step_us
+    assert step_us["prefill"] + step_us["decode"] <= elapsed * 1e6, (step_us, elapsed)
 
 
 @pytest.mark.parametrize(

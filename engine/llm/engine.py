@@ -84,6 +84,7 @@ class LLMEngine:
         self._running: list[_Sequence] = []
         self._lock = threading.Lock()
         self.last_batch_size = 0  # sequences in the most recent step (observability)
+        self.last_step_prefilled = False  # whether it computed prompt tokens (else all decoded one token)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.prefix_hit_tokens = 0  # prompt tokens taken from the prefix cache instead of computed, since start
         self.guides = guides
@@ -178,6 +179,7 @@ class LLMEngine:
         events = self._retire_aborted()
         batch = self._schedule(events)
         self.last_batch_size = len(batch)
+        self.last_step_prefilled = any(seq.num_cached < len(seq.token_ids) for seq, _ in batch)
         if not batch:
             return events
         inputs = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,13 @@ from engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    batch_size: int  # sequences the step ran
+    seconds: float  # the step's wall time
+    prefilled: bool  # it computed prompt tokens (else every sequence decoded one token)
+
+
 @dataclass(slots=True)
 class _Request:
     on_event: Callable[[TokenEvent], None]
@@ -32,9 +40,9 @@ class _Request:
 
 
 class EngineRunner:
-    def __init__(self, engine: LLMEngine, on_step: Callable[[int], None] | None = None, idle_wait: float = 0.5):
+    def __init__(self, engine: LLMEngine, on_step: Callable[[StepStats], None] | None = None, idle_wait: float = 0.5):
         self.engine = engine
-        self._on_step = on_step  # called with the number of sequences of each step that ran
+        self._on_step = on_step  # called after each step that ran sequences
         self._idle_wait = idle_wait
         self._requests: dict[str, _Request] = {}
         self._lock = threading.Lock()  # guards _requests: submit, delivery, recovery
@@ -103,15 +111,17 @@ class EngineRunner:
             self._wakeup.clear()
             return
         self._poll_cancellations()
+        started = time.perf_counter()
         try:
             events = self.engine.step()
         except Exception as error:  # noqa: BLE001 — a step failed as a whole
             log.exception("llm engine step")
             events = self._recover(describe(error))
+        seconds = time.perf_counter() - started
         for event in events:
             self._deliver(event)
         if self._on_step and self.engine.last_batch_size:  # after delivery: a failing metric loses no event
-            self._on_step(self.engine.last_batch_size)
+            self._on_step(StepStats(self.engine.last_batch_size, seconds, self.engine.last_step_prefilled))
 
     def _recover(self, error: str) -> list[TokenEvent]:
         """Fails the running requests and any request the failed step had dropped, without scheduling:

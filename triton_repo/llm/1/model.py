@@ -29,7 +29,7 @@ from engine.flash import drop_compressed
 from engine.llm.engine import LLMEngine, TokenEvent
 from engine.llm.guided import GuideCompiler, tokenizer_info
 from engine.llm.model import DecoderLM
-from engine.llm.runner import EngineRunner
+from engine.llm.runner import EngineRunner, StepStats
 from engine.protocol import image_rows, score_outputs, stop_sequences
 from engine.sampling_params import SamplingParams, check_context
 from engine.tokenizer import TextTokenizer
@@ -68,6 +68,12 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self.step_metric = {n: self.steps.Metric(labels={"batch_size": str(n)}) for n in range(1, engine.max_batch_size + 1)}
+        self.step_time = pb_utils.MetricFamily(
+            name="internvl_llm_step_duration_us",
+            description="cumulative wall time of engine steps, by whether they computed prompt tokens (prefill) or only decoded",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.step_time_metric = {phase: self.step_time.Metric(labels={"phase": phase}) for phase in ("prefill", "decode")}
         self.prefix_hits = pb_utils.MetricFamily(
             name="internvl_prefix_cache_hit_tokens_total",
             description="prompt tokens whose KV was copied from the prefix cache instead of computed",
@@ -77,9 +83,10 @@ class TritonPythonModel:
         self.hits_counted = 0  # engine.prefix_hit_tokens already added to the metric
         self.runner = EngineRunner(engine, on_step=self._on_step)
 
-    def _on_step(self, batch_size: int) -> None:
+    def _on_step(self, step: StepStats) -> None:
         """On the engine loop's thread, after each step that ran sequences."""
-        self.metrics.increment(self.step_metric[batch_size], 1)
+        self.metrics.increment(self.step_metric[step.batch_size], 1)
+        self.metrics.increment(self.step_time_metric["prefill" if step.prefilled else "decode"], round(step.seconds * 1e6))
         hits = self.runner.engine.prefix_hit_tokens
         if hits > self.hits_counted:
             self.metrics.increment(self.prefix_hit_metric, hits - self.hits_counted)
