@@ -21,6 +21,7 @@ medians over rounds) under --out; finished runs are kept, so an interrupted run 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import signal
@@ -120,7 +121,7 @@ def profile(setup: dict, server: str, url: str, model: str, triton: TritonServer
     run_dir.mkdir(parents=True, exist_ok=True)
     for (w, h), paths in images.items():
         if triton and 1 in args.concurrency:
-            bench_client(triton.grpc_url, paths, args, run_dir / f"{w}x{h}-make-bench")
+            bench_client(triton, paths, args, run_dir / f"{w}x{h}-make-bench")
         for concurrency in args.concurrency:
             out = run_dir / f"{w}x{h}-c{concurrency}"
             requests = max(args.requests, concurrency)
@@ -129,12 +130,20 @@ def profile(setup: dict, server: str, url: str, model: str, triton: TritonServer
                 setup["aiperf"], url, model, setup["checkpoint"], input_file, OUTPUT_TOKENS, concurrency, requests, args.warmup, out, setup["system"]
             )
             log(f"peers: {server} {w}x{h} concurrency {concurrency} ({requests} requests)")
-            counted = triton is not None and not (out / "profile_export_aiperf.json").is_file()  # a kept run is not re-run
-            before, started = (triton_metrics.read(triton.metrics_url) if counted else {}), time.monotonic()
-            run_aiperf(command, out)
-            if counted:
-                spent = where_time_went(triton_metrics.added(before, triton_metrics.read(triton.metrics_url)), time.monotonic() - started)
-                (out / "triton_metrics.json").write_text(json.dumps(spent, indent=2), encoding="utf-8")
+            if triton is not None and not (out / "profile_export_aiperf.json").is_file():  # a kept run is not re-run
+                with counters(triton, out):
+                    run_aiperf(command, out)
+            else:
+                run_aiperf(command, out)
+
+
+@contextlib.contextmanager
+def counters(triton: TritonServer, folder: Path):
+    """Writes folder/triton_metrics.json: where_time_went over the `with` block."""
+    before, started = triton_metrics.read(triton.metrics_url), time.monotonic()
+    yield
+    spent = where_time_went(triton_metrics.added(before, triton_metrics.read(triton.metrics_url)), time.monotonic() - started)
+    (folder / "triton_metrics.json").write_text(json.dumps(spent, indent=2), encoding="utf-8")
 
 
 def where_time_went(added: dict, window: float) -> dict:
@@ -156,20 +165,22 @@ def where_time_went(added: dict, window: float) -> dict:
     }
 
 
-def bench_client(grpc_url: str, paths: list[Path], args, folder: Path) -> None:
+def bench_client(triton: TritonServer, paths: list[Path], args, folder: Path) -> None:
     """Our own `make bench` client (client.bench, Triton gRPC) at concurrency 1 on these images, to
-    check AIPerf's numbers for our server against it (kept: a resumed run skips it)."""
+    check AIPerf's numbers for our server against it (kept: a resumed run skips it), with Triton's
+    counters around it as around AIPerf's runs."""
     if (folder / "bench.json").is_file():
         return
     (folder / "image").mkdir(parents=True, exist_ok=True)
     for image in paths:
         shutil.copy(image, folder / "image" / image.name)
     command = [
-        sys.executable, "-m", "client.bench", "--url", grpc_url, "--concurrency", "1", "--num-requests", str(args.requests),
+        sys.executable, "-m", "client.bench", "--url", triton.grpc_url, "--concurrency", "1", "--num-requests", str(args.requests),
         "--warmup", str(args.warmup), "--image-dir", str(folder / "image"), "--prompt-words", "4",
         "--output-tokens", str(OUTPUT_TOKENS), "--results", str(folder),
     ]  # fmt: skip
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    with counters(triton, folder):
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
 def run(args) -> dict:

@@ -82,22 +82,26 @@ def agreement(out: Path) -> str:
 
 
 def time_spent(out: Path) -> str:
-    """Where our server's time went in each AIPerf run (its triton_metrics.json: Triton's counters over
-    the run, warm-up included). Vision and the LLM engine run side by side on the same cores, so their
+    """Where our server's time went in each AIPerf run and make bench run (its triton_metrics.json:
+    Triton's counters over the run, warm-up included). Vision and the LLM engine run side by side on the same cores, so their
     busy seconds may add up to more than the window; an LLM step slowed by vision shows as ITL."""
     lines = [
         "| precision | round | image | concurrency | window s | vision encoder s (share) | tiles | LLM prefill s | LLM decode s | sequences per step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
+    def run_name(path: Path) -> str:  # our make bench client's run counts as concurrency 1 (it ran at 1)
+        return path.parent.name.replace("-make-bench", "-c1")
+
     def order(path: Path) -> tuple:
-        return path.parts[-5], path.parts[-3], _key_order(path.parent.name)
+        return path.parts[-5], path.parts[-3], _key_order(run_name(path)), path.parent.name.endswith("-c1")
 
     for path in sorted(out.glob("*/ours/round*/*/triton_metrics.json"), key=order):
         spent = json.loads(path.read_text(encoding="utf-8"))
         steps = {int(b): n for b, n in spent["llm_steps_by_batch_size"].items()}
         per_step = sum(b * n for b, n in steps.items()) / max(sum(steps.values()), 1)
-        size, concurrency = path.parent.name.rsplit("-c", 1)
+        size, concurrency = run_name(path).rsplit("-c", 1)
+        concurrency += " (make bench)" if path.parent.name.endswith("-make-bench") else ""
         lines.append(
             f"| {path.parts[-5]} | {path.parts[-3].removeprefix('round')} | {size.replace('x', '×')} | {concurrency} | {spent['window_s']:.1f} "
             f"| {spent['vision_encoder_s']:.1f} ({spent['vision_encoder_s'] / spent['window_s']:.0%}) | {spent['vision_tiles']} "

@@ -176,10 +176,10 @@ def test_make_bench_is_compared_with_aiperf_of_the_same_session(tmp_path):
 def test_where_our_time_went_has_a_row_per_counted_run(tmp_path):
     spent = {"window_s": 100.0, "preprocess_s": 0.2, "vision_encoder_s": 60.0, "vision_tiles": 56, "llm_prefill_s": 30.0,
              "llm_decode_s": 50.5, "llm_steps_by_batch_size": {"1": 10, "8": 30}}  # fmt: skip
-    for size in ("1280x720-c8", "448x448-c4"):
+    for size in ("1280x720-c8", "448x448-c4", "448x448-c1", "448x448-make-bench"):
         (tmp_path / "int8" / "ours" / "round0" / size).mkdir(parents=True)
         (tmp_path / "int8" / "ours" / "round0" / size / "triton_metrics.json").write_text(json.dumps(spent))
-    (tmp_path / "int8" / "ours" / "round0" / "448x448-c1").mkdir()  # kept from before the counters: no row
+    (tmp_path / "int8" / "ours" / "round0" / "1280x720-c1").mkdir()  # kept from before the counters: no row
     rows = time_spent(tmp_path).splitlines()[2:]
-    assert [r.split(" | ")[2:4] for r in rows] == [["448×448", "4"], ["1280×720", "8"]]
+    assert [r.split(" | ")[2:4] for r in rows] == [["448×448", "1 (make bench)"], ["448×448", "1"], ["448×448", "4"], ["1280×720", "8"]]
     assert rows[0].endswith("| 100.0 | 60.0 (60%) | 56 | 30.0 | 50.5 | 6.25 |")  # (10 × 1 + 30 × 8) / 40 sequences per step
