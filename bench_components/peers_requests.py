@@ -6,10 +6,8 @@ llama-server (mtmd) on the same generated checkpoint, driven by NVIDIA AIPerf, o
 The checkpoint: the internvl3_5-1b shape (Qwen3-0.6B + InternViT-300M, seeded weights) written in the
 custom format, the one llama.cpp's convert_hf_to_gguf.py reads (InternVLChatModel; its
 preprocessor_config.json gives the mmproj its mean/std); converted to the text GGUF
-(f32 / f16 / q8_0) and the mmproj (f32 / f16) by bench_components/peers_convert.py. llama-server is
-built once from the same llama.cpp source (bench_components/llama_server_build.py). Pairs: our
-llm_weights float32 / float16 / int8 with llama.cpp's f32 / f16 / q8_0 text model, the vision tower
-in f32 on both sides for float32 and f16 for llama.cpp otherwise (ours stays fp32 ONNX).
+(f32 / f16 / q8_0) and the mmproj (f32 / f16 / q8_0) by bench_components/peers_convert.py. llama-server
+is built once from the same llama.cpp source (bench_components/llama_server_build.py). Pairs: PRECISIONS.
 
 Same work first (per image size, on float32): the prompt tokens each server reports in `usage`, and
 greedy replies of both to the same images. Then per round (who goes first alternates), per server,
@@ -47,7 +45,14 @@ CONCURRENCY = (1, 4, 8)
 # sequences in flight on both servers, the same in every run whatever --concurrency it measures
 # (llama-server's -np slots share one KV buffer, -kvu; our in-flight batch): one build per precision
 SLOTS = max(CONCURRENCY)
-PRECISIONS = {"float32": ("f32", "f32"), "float16": ("f16", "f16"), "int8": ("q8_0", "f16")}  # ours -> (text, mmproj)
+# precision -> (our llm_weights, our vision_precision, llama.cpp's text GGUF, its mmproj GGUF): the same
+# weight format on both sides, except float16's vision: ours has none on the CPU (vision_precision is
+# float32 or int8), so there our fp32 graph meets llama.cpp's f16 mmproj, its usual download.
+PRECISIONS = {
+    "float32": ("float32", "float32", "f32", "f32"),
+    "float16": ("float16", "float32", "f16", "f16"),
+    "int8": ("int8", "int8", "q8_0", "q8_0"),
+}
 PROMPT = "Describe the image in detail."
 OUTPUT_TOKENS = 32
 CONTEXT = 32768  # llama-server's shared KV: 8 slots × (13 tiles × 256 + text + reply) fits
@@ -64,7 +69,7 @@ def prepare(cache: Path) -> dict:
     log(f"peers: {make_replies_printable(checkpoint)} tokens can be generated (printable ASCII, bench_components/peers_printable.py)")
     converter = fetch_converter(cache, llama_cpp_python_version())
     texts = convert(checkpoint, converter, cache, outtypes=("f32", "f16", "q8_0"), log=log)
-    projectors = convert(checkpoint, converter, cache, outtypes=("f32", "f16"), log=log, mmproj=True)
+    projectors = convert(checkpoint, converter, cache, outtypes=("f32", "f16", "q8_0"), log=log, mmproj=True)
     # the checkpoint template's default system message, sent to both (ours would add it by itself)
     system = cache / "system_prompt.txt"
     system.write_text(ModelConfig.from_pretrained(checkpoint).system_message or "", encoding="utf-8")
@@ -190,13 +195,13 @@ def run(args) -> dict:
     images = {size: paths for size, paths in images.items() if f"{size[0]}x{size[1]}" in args.sizes}
     system = setup["system"].read_text(encoding="utf-8")
     for precision in args.precision:
-        text, projector = PRECISIONS[precision]
+        llm_weights, vision_precision, text, projector = PRECISIONS[precision]
         port = free_port()
         command = llama_server_command(
             setup["llama_server"], setup["texts"][text], setup["projectors"][projector], THREADS, SLOTS, CONTEXT, port
         )
         servers = {
-            "ours": lambda: serve_ours(setup["checkpoint"], cache / f"build-{precision}", precision, SLOTS),
+            "ours": lambda: serve_ours(setup["checkpoint"], cache / f"build-{precision}", llm_weights, vision_precision, SLOTS),
             "llama-server": lambda: serve_llama(command, port, args.out / f"llama-server-{precision}.log"),
         }
         for round_index in range(args.rounds):

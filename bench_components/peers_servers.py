@@ -27,28 +27,30 @@ from launcher.server import TritonServer
 STARTUP_TIMEOUT = 600.0  # seconds: our first start builds nothing, but loads ONNX and the LLM
 
 
-def build_ours(checkpoint: Path, build_dir: Path, llm_weights: str, slots: int) -> Path:
+def build_ours(checkpoint: Path, build_dir: Path, llm_weights: str, vision_precision: str, slots: int) -> Path:
     """Our Triton repository for the checkpoint, `slots` sequences in flight. Built on every start:
     the models' code is copied from this tree each time (the vision ONNX is kept while up to date), so
     a benchmark never measures a repository left from older code."""
     from build.repository import build
     from build.settings import BuildSettings
 
-    log(f"peers: building our repository ({llm_weights}) -> {build_dir}")
+    log(f"peers: building our repository (llm_weights {llm_weights}, vision_precision {vision_precision}) -> {build_dir}")
     # no vision-feature cache and no prefix reuse: llama-server runs without its prompt cache too
-    settings = BuildSettings(llm_weights=llm_weights, llm_max_batch_size=slots, max_images=1, vision_cache_mib=0, prefix_cache_mib=0)
+    settings = BuildSettings(
+        llm_weights=llm_weights, vision_precision=vision_precision, llm_max_batch_size=slots, max_images=1, vision_cache_mib=0, prefix_cache_mib=0
+    )
     build(checkpoint, build_dir, settings)
     return build_dir
 
 
 @contextlib.contextmanager
-def serve_ours(checkpoint: Path, build_dir: Path, llm_weights: str, slots: int) -> Iterator[tuple[str, str, TritonServer]]:
+def serve_ours(checkpoint: Path, build_dir: Path, llm_weights: str, vision_precision: str, slots: int) -> Iterator[tuple[str, str, TritonServer]]:
     """-> (base URL of our OpenAI server, its model name, the tritonserver behind it)."""
     from launcher.server import free_port
     from openai_api.server import running_server
     from openai_api.settings import Settings
 
-    build_ours(checkpoint, build_dir, llm_weights, slots)
+    build_ours(checkpoint, build_dir, llm_weights, vision_precision, slots)
     with TritonServer(build_dir, free_port(), free_port(), free_port(), log_file=build_dir / "tritonserver.log") as server:
         with running_server(Settings(triton_url=server.grpc_url, port=0), startup_timeout=60) as url:
             yield url, checkpoint.name, server

@@ -10,8 +10,11 @@ from pathlib import Path
 from bench_components.peers_aiperf import REQUIREMENTS, aiperf_command, read_metrics, write_input
 from bench_components import peers_requests
 from bench_components.peers_requests import PRECISIONS, _messages, medians, summary
+from bench_components.peers_convert import OUTTYPES
 from bench_components.peers_servers import llama_server_command
 from bench_components.peers_table import agreement, table, time_spent
+from build.settings import LLM_WEIGHTS
+from engine.vision_precision import VISION_PRECISIONS
 
 
 def _flags(command: list[str]) -> dict[str, list[str]]:
@@ -106,7 +109,17 @@ def test_aiperf_export_is_read_by_its_metric_names(tmp_path):
 def test_aiperf_is_pinned_with_everything_it_resolved_to():
     lines = [line for line in REQUIREMENTS.read_text().splitlines() if line.strip()]
     assert "aiperf==0.13.0" in lines and all("==" in line for line in lines)
-    assert set(PRECISIONS) == {"float32", "float16", "int8"}
+
+
+def test_each_precision_pairs_the_same_weight_formats_where_ours_has_them():
+    gguf = {"float32": "f32", "float16": "f16", "int8": "q8_0"}
+    assert set(PRECISIONS) == set(gguf)
+    for precision, (llm_weights, vision_precision, text, mmproj) in PRECISIONS.items():
+        assert llm_weights == precision and llm_weights in LLM_WEIGHTS and text == mmproj == gguf[precision]
+        assert vision_precision in VISION_PRECISIONS
+        # ours has no fp16 vision on the CPU: float16 keeps the fp32 graph, the others match
+        assert vision_precision == ("float32" if precision == "float16" else precision)
+        assert text in OUTTYPES
 
 
 def test_the_benchmark_checkpoint_replies_in_printable_ascii(tmp_path):
