@@ -119,13 +119,15 @@ def same_work(url: str, model: str, images: dict, server: str, system: str, path
     return out
 
 
-def profile(setup: dict, server: str, url: str, model: str, triton: TritonServer | None, images: dict, args, run_dir: Path) -> None:
-    """Per image size, AIPerf at each concurrency; on our server, our `make bench` client first (at
-    concurrency 1, when that is measured), in the same session, so the two are compared minutes apart,
-    and Triton's counters around each AIPerf run (where_time_went)."""
+def profile(setup: dict, server: str, url: str, model: str, triton: TritonServer | None, images: dict, args, run_dir: Path, bench_first: bool) -> None:
+    """Per image size, AIPerf at each concurrency; on our server also our `make bench` client at
+    concurrency 1 (when that is measured) in the same session, so the two are compared minutes apart:
+    right before AIPerf's runs of the size when bench_first, else right after them (the rounds
+    alternate, so an order effect shows). Triton's counters around each run (where_time_went)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for (w, h), paths in images.items():
-        if triton and 1 in args.concurrency:
+        bench = triton is not None and 1 in args.concurrency
+        if bench and bench_first:
             bench_client(triton, paths, args, run_dir / f"{w}x{h}-make-bench")
         for concurrency in args.concurrency:
             out = run_dir / f"{w}x{h}-c{concurrency}"
@@ -140,6 +142,8 @@ def profile(setup: dict, server: str, url: str, model: str, triton: TritonServer
                     run_aiperf(command, out)
             else:
                 run_aiperf(command, out)
+        if bench and not bench_first:
+            bench_client(triton, paths, args, run_dir / f"{w}x{h}-make-bench")
 
 
 @contextlib.contextmanager
@@ -210,7 +214,8 @@ def run(args) -> dict:
                 with servers[server]() as (url, model, triton):
                     if precision == "float32":
                         same_work(url, model, images, server, system, args.out / f"same_work-{server}.json")
-                    profile(setup, server, url, model, triton, images, args, args.out / precision / server / f"round{round_index}")
+                    run_dir = args.out / precision / server / f"round{round_index}"
+                    profile(setup, server, url, model, triton, images, args, run_dir, bench_first=round_index % 2 == 0)
     return write_summary(args.out)
 
 
