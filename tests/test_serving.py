@@ -134,6 +134,8 @@ def test_concurrent_requests_are_batched_and_each_correct(server, pipe):
     step_us = triton_metrics.by_label(added, "internvl_llm_step_duration_us", "phase")
     assert step_us["prefill"] > 0 and step_us["decode"] > 0, step_us
     assert step_us["prefill"] + step_us["decode"] <= elapsed * 1e6, (step_us, elapsed)
+    vision_us = triton_metrics.total(added, "internvl_vision_encode_duration_us")  # one instance: one execution at a time
+    assert 0 < vision_us <= elapsed * 1e6, (vision_us, elapsed)
 
 
 @pytest.mark.parametrize(

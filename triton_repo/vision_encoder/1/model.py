@@ -8,6 +8,8 @@ frame costs neither preprocessing nor the encoder. pixel_values (already tiled)
 are encoded as they are.
 """
 
+import time
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -42,8 +44,15 @@ class TritonPythonModel:
             pb_utils.MetricFamily(
                 name="internvl_vision_cache_bytes", description="bytes of features the vision-feature cache holds", kind=pb_utils.MetricFamily.GAUGE
             ),
+            # Triton's nv_inference_compute_infer_duration_us gives every request of a batch the whole
+            # batch's time; this is the encoder's own busy time, once per execution
+            pb_utils.MetricFamily(
+                name="internvl_vision_encode_duration_us",
+                description="cumulative wall time of the encoder's executions (decode, tiling, encoding)",
+                kind=pb_utils.MetricFamily.COUNTER,
+            ),
         ]
-        self.hits, self.misses, self.encoded_tiles, self.bytes = (family.Metric() for family in self.families)
+        self.hits, self.misses, self.encoded_tiles, self.bytes, self.busy = (family.Metric() for family in self.families)
 
     def execute(self, requests):
         responses: list = [None] * len(requests)
@@ -62,7 +71,7 @@ class TritonPythonModel:
                     encoded.append((i, RequestImages(images, keys, int(pb.scalar(request, "tile_budget")))))
             except Exception as error:  # noqa: BLE001 — answer this request, batch the others
                 responses[i] = pb.error_response(error)
-        results = {}
+        results, started = {}, time.perf_counter()
         try:
             if tiled:
                 results.update(zip((i for i, _ in tiled), self.encoder.encode_requests([p for _, p in tiled])))
@@ -79,6 +88,8 @@ class TritonPythonModel:
                 self.bytes.set(cache.bytes)
         except Exception as error:  # noqa: BLE001
             return [r or pb.error_response(error) for r in responses]
+        finally:
+            self.busy.increment(round((time.perf_counter() - started) * 1e6))
         empty = (np.zeros((0, self.hidden_size), np.float32), np.zeros(0, np.int32))
         d = self.dtypes
         for i in range(len(requests)):
