@@ -137,10 +137,8 @@ def profile(setup: dict, server: str, url: str, model: str, triton: TritonServer
                 setup["aiperf"], url, model, setup["checkpoint"], input_file, OUTPUT_TOKENS, concurrency, requests, args.warmup, out, setup["system"]
             )
             log(f"peers: {server} {w}x{h} concurrency {concurrency} ({requests} requests)")
-            if triton is not None and not (out / "profile_export_aiperf.json").is_file():  # a kept run is not re-run
-                with counters(triton, out):
-                    run_aiperf(command, out)
-            else:
+            counted = triton is not None and not (out / "profile_export_aiperf.json").is_file()  # a kept run is not re-run
+            with counters(triton, out) if counted else contextlib.nullcontext():
                 run_aiperf(command, out)
         if bench and not bench_first:
             bench_client(triton, paths, args, run_dir / f"{w}x{h}-make-bench")

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench_components.common import log
-from launcher.server import TritonServer
+from launcher.server import TritonServer, free_port
 
 STARTUP_TIMEOUT = 600.0  # seconds: our first start builds nothing, but loads ONNX and the LLM
 
@@ -46,7 +46,6 @@ def build_ours(checkpoint: Path, build_dir: Path, llm_weights: str, vision_preci
 @contextlib.contextmanager
 def serve_ours(checkpoint: Path, build_dir: Path, llm_weights: str, vision_precision: str, slots: int) -> Iterator[tuple[str, str, TritonServer]]:
     """-> (base URL of our OpenAI server, its model name, the tritonserver behind it)."""
-    from launcher.server import free_port
     from openai_api.server import running_server
     from openai_api.settings import Settings
 

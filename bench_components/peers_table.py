@@ -19,6 +19,11 @@ def _key_order(key: str) -> tuple[int, int]:
     return width * height, int(concurrency)
 
 
+def _as_c1(name: str) -> str:
+    """A make bench run's folder name -> the AIPerf concurrency-1 run's of its size (it ran at 1)."""
+    return name.replace("-make-bench", "-c1")
+
+
 def _pair(cells: list[dict], metric: str, stat: str, scale: float, digits: int) -> str:
     return " / ".join(f"{cell[metric][stat] * scale:.{digits}f}" for cell in cells)
 
@@ -61,10 +66,10 @@ def agreement(out: Path) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     def order(path: Path) -> tuple:
-        return path.parts[-5], path.parts[-3], _key_order(path.parent.name.replace("-make-bench", "-c1"))
+        return path.parts[-5], path.parts[-3], _key_order(_as_c1(path.parent.name))
 
     for bench_file in sorted(out.glob("*/ours/round*/*-make-bench/bench.json"), key=order):
-        run = bench_file.parent.with_name(bench_file.parent.name.replace("-make-bench", "-c1"))
+        run = bench_file.parent.with_name(_as_c1(bench_file.parent.name))
         export = run / "profile_export_aiperf.json"
         if not export.is_file():
             continue
@@ -83,24 +88,22 @@ def agreement(out: Path) -> str:
 
 def time_spent(out: Path) -> str:
     """Where our server's time went in each AIPerf run and make bench run (its triton_metrics.json:
-    Triton's counters over the run, warm-up included). Vision and the LLM engine run side by side on the same cores, so their
-    busy seconds may add up to more than the window; an LLM step slowed by vision shows as ITL."""
+    Triton's counters over the run, warm-up included). Vision and the LLM engine run side by side on
+    the same cores, so their busy seconds may add up to more than the window; an LLM step slowed by
+    vision shows as ITL."""
     lines = [
         "| precision | round | image | concurrency | window s | vision encoder s (share) | tiles | LLM prefill s | LLM decode s | sequences per step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def run_name(path: Path) -> str:  # our make bench client's run counts as concurrency 1 (it ran at 1)
-        return path.parent.name.replace("-make-bench", "-c1")
-
     def order(path: Path) -> tuple:
-        return path.parts[-5], path.parts[-3], _key_order(run_name(path)), path.parent.name.endswith("-c1")
+        return path.parts[-5], path.parts[-3], _key_order(_as_c1(path.parent.name)), path.parent.name.endswith("-c1")
 
     for path in sorted(out.glob("*/ours/round*/*/triton_metrics.json"), key=order):
         spent = json.loads(path.read_text(encoding="utf-8"))
         steps = {int(b): n for b, n in spent["llm_steps_by_batch_size"].items()}
         per_step = sum(b * n for b, n in steps.items()) / max(sum(steps.values()), 1)
-        size, concurrency = run_name(path).rsplit("-c", 1)
+        size, concurrency = _as_c1(path.parent.name).rsplit("-c", 1)
         concurrency += " (make bench)" if path.parent.name.endswith("-make-bench") else ""
         lines.append(
             f"| {path.parts[-5]} | {path.parts[-3].removeprefix('round')} | {size.replace('x', '×')} | {concurrency} | {spent['window_s']:.1f} "
