@@ -119,14 +119,16 @@ def same_work(url: str, model: str, images: dict, server: str, system: str, path
     return out
 
 
-def profile(setup: dict, server: str, url: str, model: str, triton: TritonServer | None, images: dict, args, run_dir: Path, bench_first: bool) -> None:
+def profile(setup: dict, server: str, url: str, model: str, triton: TritonServer | None, images: dict, args, run_dir: Path, round_index: int) -> None:
     """Per image size, AIPerf at each concurrency; on our server also our `make bench` client at
     concurrency 1 (when that is measured) in the same session, so the two are compared minutes apart:
-    right before AIPerf's runs of the size when bench_first, else right after them (the rounds
-    alternate, so an order effect shows). Triton's counters around each run (where_time_went)."""
+    before AIPerf's runs of the size or after them, alternating from size to size and from round to
+    round (the first run after a change of size was the slower one whichever tool ran it), so over two
+    rounds each size has both orders. Triton's counters around each run (where_time_went)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for (w, h), paths in images.items():
         bench = triton is not None and 1 in args.concurrency
+        bench_first = (round_index + IMAGE_SIZES.index((w, h))) % 2 == 0
         if bench and bench_first:
             bench_client(triton, paths, args, run_dir / f"{w}x{h}-make-bench")
         for concurrency in args.concurrency:
@@ -209,12 +211,12 @@ def run(args) -> dict:
         }
         for round_index in range(args.rounds):
             order = SERVERS if round_index % 2 == 0 else SERVERS[::-1]
-            for server in order:
+            for server in (s for s in order if s in args.servers):
                 with servers[server]() as (url, model, triton):
                     if precision == "float32":
                         same_work(url, model, images, server, system, args.out / f"same_work-{server}.json")
                     run_dir = args.out / precision / server / f"round{round_index}"
-                    profile(setup, server, url, model, triton, images, args, run_dir, bench_first=round_index % 2 == 0)
+                    profile(setup, server, url, model, triton, images, args, run_dir, round_index)
     return write_summary(args.out)
 
 
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=8, help="measured requests per run (at least the concurrency)")
     parser.add_argument("--warmup", type=int, default=1, help="AIPerf warm-up requests per run, excluded")
     parser.add_argument("--rounds", type=int, default=2, help="rounds; the server that goes first alternates")
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS), help="only these servers' runs (e.g. ours: make bench against AIPerf)")
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "peers_requests")
     parser.add_argument("--cache", type=Path, default=ROOT / "artifacts" / "bench" / "peers")
     parser.add_argument("--summary-only", action="store_true", help="only gather the finished runs under --out into the summary and its table")

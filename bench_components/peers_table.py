@@ -5,6 +5,7 @@ client on our server, pair by pair; and where our server's time went in each run
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def agreement(out: Path) -> str:
     def order(path: Path) -> tuple:
         return path.parts[-5], path.parts[-3], _key_order(_as_c1(path.parent.name))
 
+    pairs: dict[tuple[str, str], list[tuple[tuple, tuple]]] = {}
     for bench_file in sorted(out.glob("*/ours/round*/*-make-bench/bench.json"), key=order):
         run = bench_file.parent.with_name(_as_c1(bench_file.parent.name))
         export = run / "profile_export_aiperf.json"
@@ -77,13 +79,23 @@ def agreement(out: Path) -> str:
         ours = (level["median_ttft_ms"] / 1e3, level["median_itl_ms"], level["output_throughput"])
         theirs = (metrics["time_to_first_token"]["p50"] / 1e3, metrics["inter_token_latency"]["p50"], metrics["output_token_throughput"]["avg"])
         when = " / ".join(time.strftime("%H:%M", time.gmtime(p.stat().st_mtime)) for p in (bench_file, export))
-        diffs = ", ".join(f"{(a - b) / b:+.1%}" for a, b in zip(ours, theirs))
         precision, round_name, size = bench_file.parts[-5], bench_file.parts[-3], run.name.removesuffix("-c1")
-        lines.append(
-            f"| {precision} | {round_name.removeprefix('round')} | {size.replace('x', '×')} | {when} | {ours[0]:.2f} / {theirs[0]:.2f} "
-            f"| {ours[1]:.0f} / {theirs[1]:.0f} | {ours[2]:.3f} / {theirs[2]:.3f} | {diffs} |"
-        )
+        pairs.setdefault((precision, size), []).append((ours, theirs))
+        lines.append(_agreement_row(precision, round_name.removeprefix("round"), size, when, ours, theirs))
+    for (precision, size), found in pairs.items():
+        if len(found) > 1:  # the rounds alternate which tool goes first: their medians cancel the order
+            ours, theirs = (tuple(statistics.median(v) for v in zip(*side)) for side in zip(*found))
+            lines.append(_agreement_row(precision, f"median of {len(found)}", size, "", ours, theirs))
     return "\n".join(lines) + "\n"
+
+
+def _agreement_row(precision: str, rounds: str, size: str, when: str, ours: tuple, theirs: tuple) -> str:
+    """ours / theirs: (TTFT p50 s, ITL p50 ms, output tok/s) of make bench / AIPerf."""
+    diffs = ", ".join(f"{(a - b) / b:+.1%}" for a, b in zip(ours, theirs))
+    return (
+        f"| {precision} | {rounds} | {size.replace('x', '×')} | {when} | {ours[0]:.2f} / {theirs[0]:.2f} "
+        f"| {ours[1]:.0f} / {theirs[1]:.0f} | {ours[2]:.3f} / {theirs[2]:.3f} | {diffs} |"
+    )
 
 
 def time_spent(out: Path) -> str:

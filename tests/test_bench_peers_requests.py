@@ -4,6 +4,8 @@ and the pinned AIPerf environment."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -184,6 +186,36 @@ def test_make_bench_is_compared_with_aiperf_of_the_same_session(tmp_path):
     rows = agreement(tmp_path).splitlines()[2:]
     assert len(rows) == 1 and rows[0].startswith("| float32 | 1 | 448×448 |")
     assert rows[0].endswith("| 7.70 / 7.00 | 90 / 100 | 3.000 / 3.000 | +10.0%, -10.0%, +0.0% |")
+
+
+def test_make_bench_against_aiperf_over_rounds_is_the_median_of_the_pairs(tmp_path):
+    for round_name, (bench_ttft, aiperf_ttft) in {"round0": (8000.0, 7000.0), "round1": (6000.0, 7400.0), "round2": (7100.0, 6600.0)}.items():
+        run = tmp_path / "int8" / "ours" / round_name
+        (run / "448x448-make-bench").mkdir(parents=True)
+        level = {"median_ttft_ms": bench_ttft, "median_itl_ms": 50.0, "output_throughput": 4.0}
+        (run / "448x448-make-bench" / "bench.json").write_text(json.dumps({"levels": [level]}))
+        (run / "448x448-c1").mkdir()
+        export = {"time_to_first_token": {"p50": aiperf_ttft, "p99": 1.0}, "inter_token_latency": {"p50": 40.0, "p99": 1.0}, "output_token_throughput": {"avg": 5.0}}
+        (run / "448x448-c1" / "profile_export_aiperf.json").write_text(json.dumps(export))
+    rows = agreement(tmp_path).splitlines()[2:]
+    assert [row.split(" | ")[1] for row in rows] == ["0", "1", "2", "median of 3"]
+    assert rows[-1].endswith("| 7.10 / 7.00 | 50 / 40 | 4.000 / 5.000 | +1.4%, +25.0%, -20.0% |")
+
+
+def test_make_bench_goes_first_for_alternate_sizes_and_rounds(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(peers_requests, "bench_client", lambda triton, paths, args, folder: calls.append(folder.name))
+    monkeypatch.setattr(peers_requests, "run_aiperf", lambda command, out: calls.append(out.name))
+    monkeypatch.setattr(peers_requests, "counters", lambda triton, folder: contextlib.nullcontext())
+    args = argparse.Namespace(concurrency=[1], requests=2, warmup=0)
+    setup = {"aiperf": Path("aiperf"), "checkpoint": tmp_path, "system": tmp_path / "s.txt"}
+    images = {size: [tmp_path / "a.jpg"] for size in peers_requests.IMAGE_SIZES}
+    orders = []
+    for round_index in (0, 1):
+        calls.clear()
+        peers_requests.profile(setup, "ours", "http://x", "m", object(), images, args, tmp_path / f"round{round_index}", round_index)
+        orders.append([name.endswith("make-bench") for name in calls[::2]])
+    assert orders == [[True, False, True], [False, True, False]]
 
 
 def test_where_our_time_went_has_a_row_per_counted_run(tmp_path):
