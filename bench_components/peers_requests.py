@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import shutil
 import signal
 import statistics
@@ -148,11 +149,19 @@ def profile(setup: dict, server: str, url: str, model: str, triton: TritonServer
 
 @contextlib.contextmanager
 def counters(triton: TritonServer, folder: Path):
-    """Writes folder/triton_metrics.json: where_time_went over the `with` block."""
-    before, started = triton_metrics.read(triton.metrics_url), time.monotonic()
+    """Writes folder/triton_metrics.json: where_time_went over the `with` block, and the CPU time the
+    load generator (the block's child processes, which share the server's cores) took meanwhile."""
+    before, started, client = triton_metrics.read(triton.metrics_url), time.monotonic(), _children_cpu_s()
     yield
     spent = where_time_went(triton_metrics.added(before, triton_metrics.read(triton.metrics_url)), time.monotonic() - started)
+    spent["client_cpu_s"] = round(_children_cpu_s() - client, 2)
     (folder / "triton_metrics.json").write_text(json.dumps(spent, indent=2), encoding="utf-8")
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of the child processes waited for so far, theirs included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def where_time_went(added: dict, window: float) -> dict:

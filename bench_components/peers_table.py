@@ -98,14 +98,19 @@ def _agreement_row(precision: str, rounds: str, size: str, when: str, ours: tupl
     )
 
 
+def _client_cpu(spent: dict) -> str:
+    return f"{spent['client_cpu_s']:.1f}" if "client_cpu_s" in spent else "—"  # counted from 2026-12-08 on
+
+
 def time_spent(out: Path) -> str:
     """Where our server's time went in each AIPerf run and make bench run (its triton_metrics.json:
     Triton's counters over the run, warm-up included). Vision and the LLM engine run side by side on
     the same cores, so their busy seconds may add up to more than the window; an LLM step slowed by
-    vision shows as ITL."""
+    vision shows as ITL. Client CPU: the load generator's own CPU seconds over the run, taken from the
+    same cores."""
     lines = [
-        "| precision | round | image | concurrency | window s | vision encoder s (share) | tiles | LLM prefill s | LLM decode s | sequences per step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| precision | round | image | concurrency | window s | vision encoder s (share) | tiles | LLM prefill s | LLM decode s | sequences per step | client CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def order(path: Path) -> tuple:
@@ -120,6 +125,6 @@ def time_spent(out: Path) -> str:
         lines.append(
             f"| {path.parts[-5]} | {path.parts[-3].removeprefix('round')} | {size.replace('x', '×')} | {concurrency} | {spent['window_s']:.1f} "
             f"| {spent['vision_encoder_s']:.1f} ({spent['vision_encoder_s'] / spent['window_s']:.0%}) | {spent['vision_tiles']} "
-            f"| {spent['llm_prefill_s']:.1f} | {spent['llm_decode_s']:.1f} | {per_step:.2f} |"
+            f"| {spent['llm_prefill_s']:.1f} | {spent['llm_decode_s']:.1f} | {per_step:.2f} | {_client_cpu(spent)} |"
         )
     return "\n".join(lines) + "\n"

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from bench_components.peers_aiperf import REQUIREMENTS, aiperf_command, read_metrics, write_input
@@ -227,4 +229,15 @@ def test_where_our_time_went_has_a_row_per_counted_run(tmp_path):
     (tmp_path / "int8" / "ours" / "round0" / "1280x720-c1").mkdir()  # kept from before the counters: no row
     rows = time_spent(tmp_path).splitlines()[2:]
     assert [r.split(" | ")[2:4] for r in rows] == [["448×448", "1 (make bench)"], ["448×448", "1"], ["448×448", "4"], ["1280×720", "8"]]
-    assert rows[0].endswith("| 100.0 | 60.0 (60%) | 56 | 30.0 | 50.5 | 6.25 |")  # (10 × 1 + 30 × 8) / 40 sequences per step
+    assert rows[0].endswith("| 100.0 | 60.0 (60%) | 56 | 30.0 | 50.5 | 6.25 | — |")  # (10 × 1 + 30 × 8) / 40 sequences per step
+    (tmp_path / "int8" / "ours" / "round0" / "448x448-c1" / "triton_metrics.json").write_text(json.dumps({**spent, "client_cpu_s": 12.34}))
+    assert time_spent(tmp_path).splitlines()[3].endswith("| 6.25 | 12.3 |")
+
+
+def test_the_counters_take_the_load_generators_cpu_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(peers_requests.triton_metrics, "read", lambda url: {})
+    burn = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
+    with peers_requests.counters(argparse.Namespace(metrics_url="http://x/metrics"), tmp_path):
+        subprocess.run([sys.executable, "-c", burn], check=True)
+    spent = json.loads((tmp_path / "triton_metrics.json").read_text())
+    assert 0.5 <= spent["client_cpu_s"] < 5 and spent["vision_encoder_s"] == 0
