@@ -1,4 +1,4 @@
-"""Command line: python -m bench_components [--out DIR] [--quick] [--only pre,vision,llm,weights,guided,triton,cache]
+"""Command line: python -m bench_components [--out DIR] [--quick] [--only pre,vision,vision_runs,llm,weights,guided,triton,cache]
 [--reference-python PATH]"""
 
 from __future__ import annotations
@@ -21,19 +21,20 @@ from bench_components.preprocess import bench_preprocess
 from bench_components.report import print_table, table_rows
 from bench_components.triton import bench_triton
 from bench_components.vision import bench_vision
+from bench_components.vision_runs import bench_vision_runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench_components", description=bench_components.__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench", help="results + cached artifacts (default artifacts/bench)")
     parser.add_argument("--quick", action="store_true", help="small repetition counts: a smoke run")
-    parser.add_argument("--only", default="pre,vision,llm,weights,guided,triton,cache", help="comma-separated sections (default: all)")
+    parser.add_argument("--only", default="pre,vision,vision_runs,llm,weights,guided,triton,cache", help="comma-separated sections (default: all)")
     parser.add_argument(
         "--reference-python", help="section pre: an interpreter with torch 2.14.1 + torchvision 0.29.1 + Pillow 13 for the cards' load_image (default: OUT/seed-venv, made on first use)"
     )
     args = parser.parse_args()
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(sections) - {"pre", "vision", "llm", "weights", "guided", "triton", "cache"}
+    unknown = set(sections) - {"pre", "vision", "vision_runs", "llm", "weights", "guided", "triton", "cache"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     out = args.out.resolve()
@@ -54,6 +55,7 @@ def main() -> None:
     runners = {
         "pre": ("preprocess", bench_preprocess),
         "vision": ("vision", bench_vision),
+        "vision_runs": ("vision_runs", bench_vision_runs),
         "llm": ("llm", bench_llm),
         "weights": ("weights", bench_llm_weights),
         "guided": ("guided", bench_guided),

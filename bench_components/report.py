@@ -104,6 +104,18 @@ def table_rows(results: dict) -> list[dict]:
                 timings=(r, r["default_same_race"]),
             )
         row("vision", "  fastest fp32 ORT config", v["fastest_fp32_ort_config"])
+    if "vision_runs" in results:  # engine/vision.py TILES_PER_RUN
+        r = results["vision_runs"]
+        for graph in ("fp32", "int8"):
+            one, whole = r[graph]["one_tile"], r[graph]["whole_batch"]
+            row(
+                "vision",
+                f"  {graph} graph, {r['tiles']} tiles: one tile per run vs one run (first run of the shape)",
+                f"{one['tiles_per_s']:.3f} tiles/s ({one['first_run_s']:.1f} s)",
+                f"one run {whole['tiles_per_s']:.3f} ({whole['first_run_s']:.1f} s)",
+                f"{r[graph]['speedup']:.2f}x",
+                timings=(one, whole),
+            )
     if "llm" in results:
         m = results["llm"]
         o, hf = m["ours"], m["transformers"]

@@ -28,6 +28,13 @@ from engine.vision_precision import check_vision_precision
 from engine.weights import load_weights
 
 ONNX_INPUT, ONNX_OUTPUT = "pixel_values", "prompt_embedding_table"
+# ONNX Runtime encodes one tile per run, whatever a Triton batch brings. InternViT-300M, the 9 tiles of
+# a 1280x720 image, 2 threads (python -m bench_components --only vision_runs, 2026-12-08): fp32 1.17x
+# and int8 1.12x the tiles/s of one run of all 9, and no run meets a new input shape, whose first run
+# is the slow one (all 9 in one run: 78.5 s the first time; one per run: 47.4 s). The int8 graph's
+# dynamic activation scales then cover one tile, so a request's features do not depend on the other
+# requests in its Triton batch.
+TILES_PER_RUN = 1
 # a Flash graph's outputs: the 256-token table, the 64-token one, the gate
 FLASH_OUTPUTS = (ONNX_OUTPUT, "compressed_embedding_table", "compress_probability")
 
@@ -183,7 +190,7 @@ class OnnxVisionEncoder(_RequestEncoder):
         threads: int | None = None,
         spin: bool = False,
         flash: FlashConfig | None = None,
-        max_tiles_per_run: int | None = None,  # larger inputs run in chunks (bounds the activations' peak)
+        tiles_per_run: int | None = TILES_PER_RUN,  # None: every input in one run
     ):
         import onnxruntime as ort
 
@@ -201,7 +208,7 @@ class OnnxVisionEncoder(_RequestEncoder):
         # The CPU arena keeps every block it ever allocated, a multiple of the largest run's activations:
         # a Triton vision instance that ran 8 requests × 26 tiles once held ~12 GiB (soak, issue 13).
         options.enable_cpu_mem_arena = False
-        self.max_tiles_per_run = max_tiles_per_run
+        self.tiles_per_run = tiles_per_run
         self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
         if self.session.get_inputs()[0].type != "tensor(uint8)":
             raise ValueError(
@@ -218,7 +225,7 @@ class OnnxVisionEncoder(_RequestEncoder):
         # pixel_values: uint8 [T, 3, S, S] -> the graph's outputs (tiles of any number of requests; every
         # output's first axis runs over the tiles, so chunks concatenate)
         tiles = _check_tiles(pixel_values)
-        step = self.max_tiles_per_run or len(tiles)
+        step = self.tiles_per_run or len(tiles)
         runs = [self.session.run(self.outputs, {ONNX_INPUT: tiles[i : i + step]}) for i in range(0, len(tiles), step)]
         return runs[0] if len(runs) == 1 else [np.concatenate(parts) for parts in zip(*runs)]
 

@@ -77,6 +77,19 @@ def test_int8_features_keep_cosine_above_the_gate_per_tile(family, checkpoints):
     assert not np.array_equal(fp32, int8)  # the quantized graph is really the one loaded
 
 
+def test_int8_features_of_a_request_do_not_depend_on_its_batch(checkpoints):
+    """The int8 graph quantizes activations with one scale per run; one tile per run (TILES_PER_RUN)
+    keeps a request's features the same alone and in a Triton batch with other requests."""
+    int8_file = vision_export.ensure_vision_onnx(checkpoints["qwen3"], log=lambda message: None, precision="int8")
+    rng = np.random.default_rng(5)
+    request, other = (rng.integers(0, 256, (n, 3, 448, 448), dtype=np.uint8) for n in (2, 3))
+    other[:, 0] = 255  # a brighter neighbour: a batch-wide scale would shift the request's features
+    for encoder, same in ((OnnxVisionEncoder(int8_file), True), (OnnxVisionEncoder(int8_file, tiles_per_run=None), False)):
+        alone = encoder.encode_request(request)[0]
+        batched = encoder.encode_requests([request, other])[0][0]
+        assert np.array_equal(alone, batched) is same
+
+
 def _teacher_forced_logits(model, input_ids, table: np.ndarray, tokens: list[int]) -> torch.Tensor:
     """[len(tokens), vocab]: the logits that chose each of `tokens`, fed the given prompt table."""
     ids = torch.as_tensor(input_ids, dtype=torch.long)

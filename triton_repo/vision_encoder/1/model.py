@@ -27,7 +27,7 @@ class TritonPythonModel:
         config, params = pb.model_parameters(args)
         self.dtypes = pb.output_dtypes(config)
         model_config = ModelConfig.from_pretrained(params["checkpoint"])
-        self.encoder = OnnxVisionEncoder(params["onnx_file"], flash=model_config.flash, max_tiles_per_run=int(params["max_tiles_per_run"]))
+        self.encoder = OnnxVisionEncoder(params["onnx_file"], flash=model_config.flash)
         self.images = ImageFeatureSource.of(self.encoder, model_config, int(params["cache_bytes"]))
         self.hidden_size = int(params["hidden_size"])
         self.video_limits = VideoLimits.from_parameters(params)
