@@ -23,18 +23,30 @@ from bench_components.triton import bench_triton
 from bench_components.vision import bench_vision
 from bench_components.vision_runs import bench_vision_runs
 
+# --only's name -> (key of its results in components.json, runner), in the order they run
+SECTIONS = {
+    "pre": ("preprocess", bench_preprocess),
+    "vision": ("vision", bench_vision),
+    "vision_runs": ("vision_runs", bench_vision_runs),
+    "llm": ("llm", bench_llm),
+    "weights": ("weights", bench_llm_weights),
+    "guided": ("guided", bench_guided),
+    "triton": ("triton", bench_triton),
+    "cache": ("cache", bench_cache),
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench_components", description=bench_components.__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench", help="results + cached artifacts (default artifacts/bench)")
     parser.add_argument("--quick", action="store_true", help="small repetition counts: a smoke run")
-    parser.add_argument("--only", default="pre,vision,vision_runs,llm,weights,guided,triton,cache", help="comma-separated sections (default: all)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections (default: all)")
     parser.add_argument(
         "--reference-python", help="section pre: an interpreter with torch 2.14.1 + torchvision 0.29.1 + Pillow 13 for the cards' load_image (default: OUT/seed-venv, made on first use)"
     )
     args = parser.parse_args()
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(sections) - {"pre", "vision", "vision_runs", "llm", "weights", "guided", "triton", "cache"}
+    unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     out = args.out.resolve()
@@ -52,18 +64,8 @@ def main() -> None:
     PROBE.update(results["probe_start"])
     HEALTH.wait_budget_s = 20.0 if args.quick else 90.0
     HEALTH.probe("start")
-    runners = {
-        "pre": ("preprocess", bench_preprocess),
-        "vision": ("vision", bench_vision),
-        "vision_runs": ("vision_runs", bench_vision_runs),
-        "llm": ("llm", bench_llm),
-        "weights": ("weights", bench_llm_weights),
-        "guided": ("guided", bench_guided),
-        "triton": ("triton", bench_triton),
-        "cache": ("cache", bench_cache),
-    }
     for section in sections:
-        key, runner = runners[section]
+        key, runner = SECTIONS[section]
         section_start = time.perf_counter()
         log(f"== {key}")
         results[key] = runner(out, args.quick, args.reference_python) if section == "pre" else runner(out, args.quick)

@@ -124,8 +124,8 @@ def profile(setup: dict, server: str, url: str, model: str, triton: TritonServer
     """Per image size, AIPerf at each concurrency; on our server also our `make bench` client at
     concurrency 1 (when that is measured) in the same session, so the two are compared minutes apart:
     before AIPerf's runs of the size or after them, alternating from size to size and from round to
-    round (the first run after a change of size was the slower one whichever tool ran it), so over two
-    rounds each size has both orders. Triton's counters around each run (where_time_went)."""
+    round, so over two rounds each size has both orders and an order effect cancels in the medians.
+    Triton's counters around each run (where_time_went)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for (w, h), paths in images.items():
         bench = triton is not None and 1 in args.concurrency
